@@ -1,0 +1,70 @@
+"""`messages`, `topics` and `atoms`: the application's tables, as assets.
+
+The application (or `embedding-pipeline ingest`) writes these tables; materializing the
+asset makes sure the pipeline's columns and indexes exist and records what the table
+holds and what changed since the previous materialization.
+"""
+
+
+import dagster as dg
+from psycopg import sql
+
+from embedding_pipeline.lib.schema import ensure_schema
+from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.settings import Settings, TableSpec
+
+
+def _previous_value(context: dg.AssetExecutionContext, key: str) -> int | None:
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    materialization = event.asset_materialization if event else None
+    if materialization is None or key not in materialization.metadata:
+        return None
+    value = materialization.metadata[key].value
+    return int(value) if isinstance(value, int | float) else None
+
+
+def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=name,
+        group_name="sources",
+        kinds={"postgres"},
+        description=f"The application's `{spec.table}` table ({spec.entity} rows and their text).",
+    )
+    def _source(context: dg.AssetExecutionContext, postgres: PostgresResource,
+                embedder: EmbedderResource) -> dg.MaterializeResult:
+        previous_max_id = _previous_value(context, "max_id")
+        previous_extraction = _previous_value(context, "latest_extraction_id")
+        with postgres.connection(vector=False) as conn:
+            report = ensure_schema(conn, settings, embedder.dimension)
+            table = sql.Identifier(spec.table)
+            id_col = sql.Identifier(spec.id_column)
+            extraction_col = sql.Identifier(spec.extraction_column)
+            row = conn.execute(
+                sql.SQL("SELECT count(*), max({id}), max({ext}) FROM {t}").format(
+                    id=id_col, ext=extraction_col, t=table)
+            ).fetchone()
+            assert row is not None
+            count, max_id, latest_extraction = int(row[0]), row[1], row[2]
+            changed = conn.execute(
+                sql.SQL("SELECT count(*) FILTER (WHERE {id} > %(max_id)s), "
+                        "count(*) FILTER (WHERE {id} <= %(max_id)s) FROM {t} "
+                        "WHERE {id} > %(max_id)s OR {ext} > %(ext)s").format(
+                    id=id_col, ext=extraction_col, t=table),
+                {"max_id": previous_max_id if previous_max_id is not None else -1,
+                 "ext": previous_extraction if previous_extraction is not None else -1},
+            ).fetchone()
+            assert changed is not None
+        context.log.info(f"{spec.table}: {count} rows, {changed[0]} new, {changed[1]} changed")
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": count,
+            "new_rows": int(changed[0]),
+            "changed_rows": int(changed[1]),
+            "max_id": int(max_id) if max_id is not None else 0,
+            "latest_extraction_id": int(latest_extraction) if latest_extraction is not None else 0,
+            "table": spec.table,
+            "schema_changes": ", ".join(
+                report.created_tables + report.added_columns + report.created_indexes
+            ) or "none",
+        })
+
+    return _source

@@ -1,0 +1,50 @@
+"""The composition root: the only place that builds `dg.Definitions` and wires resources."""
+
+from __future__ import annotations
+
+import warnings
+
+import dagster as dg
+
+from embedding_pipeline.assets import build_embedding_asset, build_source_asset
+from embedding_pipeline.partitions import monthly_partitions
+from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.settings import Settings, load_settings
+
+# BackfillPolicy is beta in Dagster 1.13; the choice is deliberate (see docs/operations.md).
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+
+def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """Resources for `settings`; secrets stay environment-variable references."""
+    e = settings.embedder
+    database_url: str | dg.EnvVar = (
+        dg.EnvVar("DATABASE_URL") if settings.database_url else settings.embedded.url
+    )
+    return {
+        "postgres": PostgresResource(database_url=database_url),
+        "embedder": EmbedderResource(
+            provider=e.provider, model_name=e.model, dimensions=e.dimensions,
+            batch_size=e.batch_size,
+            openai_api_key=dg.EnvVar("OPENAI_API_KEY") if e.provider == "openai" else None,
+            openai_base_url=e.openai_base_url, ollama_host=e.ollama_host,
+            timeout_seconds=e.timeout_seconds,
+        ),
+    }
+
+
+def build_definitions(settings: Settings,
+                      resources: dict[str, dg.ConfigurableResource] | None = None
+                      ) -> dg.Definitions:
+    partitions_def = monthly_partitions(settings.partition_start)
+    assets: list[dg.AssetsDefinition] = []
+    for name, spec in settings.tables.items():
+        assets.append(build_source_asset(name, spec, settings))
+        assets.append(build_embedding_asset(name, spec, settings, partitions_def))
+    return dg.Definitions(
+        assets=assets,
+        resources=resources if resources is not None else build_resources(settings),
+    )
+
+
+defs = build_definitions(load_settings())

@@ -1,0 +1,75 @@
+"""Connections to PostgreSQL with pgvector's types registered, and SQL helpers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from embedding_pipeline.settings import TableSpec
+
+
+def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
+    """Open a connection; with `vector`, pgvector's types are registered (the extension
+    must exist: `schema.ensure_schema` creates it)."""
+    conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10,
+                           application_name="embedding_pipeline")
+    if vector:
+        try:
+            register_vector(conn)
+        except psycopg.ProgrammingError:
+            conn.close()
+            raise
+        if not autocommit:
+            conn.commit()
+    return conn
+
+
+@contextmanager
+def connection(url: str, *, autocommit: bool = False,
+               vector: bool = True) -> Iterator[psycopg.Connection]:
+    conn = connect(url, autocommit=autocommit, vector=vector)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs, errors and metadata."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def text_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:
+    """The text a row is embedded from: its non-NULL text columns joined by newlines."""
+    columns = [
+        sql.Identifier(alias, c) if alias else sql.Identifier(c) for c in spec.text_columns
+    ]
+    return sql.SQL("concat_ws(E'\\n', {})").format(sql.SQL(", ").join(columns))
+
+
+def hash_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:
+    """SHA-256 (hex) of the row's text, computed in the database (matches `text.content_hash`)."""
+    return sql.SQL("encode(sha256(convert_to({}, 'UTF8')), 'hex')").format(text_expr(spec, alias))
+
+
+def needs_embedding_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:
+    """True where the row has no embedding, its text changed since, or another model made it.
+
+    The configured model id is the `%(model_id)s` parameter.
+    """
+
+    def col(name: str) -> sql.Composable:
+        return sql.Identifier(alias, name) if alias else sql.Identifier(name)
+
+    return sql.SQL(
+        "({emb} IS NULL OR {model} IS DISTINCT FROM %(model_id)s "
+        "OR {hash} IS DISTINCT FROM {current})"
+    ).format(
+        emb=col(spec.embedding_column), model=col(spec.model_column),
+        hash=col(spec.hash_column), current=hash_expr(spec, alias),
+    )

@@ -1,0 +1,224 @@
+"""Idempotent schema creation and upgrade.
+
+`ensure_schema` creates what is missing and never drops or rewrites data: on an existing
+application database it only adds the pipeline's bookkeeping columns and indexes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from embedding_pipeline.settings import HnswSettings, Settings, TableSpec
+
+# Advisory lock key held while the schema changes, so concurrent runs do not race.
+SCHEMA_LOCK_KEY = 7_318_004_211
+
+
+class SchemaError(RuntimeError):
+    """The database cannot hold what the configuration asks for."""
+
+
+@dataclass
+class SchemaReport:
+    created_tables: list[str] = field(default_factory=list)
+    added_columns: list[str] = field(default_factory=list)
+    created_indexes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created_tables or self.added_columns or self.created_indexes)
+
+
+def hnsw_index_name(spec: TableSpec) -> str:
+    return f"{spec.table}_{spec.embedding_column}_hnsw_idx"[:63]
+
+
+def _table_exists(conn: psycopg.Connection, table: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_qualified(table),)).fetchone()
+    return bool(row and row[0])
+
+
+def _qualified(table: str) -> str:
+    return sql.Identifier(table).as_string()
+
+
+def _columns(conn: psycopg.Connection, table: str) -> dict[str, str]:
+    rows = conn.execute(
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+        FROM pg_attribute a
+        WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+        """,
+        (_qualified(table),),
+    ).fetchall()
+    return {name: type_name for name, type_name in rows}
+
+
+def vector_column_dimension(conn: psycopg.Connection, spec: TableSpec) -> int | None:
+    """The declared dimension of the embedding column (None: missing or undeclared)."""
+    type_name = _columns(conn, spec.table).get(spec.embedding_column)
+    if type_name is None or not type_name.startswith("vector("):
+        return None
+    return int(type_name[len("vector(") : -1])
+
+
+def _base_tables(settings: Settings) -> list[tuple[str, sql.Composable]]:
+    """CREATE TABLE IF NOT EXISTS statements for the pipeline's own schema."""
+    t = settings.tables
+    ident = sql.Identifier
+    extractions = ident(settings.extraction_table)
+    messages, topics, atoms = ident(t["messages"].table), ident(t["topics"].table), ident(
+        t["atoms"].table
+    )
+    links = ident(f"{t['atoms'].table}_messages")
+    return [
+        (settings.extraction_table, sql.SQL("""
+            CREATE TABLE IF NOT EXISTS {extractions} (
+                id bigserial PRIMARY KEY,
+                source text NOT NULL,
+                extractor text,
+                export_sha256 text,
+                extraction_sha256 text,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                stats jsonb NOT NULL DEFAULT '{{}}'::jsonb
+            )""").format(extractions=extractions)),
+        (t["topics"].table, sql.SQL("""
+            CREATE TABLE IF NOT EXISTS {topics} (
+                id bigserial PRIMARY KEY,
+                key text NOT NULL UNIQUE,
+                name text NOT NULL,
+                description text,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                updated_at timestamptz NOT NULL DEFAULT now()
+            )""").format(topics=topics)),
+        (t["messages"].table, sql.SQL("""
+            CREATE TABLE IF NOT EXISTS {messages} (
+                id bigserial PRIMARY KEY,
+                chat_id bigint NOT NULL,
+                telegram_message_id bigint NOT NULL,
+                author text,
+                author_id text,
+                sent_at timestamptz NOT NULL,
+                edited_at timestamptz,
+                reply_to_message_id bigint,
+                content text NOT NULL,
+                topic_id bigint REFERENCES {topics} (id) ON DELETE SET NULL,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                updated_at timestamptz NOT NULL DEFAULT now(),
+                UNIQUE (chat_id, telegram_message_id)
+            )""").format(messages=messages, topics=topics)),
+        (t["atoms"].table, sql.SQL("""
+            CREATE TABLE IF NOT EXISTS {atoms} (
+                id bigserial PRIMARY KEY,
+                key text NOT NULL UNIQUE,
+                kind text NOT NULL,
+                title text NOT NULL,
+                content text NOT NULL,
+                topic_id bigint REFERENCES {topics} (id) ON DELETE SET NULL,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                updated_at timestamptz NOT NULL DEFAULT now()
+            )""").format(atoms=atoms, topics=topics)),
+        (f"{t['atoms'].table}_messages", sql.SQL("""
+            CREATE TABLE IF NOT EXISTS {links} (
+                atom_id bigint NOT NULL REFERENCES {atoms} (id) ON DELETE CASCADE,
+                message_id bigint NOT NULL REFERENCES {messages} (id) ON DELETE CASCADE,
+                PRIMARY KEY (atom_id, message_id)
+            )""").format(links=links, atoms=atoms, messages=messages)),
+    ]
+
+
+def ensure_schema(conn: psycopg.Connection, settings: Settings, dimension: int) -> SchemaReport:
+    """Create the extension, tables, bookkeeping columns and indexes that are missing.
+
+    Safe to run any number of times and concurrently; commits on success. Raises
+    `SchemaError` when an existing embedding column has another dimension than `dimension`
+    (changing models is a separate, explicit operation).
+    """
+    report = SchemaReport()
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        for table, statement in _base_tables(settings):
+            if not _table_exists(conn, table):
+                conn.execute(statement)
+                report.created_tables.append(table)
+        for spec in settings.tables.values():
+            _ensure_embedding_columns(conn, settings, spec, dimension, report)
+    conn.commit()
+    return report
+
+
+def _ensure_embedding_columns(conn: psycopg.Connection, settings: Settings, spec: TableSpec,
+                              dimension: int, report: SchemaReport) -> None:
+    existing = _columns(conn, spec.table)
+    missing_text = [c for c in (spec.id_column, spec.partition_column, *spec.text_columns)
+                    if c not in existing]
+    if missing_text:
+        raise SchemaError(
+            f"table {spec.table} lacks column(s) {', '.join(missing_text)} named in the "
+            "settings; check EP_*_TABLE / EP_*_TEXT_COLUMNS"
+        )
+    wanted = [
+        (spec.embedding_column, sql.SQL("vector({})").format(sql.Literal(dimension))),
+        (spec.model_column, sql.SQL("text")),
+        (spec.hash_column, sql.SQL("text")),
+        (spec.embedded_at_column, sql.SQL("timestamptz")),
+        (spec.extraction_column, sql.SQL("bigint REFERENCES {} (id)").format(
+            sql.Identifier(settings.extraction_table))),
+    ]
+    for column, type_sql in wanted:
+        if column not in existing:
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                sql.Identifier(spec.table), sql.Identifier(column), type_sql))
+            report.added_columns.append(f"{spec.table}.{column}")
+    declared = vector_column_dimension(conn, spec)
+    if declared is not None and declared != dimension:
+        raise SchemaError(
+            f"{spec.table}.{spec.embedding_column} holds vector({declared}) but the configured "
+            f"model produces {dimension} dimensions; switch models with "
+            "`embedding-pipeline model switch` instead of editing the column"
+        )
+    if declared is None:
+        type_name = _columns(conn, spec.table)[spec.embedding_column]
+        raise SchemaError(
+            f"{spec.table}.{spec.embedding_column} has type {type_name}, expected "
+            f"vector({dimension})"
+        )
+    indexes = [
+        (f"{spec.table}_{spec.partition_column}_idx"[:63], sql.SQL("({})").format(
+            sql.Identifier(spec.partition_column))),
+        (f"{spec.table}_{spec.extraction_column}_idx"[:63], sql.SQL("({})").format(
+            sql.Identifier(spec.extraction_column))),
+    ]
+    for name, columns in indexes:
+        if _ensure_index(conn, spec.table, name, columns):
+            report.created_indexes.append(name)
+    if ensure_hnsw_index(conn, spec, settings.hnsw):
+        report.created_indexes.append(hnsw_index_name(spec))
+
+
+def _ensure_index(conn: psycopg.Connection, table: str, name: str,
+                  definition: sql.Composable) -> bool:
+    if _index_exists(conn, name):
+        return False
+    conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} {}").format(
+        sql.Identifier(name), sql.Identifier(table), definition))
+    return True
+
+
+def _index_exists(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_qualified(name),)).fetchone()
+    return bool(row and row[0])
+
+
+def ensure_hnsw_index(conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSettings) -> bool:
+    """Create the cosine HNSW index on the embedding column if missing; True if created."""
+    return _ensure_index(
+        conn, spec.table, hnsw_index_name(spec),
+        sql.SQL("USING hnsw ({} vector_cosine_ops) WITH (m = {}, ef_construction = {})").format(
+            sql.Identifier(spec.embedding_column), sql.Literal(hnsw.m),
+            sql.Literal(hnsw.ef_construction)),
+    )

@@ -1,0 +1,28 @@
+"""The PostgreSQL+pgvector database the pipeline reads and writes."""
+
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import psycopg
+
+from embedding_pipeline.lib import db
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """Connections to the application database (pgvector types registered)."""
+
+    database_url: str
+
+    @contextmanager
+    def connection(self, *, vector: bool = True) -> Iterator[psycopg.Connection]:
+        conn = db.connect(self.database_url, vector=vector)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @property
+    def display_url(self) -> str:
+        return db.redact_url(self.database_url)

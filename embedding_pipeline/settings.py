@@ -1,0 +1,178 @@
+"""Every setting of the pipeline, read from the environment in exactly one place.
+
+`load_settings()` is called by the composition root (`definitions.py`) and by the CLI;
+nothing else reads environment variables. Tests build `Settings` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Where one embedded entity lives and which of its columns the pipeline reads and writes.
+
+    Every name is a setting so the pipeline can be pointed at an existing application
+    database: the text the model sees is the non-NULL `text_columns` joined by newlines.
+    """
+
+    entity: str
+    table: str
+    text_columns: tuple[str, ...]
+    partition_column: str
+    id_column: str = "id"
+    embedding_column: str = "embedding"
+    model_column: str = "embedding_model"
+    hash_column: str = "embedding_hash"
+    embedded_at_column: str = "embedded_at"
+    extraction_column: str = "extraction_id"
+
+    @property
+    def asset_name(self) -> str:
+        return f"{self.entity}_embeddings"
+
+    @property
+    def source_asset_name(self) -> str:
+        return self.table if self.table.isidentifier() else self.entity
+
+
+def default_tables() -> dict[str, TableSpec]:
+    return {
+        "messages": TableSpec(
+            entity="message", table="messages", text_columns=("content",),
+            partition_column="sent_at",
+        ),
+        "topics": TableSpec(
+            entity="topic", table="topics", text_columns=("name", "description"),
+            partition_column="created_at",
+        ),
+        "atoms": TableSpec(
+            entity="atom", table="atoms", text_columns=("title", "content"),
+            partition_column="created_at",
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class HnswSettings:
+    m: int = 16
+    ef_construction: int = 64
+    ef_search: int = 40
+
+
+@dataclass(frozen=True)
+class EmbeddedDatabaseSettings:
+    """The PostgreSQL+pgvector server the CLI starts when no DATABASE_URL is given."""
+
+    data_dir: Path = PROJECT_ROOT / ".pgdata"
+    host: str = "127.0.0.1"
+    port: int = 55432
+    database: str = "embedding_pipeline"
+    user: str = "postgres"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """Which model embeds; `provider` is one of local, openai, ollama."""
+
+    provider: str = "local"
+    model: str | None = None
+    dimensions: int | None = None
+    batch_size: int = 64
+    openai_base_url: str | None = None
+    ollama_host: str = "http://127.0.0.1:11434"
+    timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    embedded: EmbeddedDatabaseSettings = field(default_factory=EmbeddedDatabaseSettings)
+    embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
+    tables: Mapping[str, TableSpec] = field(default_factory=default_tables)
+    vector_dimension: int | None = None
+    hnsw: HnswSettings = field(default_factory=HnswSettings)
+    partition_start: str = "2024-01-01"
+    extraction_table: str = "extractions"
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or self.embedded.url
+
+    def with_database_url(self, url: str) -> Settings:
+        return replace(self, database_url=url)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _table_from_env(env: Mapping[str, str], key: str, spec: TableSpec) -> TableSpec:
+    prefix = f"EP_{key.upper()}_"
+    text_columns = env.get(prefix + "TEXT_COLUMNS")
+    return replace(
+        spec,
+        table=env.get(prefix + "TABLE", spec.table),
+        id_column=env.get(prefix + "ID_COLUMN", spec.id_column),
+        text_columns=(
+            tuple(c.strip() for c in text_columns.split(",") if c.strip())
+            if text_columns
+            else spec.text_columns
+        ),
+        partition_column=env.get(prefix + "PARTITION_COLUMN", spec.partition_column),
+        embedding_column=env.get(prefix + "EMBEDDING_COLUMN", spec.embedding_column),
+    )
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from environment variables (see docs/configuration.md)."""
+    env = os.environ if env is None else env
+    embedded_defaults = EmbeddedDatabaseSettings()
+    embedded = EmbeddedDatabaseSettings(
+        data_dir=Path(env.get("EP_PGDATA", str(embedded_defaults.data_dir))).resolve(),
+        port=_int(env, "EP_PG_PORT", embedded_defaults.port),
+        database=env.get("EP_PG_DATABASE", embedded_defaults.database),
+    )
+    dimensions = env.get("EP_EMBEDDING_DIMENSIONS")
+    embedder = EmbedderSettings(
+        provider=env.get("EP_EMBEDDING_PROVIDER", "local").lower(),
+        model=env.get("EP_EMBEDDING_MODEL") or None,
+        dimensions=int(dimensions) if dimensions else None,
+        batch_size=_int(env, "EP_BATCH_SIZE", EmbedderSettings.batch_size),
+        openai_base_url=env.get("OPENAI_BASE_URL") or None,
+        ollama_host=env.get("OLLAMA_HOST", EmbedderSettings.ollama_host),
+    )
+    tables = {key: _table_from_env(env, key, spec) for key, spec in default_tables().items()}
+    return Settings(
+        database_url=env.get("DATABASE_URL") or None,
+        embedded=embedded,
+        embedder=embedder,
+        tables=tables,
+        hnsw=HnswSettings(
+            m=_int(env, "EP_HNSW_M", HnswSettings.m),
+            ef_construction=_int(env, "EP_HNSW_EF_CONSTRUCTION", HnswSettings.ef_construction),
+            ef_search=_int(env, "EP_HNSW_EF_SEARCH", HnswSettings.ef_search),
+        ),
+        partition_start=env.get("EP_PARTITION_START", Settings.partition_start),
+        extraction_table=env.get("EP_EXTRACTION_TABLE", Settings.extraction_table),
+    )
