@@ -1,0 +1,101 @@
+"""One real PostgreSQL+pgvector server for the session (started with the project's own
+code), a fresh database per test module, and the settings and resources pointing at it."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+from psycopg import sql
+
+from embedding_pipeline.definitions import build_definitions
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
+from embedding_pipeline.lib.ingest import ingest
+from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.schema import ensure_schema
+from embedding_pipeline.lib.telegram import load_export, load_extraction
+from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.settings import Settings
+
+DATA = Path(__file__).parent / "data"
+SAMPLE = Path(__file__).parent.parent / "embedding_pipeline" / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[EmbeddedPostgres]:
+    """The session's server, in a temporary folder on a free port."""
+    base = Path(tempfile.mkdtemp(prefix="ep-test-pg-"))
+    server = EmbeddedPostgres(base / "pg", free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.drop_data()
+
+
+@pytest.fixture(scope="module")
+def database_url(pg_server: EmbeddedPostgres, request: pytest.FixtureRequest) -> str:
+    """A new, empty database for the test module."""
+    name = re.sub(r"[^a-z0-9_]", "_", request.module.__name__.split(".")[-1].lower())[:50]
+    with psycopg.connect(pg_server.url("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return pg_server.url(name)
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url)
+
+
+@pytest.fixture(scope="module")
+def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    return {
+        "postgres": PostgresResource(database_url=settings.effective_database_url),
+        "embedder": EmbedderResource(batch_size=16),
+    }
+
+
+@pytest.fixture(scope="module")
+def defs(settings: Settings, resources: dict[str, dg.ConfigurableResource]) -> dg.Definitions:
+    return build_definitions(settings, resources)
+
+
+@pytest.fixture(scope="module")
+def schema(settings: Settings) -> Settings:
+    with db.connection(settings.effective_database_url, vector=False) as conn:
+        ensure_schema(conn, settings, LOCAL_DIMENSION)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def small_data(schema: Settings) -> Settings:
+    """The small test chat and its extraction, ingested once for the module."""
+    with db.connection(schema.effective_database_url) as conn:
+        ingest(conn, schema, load_export(DATA / "small_export.json"),
+               load_extraction(DATA / "small_extraction.json"))
+    return schema
+
+
+@pytest.fixture
+def conn(settings: Settings) -> Iterator[psycopg.Connection]:
+    with db.connection(settings.effective_database_url, vector=True) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
