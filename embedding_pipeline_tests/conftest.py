@@ -40,15 +40,26 @@ def pg_server() -> Iterator[EmbeddedPostgres]:
         server.drop_data()
 
 
-@pytest.fixture(scope="module")
-def database_url(pg_server: EmbeddedPostgres, request: pytest.FixtureRequest) -> str:
-    """A new, empty database for the test module."""
-    name = re.sub(r"[^a-z0-9_]", "_", request.module.__name__.split(".")[-1].lower())[:50]
-    with psycopg.connect(pg_server.url("postgres"), autocommit=True) as conn:
+def create_database(server: EmbeddedPostgres, name: str) -> str:
+    """(Re)create an empty database `name` on `server`; returns its URL."""
+    name = re.sub(r"[^a-z0-9_]", "_", name.lower())[:60]
+    with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return pg_server.url(name)
+    return server.url(name)
+
+
+@pytest.fixture(scope="module")
+def database_url(pg_server: EmbeddedPostgres, request: pytest.FixtureRequest) -> str:
+    """A new, empty database for the test module."""
+    return create_database(pg_server, request.module.__name__.split(".")[-1])
+
+
+@pytest.fixture
+def fresh_database_url(pg_server: EmbeddedPostgres, request: pytest.FixtureRequest) -> str:
+    """A new, empty database for one test."""
+    return create_database(pg_server, f"t_{request.node.name}")
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,7 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composable]]:
         t["atoms"].table
     )
     links = ident(f"{t['atoms'].table}_messages")
+    topic_id, message_id, atom_id = (ident(t[k].id_column) for k in ("topics", "messages", "atoms"))
     return [
         (settings.extraction_table, sql.SQL("""
             CREATE TABLE IF NOT EXISTS {extractions} (
@@ -87,16 +88,16 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composable]]:
             )""").format(extractions=extractions)),
         (t["topics"].table, sql.SQL("""
             CREATE TABLE IF NOT EXISTS {topics} (
-                id bigserial PRIMARY KEY,
+                {topic_id} bigserial PRIMARY KEY,
                 key text NOT NULL UNIQUE,
                 name text NOT NULL,
                 description text,
                 created_at timestamptz NOT NULL DEFAULT now(),
                 updated_at timestamptz NOT NULL DEFAULT now()
-            )""").format(topics=topics)),
+            )""").format(topics=topics, topic_id=topic_id)),
         (t["messages"].table, sql.SQL("""
             CREATE TABLE IF NOT EXISTS {messages} (
-                id bigserial PRIMARY KEY,
+                {message_id} bigserial PRIMARY KEY,
                 chat_id bigint NOT NULL,
                 telegram_message_id bigint NOT NULL,
                 author text,
@@ -105,28 +106,31 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composable]]:
                 edited_at timestamptz,
                 reply_to_message_id bigint,
                 content text NOT NULL,
-                topic_id bigint REFERENCES {topics} (id) ON DELETE SET NULL,
+                topic_id bigint REFERENCES {topics} ({topic_id}) ON DELETE SET NULL,
                 created_at timestamptz NOT NULL DEFAULT now(),
                 updated_at timestamptz NOT NULL DEFAULT now(),
                 UNIQUE (chat_id, telegram_message_id)
-            )""").format(messages=messages, topics=topics)),
+            )""").format(messages=messages, topics=topics, message_id=message_id,
+                         topic_id=topic_id)),
         (t["atoms"].table, sql.SQL("""
             CREATE TABLE IF NOT EXISTS {atoms} (
-                id bigserial PRIMARY KEY,
+                {atom_id} bigserial PRIMARY KEY,
                 key text NOT NULL UNIQUE,
                 kind text NOT NULL,
                 title text NOT NULL,
                 content text NOT NULL,
-                topic_id bigint REFERENCES {topics} (id) ON DELETE SET NULL,
+                topic_id bigint REFERENCES {topics} ({topic_id}) ON DELETE SET NULL,
                 created_at timestamptz NOT NULL DEFAULT now(),
                 updated_at timestamptz NOT NULL DEFAULT now()
-            )""").format(atoms=atoms, topics=topics)),
+            )""").format(atoms=atoms, topics=topics, atom_id=atom_id, topic_id=topic_id)),
         (f"{t['atoms'].table}_messages", sql.SQL("""
             CREATE TABLE IF NOT EXISTS {links} (
-                atom_id bigint NOT NULL REFERENCES {atoms} (id) ON DELETE CASCADE,
-                message_id bigint NOT NULL REFERENCES {messages} (id) ON DELETE CASCADE,
+                atom_id bigint NOT NULL REFERENCES {atoms} ({atom_id}) ON DELETE CASCADE,
+                message_id bigint NOT NULL REFERENCES {messages} ({message_id})
+                    ON DELETE CASCADE,
                 PRIMARY KEY (atom_id, message_id)
-            )""").format(links=links, atoms=atoms, messages=messages)),
+            )""").format(links=links, atoms=atoms, messages=messages, atom_id=atom_id,
+                         message_id=message_id)),
     ]
 
 
