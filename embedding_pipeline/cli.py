@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from embedding_pipeline.lib import db
-from embedding_pipeline.lib.embedders import EmbeddingError
+from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, EmbeddedServerError
 from embedding_pipeline.lib.schema import SchemaError
 from embedding_pipeline.lib.telegram import InputFileError
@@ -34,18 +34,23 @@ def _require_database(settings: Settings) -> str:
     if settings.uses_embedded_database:
         server = _server(settings)
         if not server.status().running:
-            print(f"starting the embedded database ({settings.embedded.host}:"
-                  f"{settings.embedded.port})", file=sys.stderr)
+            print(
+                f"starting the embedded database ({settings.embedded.host}:"
+                f"{settings.embedded.port})",
+                file=sys.stderr,
+            )
             server.start()
         server.ensure_database(settings.embedded.database)
     return settings.effective_database_url
 
 
-def _embedder(settings: Settings):  # type: ignore[no-untyped-def]
+def _embedder(settings: Settings) -> Embedder:
     from embedding_pipeline.definitions import build_resources
+    from embedding_pipeline.resources import EmbedderResource
 
     resource = build_resources(settings)["embedder"]
-    return resource.build()  # type: ignore[attr-defined]
+    assert isinstance(resource, EmbedderResource)
+    return resource.build()
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -98,10 +103,14 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     print(f"extraction {report.extraction_id}:")
     for name in ("messages", "topics", "atoms"):
         counts = getattr(report, name)
-        print(f"  {name:<9} {counts.created:>5} created {counts.updated:>5} updated "
-              f"{counts.unchanged:>5} unchanged")
-    print(f"  skipped {report.service_messages_skipped} service and "
-          f"{report.empty_messages_skipped} empty messages")
+        print(
+            f"  {name:<9} {counts.created:>5} created {counts.updated:>5} updated "
+            f"{counts.unchanged:>5} unchanged"
+        )
+    print(
+        f"  skipped {report.service_messages_skipped} service and "
+        f"{report.empty_messages_skipped} empty messages"
+    )
     return 0
 
 
@@ -112,8 +121,10 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     results = materialize_all(settings, only=args.table or None)
     for name, metadata in results.items():
-        print(f"  {name:<20} embedded {metadata['rows_embedded']:>6}, up to date "
-              f"{metadata['rows_skipped_up_to_date']:>6}, {metadata['seconds']:.2f}s")
+        print(
+            f"  {name:<20} embedded {metadata['rows_embedded']:>6}, up to date "
+            f"{metadata['rows_skipped_up_to_date']:>6}, {metadata['seconds']:.2f}s"
+        )
     print(f"materialized in {time.monotonic() - started:.1f}s")
     return 0
 
@@ -221,8 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     (home / "dagster.yaml").touch(exist_ok=True)
     try:
         return int(args.func(args, load_settings()))
-    except (CliError, InputFileError, EmbeddedServerError, SchemaError, EmbeddingError,
-            ValueError) as exc:
+    except (
+        CliError,
+        InputFileError,
+        EmbeddedServerError,
+        SchemaError,
+        EmbeddingError,
+        ValueError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

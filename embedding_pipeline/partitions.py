@@ -19,12 +19,14 @@ PARTITION_KEY_FORMAT = "%Y-%m-%d"
 
 
 def monthly_partitions(start: str) -> dg.MonthlyPartitionsDefinition:
-    return dg.MonthlyPartitionsDefinition(start_date=start, end_offset=1, timezone="UTC",
-                                          fmt=PARTITION_KEY_FORMAT)
+    return dg.MonthlyPartitionsDefinition(
+        start_date=start, end_offset=1, timezone="UTC", fmt=PARTITION_KEY_FORMAT
+    )
 
 
-def window_for(partitions_def: dg.TimeWindowPartitionsDefinition,
-               time_window: dg.TimeWindow) -> Window:
+def window_for(
+    partitions_def: dg.TimeWindowPartitionsDefinition, time_window: dg.TimeWindow
+) -> Window:
     """The rows a run over `time_window` owns, with the open ends described above."""
     first = partitions_def.get_first_partition_window()
     last = partitions_def.get_last_partition_window()
@@ -33,8 +35,9 @@ def window_for(partitions_def: dg.TimeWindowPartitionsDefinition,
     return Window(start=start, end=end)
 
 
-def partition_key_for(partitions_def: dg.TimeWindowPartitionsDefinition,
-                      moment: datetime | None) -> str:
+def partition_key_for(
+    partitions_def: dg.TimeWindowPartitionsDefinition, moment: datetime | None
+) -> str:
     """The partition that owns a row with partition-column value `moment`."""
     keys = partitions_def.get_partition_keys()
     if moment is None:

@@ -45,15 +45,21 @@ class TableSpec:
 def default_tables() -> dict[str, TableSpec]:
     return {
         "messages": TableSpec(
-            entity="message", table="messages", text_columns=("content",),
+            entity="message",
+            table="messages",
+            text_columns=("content",),
             partition_column="sent_at",
         ),
         "topics": TableSpec(
-            entity="topic", table="topics", text_columns=("name", "description"),
+            entity="topic",
+            table="topics",
+            text_columns=("name", "description"),
             partition_column="created_at",
         ),
         "atoms": TableSpec(
-            entity="atom", table="atoms", text_columns=("title", "content"),
+            entity="atom",
+            table="atoms",
+            text_columns=("title", "content"),
             partition_column="created_at",
         ),
     }
@@ -64,6 +70,24 @@ class HnswSettings:
     m: int = 16
     ef_construction: int = 64
     ef_search: int = 40
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Thresholds and sample sizes of the asset checks (see docs/checks.md).
+
+    Every figure a check samples or compares against lives here, so a large table can be
+    checked more cheaply, or a stricter recall demanded, without editing code.
+    """
+
+    recall_threshold: float = 0.95
+    recall_sample_size: int = 50
+    k: int = 10
+    latency_sample_size: int = 50
+    latency_warn_ms: float = 50.0
+    planner_warn_rows: int = 10_000
+    sample_ids: int = 10
+    dimension_sample_size: int = 1_000
 
 
 @dataclass(frozen=True)
@@ -102,6 +126,7 @@ class Settings:
     tables: Mapping[str, TableSpec] = field(default_factory=default_tables)
     vector_dimension: int | None = None
     hnsw: HnswSettings = field(default_factory=HnswSettings)
+    checks: CheckSettings = field(default_factory=CheckSettings)
     partition_start: str = "2024-01-01"
     extraction_table: str = "extractions"
 
@@ -125,6 +150,31 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _checks_from_env(env: Mapping[str, str]) -> CheckSettings:
+    d = CheckSettings()
+    return CheckSettings(
+        recall_threshold=_float(env, "EP_CHECK_RECALL_THRESHOLD", d.recall_threshold),
+        recall_sample_size=_int(env, "EP_CHECK_RECALL_SAMPLE_SIZE", d.recall_sample_size),
+        k=_int(env, "EP_CHECK_K", d.k),
+        latency_sample_size=_int(env, "EP_CHECK_LATENCY_SAMPLE_SIZE", d.latency_sample_size),
+        latency_warn_ms=_float(env, "EP_CHECK_LATENCY_WARN_MS", d.latency_warn_ms),
+        planner_warn_rows=_int(env, "EP_CHECK_PLANNER_WARN_ROWS", d.planner_warn_rows),
+        sample_ids=_int(env, "EP_CHECK_SAMPLE_IDS", d.sample_ids),
+        dimension_sample_size=_int(env, "EP_CHECK_DIMENSION_SAMPLE_SIZE",
+                                   d.dimension_sample_size),
+    )
 
 
 def _table_from_env(env: Mapping[str, str], key: str, spec: TableSpec) -> TableSpec:
@@ -173,6 +223,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             ef_construction=_int(env, "EP_HNSW_EF_CONSTRUCTION", HnswSettings.ef_construction),
             ef_search=_int(env, "EP_HNSW_EF_SEARCH", HnswSettings.ef_search),
         ),
+        checks=_checks_from_env(env),
         partition_start=env.get("EP_PARTITION_START", Settings.partition_start),
         extraction_table=env.get("EP_EXTRACTION_TABLE", Settings.extraction_table),
     )

@@ -44,8 +44,9 @@ def create_database(server: EmbeddedPostgres, name: str) -> str:
     """(Re)create an empty database `name` on `server`; returns its URL."""
     name = re.sub(r"[^a-z0-9_]", "_", name.lower())[:60]
     with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return server.url(name)
 
@@ -91,8 +92,12 @@ def schema(settings: Settings) -> Settings:
 def small_data(schema: Settings) -> Settings:
     """The small test chat and its extraction, ingested once for the module."""
     with db.connection(schema.effective_database_url) as conn:
-        ingest(conn, schema, load_export(DATA / "small_export.json"),
-               load_extraction(DATA / "small_extraction.json"))
+        ingest(
+            conn,
+            schema,
+            load_export(DATA / "small_export.json"),
+            load_extraction(DATA / "small_extraction.json"),
+        )
     return schema
 
 

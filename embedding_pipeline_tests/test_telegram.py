@@ -46,8 +46,14 @@ def _write(tmp_path: Path, payload: object, name: str = "bad.json") -> Path:
 
 
 def _message(**overrides: object) -> dict[str, object]:
-    base: dict[str, object] = {"id": 1, "type": "message", "date": "2025-09-01T10:00:00",
-                               "from": "A", "from_id": "user1", "text": "hi"}
+    base: dict[str, object] = {
+        "id": 1,
+        "type": "message",
+        "date": "2025-09-01T10:00:00",
+        "from": "A",
+        "from_id": "user1",
+        "text": "hi",
+    }
     base.update(overrides)
     return base
 
@@ -65,8 +71,11 @@ def _message(**overrides: object) -> dict[str, object]:
         ({"id": 1, "messages": [_message(date="yesterday")]}, "(id 1).date", "not an ISO date"),
         ({"id": 1, "messages": [_message(text=[{"type": "bold"}])]}, "(id 1).text[0]", "entity"),
         ({"id": 1, "messages": [_message(text=42)]}, "(id 1).text", "string or a list"),
-        ({"id": 1, "messages": [_message(reply_to_message_id="2")]}, "reply_to_message_id",
-         "integer"),
+        (
+            {"id": 1, "messages": [_message(reply_to_message_id="2")]},
+            "reply_to_message_id",
+            "integer",
+        ),
     ],
 )
 def test_malformed_export_names_file_position_and_reason(tmp_path, payload, position, reason):
@@ -100,16 +109,34 @@ def test_extraction_file_parses_topics_and_atoms():
     [
         ({"topics": []}, "extraction", "'source'"),
         ({"extraction": {"source": ""}}, "extraction.source", "non-empty string"),
-        ({"extraction": {"source": "s"}, "topics": [{"key": "t"}]}, "topics[0] (key 't').name",
-         "non-empty"),
-        ({"extraction": {"source": "s"}, "topics": [{"key": "t", "name": "n"}] * 2},
-         "topics[1] (key 't')", "duplicate topic key"),
-        ({"extraction": {"source": "s"}, "atoms": [
-            {"key": "a", "kind": "rumour", "title": "t", "content": "c"}]},
-         "atoms[0] (key 'a').kind", "unknown kind"),
-        ({"extraction": {"source": "s"}, "atoms": [
-            {"key": "a", "kind": "fact", "title": "t", "content": "c", "message_ids": ["1"]}]},
-         "atoms[0] (key 'a').message_ids", "integer ids"),
+        (
+            {"extraction": {"source": "s"}, "topics": [{"key": "t"}]},
+            "topics[0] (key 't').name",
+            "non-empty",
+        ),
+        (
+            {"extraction": {"source": "s"}, "topics": [{"key": "t", "name": "n"}] * 2},
+            "topics[1] (key 't')",
+            "duplicate topic key",
+        ),
+        (
+            {
+                "extraction": {"source": "s"},
+                "atoms": [{"key": "a", "kind": "rumour", "title": "t", "content": "c"}],
+            },
+            "atoms[0] (key 'a').kind",
+            "unknown kind",
+        ),
+        (
+            {
+                "extraction": {"source": "s"},
+                "atoms": [
+                    {"key": "a", "kind": "fact", "title": "t", "content": "c", "message_ids": ["1"]}
+                ],
+            },
+            "atoms[0] (key 'a').message_ids",
+            "integer ids",
+        ),
     ],
 )
 def test_malformed_extraction_names_position(tmp_path, payload, position, reason):

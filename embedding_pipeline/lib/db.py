@@ -16,8 +16,9 @@ from embedding_pipeline.settings import TableSpec
 def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
     """Open a connection; with `vector`, pgvector's types are registered (the extension
     must exist: `schema.ensure_schema` creates it)."""
-    conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10,
-                           application_name="embedding_pipeline")
+    conn = psycopg.connect(
+        url, autocommit=autocommit, connect_timeout=10, application_name="embedding_pipeline"
+    )
     if vector:
         try:
             register_vector(conn)
@@ -30,8 +31,9 @@ def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psyco
 
 
 @contextmanager
-def connection(url: str, *, autocommit: bool = False,
-               vector: bool = True) -> Iterator[psycopg.Connection]:
+def connection(
+    url: str, *, autocommit: bool = False, vector: bool = True
+) -> Iterator[psycopg.Connection]:
     conn = connect(url, autocommit=autocommit, vector=vector)
     try:
         yield conn
@@ -46,9 +48,7 @@ def redact_url(url: str) -> str:
 
 def text_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:
     """The text a row is embedded from: its non-NULL text columns joined by newlines."""
-    columns = [
-        sql.Identifier(alias, c) if alias else sql.Identifier(c) for c in spec.text_columns
-    ]
+    columns = [sql.Identifier(alias, c) if alias else sql.Identifier(c) for c in spec.text_columns]
     return sql.SQL("concat_ws(E'\\n', {})").format(sql.SQL(", ").join(columns))
 
 
@@ -70,6 +70,8 @@ def needs_embedding_expr(spec: TableSpec, alias: str | None = None) -> sql.Compo
         "({emb} IS NULL OR {model} IS DISTINCT FROM %(model_id)s "
         "OR {hash} IS DISTINCT FROM {current})"
     ).format(
-        emb=col(spec.embedding_column), model=col(spec.model_column),
-        hash=col(spec.hash_column), current=hash_expr(spec, alias),
+        emb=col(spec.embedding_column),
+        model=col(spec.model_column),
+        hash=col(spec.hash_column),
+        current=hash_expr(spec, alias),
     )

@@ -43,15 +43,21 @@ class IngestReport:
         return asdict(self)
 
 
-def ingest(conn: psycopg.Connection, settings: Settings, export: ChatExport,
-           extraction: ExtractionFile | None = None) -> IngestReport:
+def ingest(
+    conn: psycopg.Connection,
+    settings: Settings,
+    export: ChatExport,
+    extraction: ExtractionFile | None = None,
+) -> IngestReport:
     """Write `export` (and `extraction`) as one extraction; commits, or rolls back on error.
 
     When nothing is new or changed, no extraction row is kept and `extraction_id` is None.
     """
-    report = IngestReport(extraction_id=None,
-                          service_messages_skipped=export.service_messages,
-                          empty_messages_skipped=export.empty_messages)
+    report = IngestReport(
+        extraction_id=None,
+        service_messages_skipped=export.service_messages,
+        empty_messages_skipped=export.empty_messages,
+    )
     try:
         with conn.transaction():
             extraction_id = _insert_extraction(conn, settings, export, extraction)
@@ -59,13 +65,15 @@ def ingest(conn: psycopg.Connection, settings: Settings, export: ChatExport,
             if extraction is not None:
                 topic_ids = _upsert_topics(conn, settings, extraction, extraction_id, report)
                 _assign_topics(conn, settings, extraction, message_ids, topic_ids)
-                _upsert_atoms(conn, settings, extraction, extraction_id, message_ids, topic_ids,
-                              report)
+                _upsert_atoms(
+                    conn, settings, extraction, extraction_id, message_ids, topic_ids, report
+                )
             if report.changed:
                 report.extraction_id = extraction_id
                 conn.execute(
                     sql.SQL("UPDATE {} SET stats = %s WHERE id = %s").format(
-                        sql.Identifier(settings.extraction_table)),
+                        sql.Identifier(settings.extraction_table)
+                    ),
                     (json.dumps(report.as_dict()), extraction_id),
                 )
             else:
@@ -80,8 +88,12 @@ class _NothingChanged(Exception):
     """Rolls the transaction back when an ingest brought nothing new."""
 
 
-def _insert_extraction(conn: psycopg.Connection, settings: Settings, export: ChatExport,
-                       extraction: ExtractionFile | None) -> int:
+def _insert_extraction(
+    conn: psycopg.Connection,
+    settings: Settings,
+    export: ChatExport,
+    extraction: ExtractionFile | None,
+) -> int:
     row = conn.execute(
         sql.SQL(
             "INSERT INTO {} (source, extractor, export_sha256, extraction_sha256, created_at) "
@@ -99,8 +111,13 @@ def _insert_extraction(conn: psycopg.Connection, settings: Settings, export: Cha
     return int(row[0])
 
 
-def _upsert_messages(conn: psycopg.Connection, settings: Settings, export: ChatExport,
-                     extraction_id: int, report: IngestReport) -> dict[int, int]:
+def _upsert_messages(
+    conn: psycopg.Connection,
+    settings: Settings,
+    export: ChatExport,
+    extraction_id: int,
+    report: IngestReport,
+) -> dict[int, int]:
     """Upsert by (chat, telegram id); returns telegram id -> row id for the whole chat."""
     spec = settings.tables["messages"]
     table = sql.Identifier(spec.table)
@@ -109,12 +126,11 @@ def _upsert_messages(conn: psycopg.Connection, settings: Settings, export: ChatE
         "author_id text, sent_at timestamptz, edited_at timestamptz, "
         "reply_to_message_id bigint, content text) ON COMMIT DROP"
     )
-    with conn.cursor().copy(
-        "COPY ep_ingest_messages FROM STDIN"
-    ) as copy:
+    with conn.cursor().copy("COPY ep_ingest_messages FROM STDIN") as copy:
         for m in export.messages:
-            copy.write_row((m.telegram_id, m.author, m.author_id, m.sent_at, m.edited_at,
-                            m.reply_to, m.text))
+            copy.write_row(
+                (m.telegram_id, m.author, m.author_id, m.sent_at, m.edited_at, m.reply_to, m.text)
+            )
     rows = conn.execute(
         sql.SQL("""
             INSERT INTO {table} AS t (chat_id, telegram_message_id, author, author_id, sent_at,
@@ -136,14 +152,20 @@ def _upsert_messages(conn: psycopg.Connection, settings: Settings, export: ChatE
     report.messages.unchanged = len(export.messages) - len(rows)
     ids = conn.execute(
         sql.SQL("SELECT telegram_message_id, {} FROM {} WHERE chat_id = %s").format(
-            sql.Identifier(spec.id_column), table),
+            sql.Identifier(spec.id_column), table
+        ),
         (export.chat_id,),
     ).fetchall()
     return {int(tid): int(rid) for tid, rid in ids}
 
 
-def _upsert_topics(conn: psycopg.Connection, settings: Settings, extraction: ExtractionFile,
-                   extraction_id: int, report: IngestReport) -> dict[str, int]:
+def _upsert_topics(
+    conn: psycopg.Connection,
+    settings: Settings,
+    extraction: ExtractionFile,
+    extraction_id: int,
+    report: IngestReport,
+) -> dict[str, int]:
     spec = settings.tables["topics"]
     statement = sql.SQL("""
         INSERT INTO {table} AS t (key, name, description, {extraction}, created_at)
@@ -153,37 +175,47 @@ def _upsert_topics(conn: psycopg.Connection, settings: Settings, extraction: Ext
                {extraction} = excluded.{extraction}, updated_at = now()
            WHERE (t.name, t.description) IS DISTINCT FROM (excluded.name, excluded.description)
         RETURNING (xmax = 0)
-    """).format(table=sql.Identifier(spec.table),
-                extraction=sql.Identifier(spec.extraction_column))
+    """).format(table=sql.Identifier(spec.table), extraction=sql.Identifier(spec.extraction_column))
     for topic in extraction.topics:
-        row = conn.execute(statement, (topic.key, topic.name, topic.description, extraction_id,
-                                       extraction.extracted_at)).fetchone()
+        row = conn.execute(
+            statement,
+            (topic.key, topic.name, topic.description, extraction_id, extraction.extracted_at),
+        ).fetchone()
         if row is None:
             report.topics.unchanged += 1
         elif row[0]:
             report.topics.created += 1
         else:
             report.topics.updated += 1
-    rows = conn.execute(sql.SQL("SELECT key, {} FROM {}").format(
-        sql.Identifier(spec.id_column), sql.Identifier(spec.table))).fetchall()
+    rows = conn.execute(
+        sql.SQL("SELECT key, {} FROM {}").format(
+            sql.Identifier(spec.id_column), sql.Identifier(spec.table)
+        )
+    ).fetchall()
     return {str(key): int(row_id) for key, row_id in rows}
 
 
-def _resolve(path: object, where: str, telegram_ids: tuple[int, ...],
-             message_ids: dict[int, int]) -> list[int]:
+def _resolve(
+    path: object, where: str, telegram_ids: tuple[int, ...], message_ids: dict[int, int]
+) -> list[int]:
     missing = [t for t in telegram_ids if t not in message_ids]
     if missing:
         raise InputFileError(
-            str(path), f"{where}.message_ids",
+            str(path),
+            f"{where}.message_ids",
             f"message id(s) {', '.join(map(str, missing[:10]))} are not in the export or the "
             "database (service or empty messages are not stored)",
         )
     return [message_ids[t] for t in telegram_ids]
 
 
-def _assign_topics(conn: psycopg.Connection, settings: Settings, extraction: ExtractionFile,
-                   message_ids: dict[int, int],
-                   topic_ids: dict[str, int]) -> None:
+def _assign_topics(
+    conn: psycopg.Connection,
+    settings: Settings,
+    extraction: ExtractionFile,
+    message_ids: dict[int, int],
+    topic_ids: dict[str, int],
+) -> None:
     spec = settings.tables["messages"]
     statement = sql.SQL(
         "UPDATE {} SET topic_id = %s WHERE {} = ANY(%s) AND topic_id IS DISTINCT FROM %s"
@@ -195,9 +227,15 @@ def _assign_topics(conn: psycopg.Connection, settings: Settings, extraction: Ext
             conn.execute(statement, (topic_id, rows, topic_id))
 
 
-def _upsert_atoms(conn: psycopg.Connection, settings: Settings, extraction: ExtractionFile,
-                  extraction_id: int, message_ids: dict[int, int],
-                  topic_ids: dict[str, int], report: IngestReport) -> None:
+def _upsert_atoms(
+    conn: psycopg.Connection,
+    settings: Settings,
+    extraction: ExtractionFile,
+    extraction_id: int,
+    message_ids: dict[int, int],
+    topic_ids: dict[str, int],
+    report: IngestReport,
+) -> None:
     spec = settings.tables["atoms"]
     links = sql.Identifier(f"{spec.table}_messages")
     statement = sql.SQL("""
@@ -213,20 +251,32 @@ def _upsert_atoms(conn: psycopg.Connection, settings: Settings, extraction: Extr
                  IS DISTINCT FROM (excluded.kind, excluded.title, excluded.content,
                                    excluded.topic_id)
         RETURNING {id}, (xmax = 0)
-    """).format(table=sql.Identifier(spec.table), id=sql.Identifier(spec.id_column),
-                extraction=sql.Identifier(spec.extraction_column))
+    """).format(
+        table=sql.Identifier(spec.table),
+        id=sql.Identifier(spec.id_column),
+        extraction=sql.Identifier(spec.extraction_column),
+    )
     select_id = sql.SQL("SELECT {} FROM {} WHERE key = %s").format(
-        sql.Identifier(spec.id_column), sql.Identifier(spec.table))
+        sql.Identifier(spec.id_column), sql.Identifier(spec.table)
+    )
     for atom in extraction.atoms:
         if atom.topic is not None and atom.topic not in topic_ids:
-            raise InputFileError(str(extraction.path), f"{atom.position}.topic",
-                                 f"unknown topic key {atom.topic!r}")
+            raise InputFileError(
+                str(extraction.path), f"{atom.position}.topic", f"unknown topic key {atom.topic!r}"
+            )
         sources = _resolve(extraction.path, atom.position, atom.message_ids, message_ids)
-        row = conn.execute(statement, (
-            atom.key, atom.kind, atom.title, atom.content,
-            topic_ids.get(atom.topic) if atom.topic else None, extraction_id,
-            extraction.extracted_at,
-        )).fetchone()
+        row = conn.execute(
+            statement,
+            (
+                atom.key,
+                atom.kind,
+                atom.title,
+                atom.content,
+                topic_ids.get(atom.topic) if atom.topic else None,
+                extraction_id,
+                extraction.extracted_at,
+            ),
+        ).fetchone()
         if row is None:
             report.atoms.unchanged += 1
             found = conn.execute(select_id, (atom.key,)).fetchone()
@@ -238,11 +288,15 @@ def _upsert_atoms(conn: psycopg.Connection, settings: Settings, extraction: Extr
                 report.atoms.created += 1
             else:
                 report.atoms.updated += 1
-        conn.execute(sql.SQL("DELETE FROM {} WHERE atom_id = %s AND NOT message_id = ANY(%s)")
-                     .format(links), (atom_id, sources))
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE atom_id = %s AND NOT message_id = ANY(%s)").format(links),
+            (atom_id, sources),
+        )
         cursor = conn.execute(
-            sql.SQL("INSERT INTO {} (atom_id, message_id) SELECT %s, unnest(%s::bigint[]) "
-                    "ON CONFLICT DO NOTHING").format(links),
+            sql.SQL(
+                "INSERT INTO {} (atom_id, message_id) SELECT %s, unnest(%s::bigint[]) "
+                "ON CONFLICT DO NOTHING"
+            ).format(links),
             (atom_id, sources),
         )
         report.links += max(cursor.rowcount, 0)

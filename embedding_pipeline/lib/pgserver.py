@@ -89,21 +89,34 @@ class EmbeddedPostgres:
             return pwd.getpwnam(SERVICE_USER)
         except KeyError:
             subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 SERVICE_USER],
-                check=True, capture_output=True, text=True,
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    SERVICE_USER,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             )
             return pwd.getpwnam(SERVICE_USER)
 
-    def _run(self, args: list[str], account: pwd.struct_passwd | None,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
-        if account is not None:
-            kwargs = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    def _run(
+        self, args: list[str], account: pwd.struct_passwd | None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
         result = subprocess.run(
-            args, capture_output=True, text=True, env=env, cwd="/", check=False,
-            **kwargs,  # type: ignore[arg-type]
+            args,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            check=False,
+            user=account.pw_uid if account else None,
+            group=account.pw_gid if account else None,
+            extra_groups=[] if account else None,
         )
         if check and result.returncode != 0:
             raise EmbeddedServerError(
@@ -139,8 +152,9 @@ class EmbeddedPostgres:
     def status(self) -> ServerStatus:
         pid = self._postmaster_pid()
         running = pid is not None and _pid_alive(pid) and self._accepts_connections()
-        return ServerStatus(running=running, pid=pid if running else None, port=self.port,
-                            data_dir=self.data_dir)
+        return ServerStatus(
+            running=running, pid=pid if running else None, port=self.port, data_dir=self.data_dir
+        )
 
     def start(self, *, timeout: float = 60.0) -> ServerStatus:
         """Initialise the data folder if needed and start the server; a no-op if running."""
@@ -158,8 +172,18 @@ class EmbeddedPostgres:
             self._make_reachable(account)
         if not (self.pgdata / "PG_VERSION").exists():
             self._run(
-                [str(self._bin / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
-                 "-A", "trust", "-E", "UTF8", "--no-sync"],
+                [
+                    str(self._bin / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
                 account,
             )
         if account is not None:
@@ -175,8 +199,19 @@ class EmbeddedPostgres:
             f"-c fsync=on -c logging_collector=off"
         )
         self._run(
-            [str(self._bin / "pg_ctl"), "-D", str(self.pgdata), "-l", str(self.log_file),
-             "-o", options, "-w", "-t", str(int(timeout)), "start"],
+            [
+                str(self._bin / "pg_ctl"),
+                "-D",
+                str(self.pgdata),
+                "-l",
+                str(self.log_file),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
+            ],
             account,
         )
         deadline = time.monotonic() + timeout
@@ -194,8 +229,17 @@ class EmbeddedPostgres:
             return
         account = self._service_account()
         self._run(
-            [str(self._bin / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w",
-             "-t", str(int(timeout)), "stop"],
+            [
+                str(self._bin / "pg_ctl"),
+                "-D",
+                str(self.pgdata),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "stop",
+            ],
             account,
         )
 
@@ -227,7 +271,9 @@ class EmbeddedPostgres:
     def _accepts_connections(self) -> bool:
         result = subprocess.run(
             [str(self._bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-t", "2"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         return result.returncode == 0
 

@@ -65,7 +65,7 @@ def vector_column_dimension(conn: psycopg.Connection, spec: TableSpec) -> int | 
     return int(type_name[len("vector(") : -1])
 
 
-def _base_tables(settings: Settings) -> list[tuple[str, sql.Composable]]:
+def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
     """CREATE TABLE IF NOT EXISTS statements for the pipeline's own schema."""
     t = settings.tables
     ident = sql.Identifier

@@ -27,8 +27,12 @@ def nearest_query(spec: TableSpec) -> sql.Composed:
     return sql.SQL(
         "SELECT {id}, 1 - ({emb} <=> %(query)s) AS similarity, {text} FROM {table} "
         "ORDER BY {emb} <=> %(query)s LIMIT %(k)s"
-    ).format(id=sql.Identifier(spec.id_column), emb=emb, text=text_expr(spec),
-             table=sql.Identifier(spec.table))
+    ).format(
+        id=sql.Identifier(spec.id_column),
+        emb=emb,
+        text=text_expr(spec),
+        table=sql.Identifier(spec.table),
+    )
 
 
 def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
@@ -36,10 +40,14 @@ def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
     conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(int(ef_search)),))
 
 
-def search_table(conn: psycopg.Connection, spec: TableSpec, query: np.ndarray, *, k: int = 5,
-                 ef_search: int = 40) -> list[Hit]:
+def search_table(
+    conn: psycopg.Connection, spec: TableSpec, query: np.ndarray, *, k: int = 5, ef_search: int = 40
+) -> list[Hit]:
     with conn.transaction():
         set_ef_search(conn, ef_search)
         rows = conn.execute(nearest_query(spec), {"query": query, "k": k}).fetchall()
-    return [Hit(table=spec.table, id=int(r[0]), similarity=float(r[1]), text=str(r[2]))
-            for r in rows if r[1] is not None]
+    return [
+        Hit(table=spec.table, id=int(r[0]), similarity=float(r[1]), text=str(r[2]))
+        for r in rows
+        if r[1] is not None
+    ]

@@ -35,5 +35,4 @@ def table_status(conn: psycopg.Connection, spec: TableSpec, model_id: str) -> Ta
         {"model_id": model_id},
     ).fetchone()
     assert row is not None
-    return TableStatus(table=spec.table, rows=int(row[0]), missing=int(row[1]),
-                       stale=int(row[2]))
+    return TableStatus(table=spec.table, rows=int(row[0]), missing=int(row[1]), stale=int(row[2]))

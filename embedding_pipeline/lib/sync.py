@@ -205,7 +205,7 @@ def sync_embeddings(
 
 
 def _embed_and_write(conn: psycopg.Connection, embedder: Embedder,
-                     todo: list[tuple[int, str, str]], write: sql.Composable,
+                     todo: list[tuple[int, str, str]], write: sql.Composed,
                      result: SyncResult) -> int:
     texts = [text for _, text, _ in todo]
     tokens = [estimate_tokens(t) for t in texts]

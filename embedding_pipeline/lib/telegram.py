@@ -91,8 +91,9 @@ def _read_json(path: Path) -> tuple[Any, str]:
     except UnicodeDecodeError as exc:
         raise InputFileError(path, f"byte {exc.start}", "is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise InputFileError(path, f"line {exc.lineno} column {exc.colno}",
-                             f"invalid JSON: {exc.msg}") from None
+        raise InputFileError(
+            path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}"
+        ) from None
 
 
 def flatten_text(value: Any, path: Path, where: str) -> str:
@@ -107,8 +108,11 @@ def flatten_text(value: Any, path: Path, where: str) -> str:
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
             else:
-                raise InputFileError(path, f"{where}.text[{i}]",
-                                     "expected a string or an entity object with a 'text' string")
+                raise InputFileError(
+                    path,
+                    f"{where}.text[{i}]",
+                    "expected a string or an entity object with a 'text' string",
+                )
         return "".join(parts)
     raise InputFileError(path, f"{where}.text", "expected a string or a list")
 
@@ -119,8 +123,9 @@ def _timestamp(message: dict[str, Any], key: str, path: Path, where: str) -> dat
         try:
             return datetime.fromtimestamp(int(unix), tz=UTC)
         except (TypeError, ValueError, OverflowError):
-            raise InputFileError(path, f"{where}.{key}_unixtime",
-                                 f"not a unix timestamp: {unix!r}") from None
+            raise InputFileError(
+                path, f"{where}.{key}_unixtime", f"not a unix timestamp: {unix!r}"
+            ) from None
     value = message.get(key)
     if value is None:
         return None
@@ -147,8 +152,9 @@ def load_export(path: Path | str) -> ChatExport:
     chat_id = data.get("id")
     if not isinstance(chat_id, int):
         raise InputFileError(path, "id", "expected the chat's integer id")
-    export = ChatExport(path=path, chat_id=chat_id, name=str(data.get("name") or ""),
-                        messages=[], sha256=digest)
+    export = ChatExport(
+        path=path, chat_id=chat_id, name=str(data.get("name") or ""), messages=[], sha256=digest
+    )
     seen: set[int] = set()
     for i, message in enumerate(data["messages"]):
         where = f"messages[{i}]"
@@ -179,13 +185,17 @@ def load_export(path: Path | str) -> ChatExport:
             raise InputFileError(path, f"{where}.reply_to_message_id", "expected an integer")
         author = message.get("from")
         author_id = message.get("from_id")
-        export.messages.append(ChatMessage(
-            telegram_id=message_id, sent_at=sent_at, text=text,
-            author=str(author) if author is not None else None,
-            author_id=str(author_id) if author_id is not None else None,
-            edited_at=_timestamp(message, "edited", path, where),
-            reply_to=reply_to,
-        ))
+        export.messages.append(
+            ChatMessage(
+                telegram_id=message_id,
+                sent_at=sent_at,
+                text=text,
+                author=str(author) if author is not None else None,
+                author_id=str(author_id) if author_id is not None else None,
+                edited_at=_timestamp(message, "edited", path, where),
+                reply_to=reply_to,
+            )
+        )
     return export
 
 
@@ -220,7 +230,8 @@ def load_extraction(path: Path | str) -> ExtractionFile:
         source=_required_str(header, "source", path, "extraction"),
         extractor=str(header["extractor"]) if header.get("extractor") else None,
         extracted_at=_parse_iso(extracted_at, path, "extraction.extracted_at")
-        if extracted_at is not None else None,
+        if extracted_at is not None
+        else None,
         sha256=digest,
     )
     topics, atoms = data.get("topics", []), data.get("atoms", [])
@@ -239,11 +250,15 @@ def load_extraction(path: Path | str) -> ExtractionFile:
             raise InputFileError(path, where, "duplicate topic key")
         keys.add(key)
         description = topic.get("description")
-        result.topics.append(TopicRecord(
-            key=key, name=_required_str(topic, "name", path, where),
-            description=str(description) if description else None,
-            message_ids=_message_ids(topic, path, where), position=where,
-        ))
+        result.topics.append(
+            TopicRecord(
+                key=key,
+                name=_required_str(topic, "name", path, where),
+                description=str(description) if description else None,
+                message_ids=_message_ids(topic, path, where),
+                position=where,
+            )
+        )
     atom_keys: set[str] = set()
     for i, atom in enumerate(atoms):
         where = f"atoms[{i}]"
@@ -256,14 +271,23 @@ def load_extraction(path: Path | str) -> ExtractionFile:
         atom_keys.add(key)
         kind = _required_str(atom, "kind", path, where).lower()
         if kind not in ATOM_KINDS:
-            raise InputFileError(path, f"{where}.kind",
-                                 f"unknown kind {kind!r}; one of {', '.join(sorted(ATOM_KINDS))}")
+            raise InputFileError(
+                path,
+                f"{where}.kind",
+                f"unknown kind {kind!r}; one of {', '.join(sorted(ATOM_KINDS))}",
+            )
         topic_key = atom.get("topic")
         if topic_key is not None and not isinstance(topic_key, str):
             raise InputFileError(path, f"{where}.topic", "expected a topic key string")
-        result.atoms.append(AtomRecord(
-            key=key, kind=kind, title=_required_str(atom, "title", path, where),
-            content=_required_str(atom, "content", path, where), topic=topic_key,
-            message_ids=_message_ids(atom, path, where), position=where,
-        ))
+        result.atoms.append(
+            AtomRecord(
+                key=key,
+                kind=kind,
+                title=_required_str(atom, "title", path, where),
+                content=_required_str(atom, "content", path, where),
+                topic=topic_key,
+                message_ids=_message_ids(atom, path, where),
+                position=where,
+            )
+        )
     return result

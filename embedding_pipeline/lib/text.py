@@ -17,8 +17,9 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def plan_requests(token_counts: list[int], max_items: int,
-                  max_tokens: int | None) -> list[tuple[int, int]]:
+def plan_requests(
+    token_counts: list[int], max_items: int, max_tokens: int | None
+) -> list[tuple[int, int]]:
     """Split consecutive items into requests of at most `max_items` items and (when set)
     `max_tokens` tokens; an item larger than the token budget travels alone."""
     if max_items < 1:

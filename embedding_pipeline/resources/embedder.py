@@ -1,6 +1,5 @@
 """The embedding provider, chosen by configuration (local by default)."""
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -22,9 +21,13 @@ class EmbedderResource(dg.ConfigurableResource):
     def build(self) -> Embedder:
         """A new embedder (its SDK client is created here, in the run, not at import)."""
         return build_embedder(
-            self.provider, model=self.model_name, dimensions=self.dimensions,
-            openai_api_key=self.openai_api_key, openai_base_url=self.openai_base_url,
-            ollama_host=self.ollama_host, timeout=self.timeout_seconds,
+            self.provider,
+            model=self.model_name,
+            dimensions=self.dimensions,
+            openai_api_key=self.openai_api_key,
+            openai_base_url=self.openai_base_url,
+            ollama_host=self.ollama_host,
+            timeout=self.timeout_seconds,
         )
 
     @property

@@ -1,6 +1,5 @@
 """The PostgreSQL+pgvector database the pipeline reads and writes."""
 
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 

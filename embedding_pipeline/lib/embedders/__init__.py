@@ -30,11 +30,20 @@ def build_embedder(
             raise ValueError(f"the local model has {LOCAL_DIMENSION} dimensions, not {dimensions}")
         return LocalEmbedder()
     if provider == "openai":
-        return OpenAIEmbedder(model=model or DEFAULT_MODELS["openai"], api_key=openai_api_key,
-                              dimensions=dimensions, base_url=openai_base_url, timeout=timeout)
+        return OpenAIEmbedder(
+            model=model or DEFAULT_MODELS["openai"],
+            api_key=openai_api_key,
+            dimensions=dimensions,
+            base_url=openai_base_url,
+            timeout=timeout,
+        )
     if provider == "ollama":
-        return OllamaEmbedder(model=model or DEFAULT_MODELS["ollama"], host=ollama_host,
-                              dimensions=dimensions, timeout=timeout)
+        return OllamaEmbedder(
+            model=model or DEFAULT_MODELS["ollama"],
+            host=ollama_host,
+            dimensions=dimensions,
+            timeout=timeout,
+        )
     raise ValueError(f"unknown embedding provider {provider!r}; choose one of {PROVIDERS}")
 
 

@@ -83,12 +83,14 @@ class LocalEmbedder(Embedder):
                 encodings = tokenizer.encode_batch([texts[i] for i in idx])
                 ids = np.array([e.ids for e in encodings], dtype=np.int64)
                 mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-                feeds = {"input_ids": ids, "attention_mask": mask,
-                         "token_type_ids": np.zeros_like(ids)}
+                feeds = {
+                    "input_ids": ids,
+                    "attention_mask": mask,
+                    "token_type_ids": np.zeros_like(ids),
+                }
                 hidden = session.run(None, feeds)[0]
                 weights = mask[:, :, None].astype(np.float32)
                 pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
                 norms = np.linalg.norm(pooled, axis=1, keepdims=True)
                 out[idx] = pooled / np.clip(norms, 1e-12, None)
         return out
-

@@ -1,0 +1,46 @@
+# The two commands a new user needs: `make demo` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install demo test lint typecheck pytest dev db-start db-stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## virtualenv with the project and its dev tools
+
+demo: install  ## embedded database, sample data, every asset materialized, checks, a search
+	$(BIN)/embedding-pipeline demo
+
+test: lint typecheck pytest  ## ruff, mypy and the whole pytest suite
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest
+
+dev: install  ## the Dagster UI and daemon on the embedded database (http://127.0.0.1:3000)
+	$(BIN)/embedding-pipeline db start
+	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+db-start: install
+	$(BIN)/embedding-pipeline db start
+
+db-stop: install
+	$(BIN)/embedding-pipeline db stop
+
+clean:  ## stop the embedded database and remove every generated folder
+	-[ -x $(BIN)/embedding-pipeline ] && $(BIN)/embedding-pipeline db stop
+	rm -rf $(VENV) .pgdata .dagster_home .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,149 @@
+"""The assets, materialized through Dagster against the real database and local model."""
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, LocalEmbedder
+from embedding_pipeline.lib.text import compose_text
+from embedding_pipeline.resources import EmbedderResource
+
+SEPTEMBER = "2025-09-01"
+OCTOBER = "2025-10-01"
+
+
+def _materialize(defs, names, instance, resources=None, **kwargs):
+    assets = [defs.get_assets_def(name) for name in names]
+    return dg.materialize(
+        assets, resources=resources or defs.resources, instance=instance, **kwargs
+    )
+
+
+def _metadata(result, name):
+    events = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.step_materialization_data.materialization.asset_key.to_user_string() == name
+    ]
+    assert events, f"no materialization of {name}"
+    return {
+        k: v.value for k, v in events[0].step_materialization_data.materialization.metadata.items()
+    }
+
+
+def test_source_assets_report_counts_and_changes(small_data, defs, instance):
+    result = _materialize(defs, ["messages", "topics", "atoms"], instance)
+    assert result.success
+    assert _metadata(result, "messages")["dagster/row_count"] == 4
+    assert _metadata(result, "topics")["dagster/row_count"] == 2
+    assert _metadata(result, "atoms")["new_rows"] == 3
+    again = _materialize(defs, ["messages"], instance)
+    assert _metadata(again, "messages")["new_rows"] == 0
+    assert _metadata(again, "messages")["changed_rows"] == 0
+
+
+def test_partition_run_embeds_only_its_month(small_data, defs, instance, conn):
+    result = _materialize(defs, ["message_embeddings"], instance, partition_key=SEPTEMBER)
+    assert result.success
+    meta = _metadata(result, "message_embeddings")
+    assert meta["rows_embedded"] == 2
+    assert meta["model"] == "local:all-MiniLM-L6-v2-int8"
+    assert meta["dimension"] == 384
+    rows = conn.execute(
+        "SELECT telegram_message_id, embedding IS NOT NULL FROM messages ORDER BY 1"
+    ).fetchall()
+    assert rows == [(2, True), (3, True), (5, False), (6, False)]
+
+
+def test_vectors_are_unit_length_and_belong_to_their_rows(small_data, defs, instance, conn):
+    for name in ("message_embeddings", "topic_embeddings", "atom_embeddings"):
+        for key in (SEPTEMBER, OCTOBER):
+            assert _materialize(defs, [name], instance, partition_key=key).success
+    reference = LocalEmbedder()
+    for table, columns in (
+        ("messages", ["content"]),
+        ("topics", ["name", "description"]),
+        ("atoms", ["title", "content"]),
+    ):
+        rows = conn.execute(
+            f"SELECT {', '.join(columns)}, embedding, embedding_model, embedding_hash, "  # noqa: S608
+            f"embedded_at FROM {table} ORDER BY id"
+        ).fetchall()
+        assert rows
+        texts = [compose_text(row[: len(columns)]) for row in rows]
+        expected = reference.embed(texts)
+        for row, text, vector in zip(rows, texts, expected, strict=True):
+            stored = np.asarray(row[len(columns)].to_numpy(), dtype=np.float32)
+            assert stored.shape == (384,)
+            assert abs(float(np.linalg.norm(stored)) - 1.0) < 1e-3
+            assert float(stored @ vector) > 0.999, f"{table}: vector of another text: {text!r}"
+            assert row[len(columns) + 1] == "local:all-MiniLM-L6-v2-int8"
+            assert row[len(columns) + 3] is not None
+
+
+def test_rerun_of_an_up_to_date_partition_calls_no_provider(small_data, defs, instance):
+    assert _materialize(defs, ["atom_embeddings"], instance, partition_key=OCTOBER).success
+    result = _materialize(defs, ["atom_embeddings"], instance, partition_key=OCTOBER)
+    meta = _metadata(result, "atom_embeddings")
+    assert meta["rows_embedded"] == 0
+    assert meta["provider_requests"] == 0
+    assert meta["rows_skipped_up_to_date"] == 3
+
+
+class _WrongCount(Embedder):
+    model_id = "test:wrong-count"
+    dimension = 384
+
+    def _embed(self, texts):
+        return np.ones((len(texts) - 1, 384), dtype=np.float32)
+
+
+class _WrongCountResource(EmbedderResource):
+    def build(self) -> Embedder:
+        return _WrongCount()
+
+
+def test_bad_embedder_answer_fails_the_run_and_writes_nothing(small_data, defs, instance, conn):
+    before = conn.execute("SELECT id, embedding_model FROM atoms ORDER BY id").fetchall()
+    resources = {**defs.resources, "embedder": _WrongCountResource()}
+    result = _materialize(
+        defs,
+        ["atom_embeddings"],
+        instance,
+        resources=resources,
+        partition_key=OCTOBER,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "returned 2 vectors for 3 texts" in str(failure.step_failure_data.error)
+    assert conn.execute("SELECT id, embedding_model FROM atoms ORDER BY id").fetchall() == before
+
+
+def test_wrong_dimension_is_refused_before_anything_is_written(small_data, defs, instance):
+    class _Wide(Embedder):
+        model_id = "test:wide"
+        dimension = 768
+
+        def _embed(self, texts):
+            raise AssertionError("must not be called")
+
+    class _WideResource(EmbedderResource):
+        def build(self) -> Embedder:
+            return _Wide()
+
+    resources = {**defs.resources, "embedder": _WideResource()}
+    result = _materialize(
+        defs,
+        ["topic_embeddings"],
+        instance,
+        resources=resources,
+        partition_key=OCTOBER,
+        raise_on_error=False,
+    )
+    assert not result.success
+
+
+def test_embedder_checks_shape_itself():
+    with pytest.raises(EmbeddingError, match="returned 2 vectors for 3 texts"):
+        _WrongCount().embed(["a", "b", "c"])

@@ -1,0 +1,106 @@
+"""The code location loads as Dagster tools load it, and the CLI manages the server."""
+
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from embedding_pipeline.lib.pgserver import SERVICE_USER, EmbeddedPostgres, free_port
+from embedding_pipeline.settings import load_settings
+
+ROOT = Path(__file__).parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_definitions_module_loads_every_asset_and_resource():
+    from embedding_pipeline.definitions import defs
+
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {
+        "messages",
+        "topics",
+        "atoms",
+        "message_embeddings",
+        "topic_embeddings",
+        "atom_embeddings",
+    } <= keys
+    embeddings = defs.get_assets_def("message_embeddings")
+    assert isinstance(embeddings.partitions_def, dg.MonthlyPartitionsDefinition)
+    assert embeddings.group_names_by_key[dg.AssetKey("message_embeddings")] == "embeddings"
+    assert set(defs.resources) >= {"postgres", "embedder"}
+
+
+def test_openai_key_is_wired_as_an_environment_reference():
+    from embedding_pipeline.definitions import build_resources
+
+    settings = load_settings(
+        {"EP_EMBEDDING_PROVIDER": "openai", "DATABASE_URL": "postgresql://u:pw@db/x"}
+    )
+    resources = build_resources(settings)
+    assert isinstance(resources["embedder"].openai_api_key, dg.EnvVar)
+    assert isinstance(resources["postgres"].database_url, dg.EnvVar)
+
+
+def test_settings_reject_bad_integers():
+    with pytest.raises(ValueError, match="EP_PG_PORT must be an integer"):
+        load_settings({"EP_PG_PORT": "fifty"})
+
+
+def test_dg_check_defs_passes():
+    result = subprocess.run(
+        [str(VENV_BIN / "dg"), "check", "defs"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_db_lifecycle_is_idempotent(tmp_path):
+    env = {**os.environ, "EP_PGDATA": str(tmp_path / "pg"), "EP_PG_PORT": str(free_port())}
+    env.pop("DATABASE_URL", None)
+    cli = str(VENV_BIN / "embedding-pipeline")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [cli, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    try:
+        assert run("db", "status").returncode == 3
+        first = run("db", "start")
+        assert first.returncode == 0, first.stderr
+        assert run("db", "start").returncode == 0
+        status = run("db", "status")
+        assert status.returncode == 0 and "running" in status.stdout
+        url = run("db", "url").stdout.strip()
+        assert url == f"postgresql://postgres@127.0.0.1:{env['EP_PG_PORT']}/embedding_pipeline"
+        server = EmbeddedPostgres(tmp_path / "pg", int(env["EP_PG_PORT"]))
+        pid = server.status().pid
+        assert pid is not None
+        owner = pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
+        assert owner == (SERVICE_USER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name)
+    finally:
+        assert run("db", "stop").returncode == 0
+    assert run("db", "status").returncode == 3
+    assert run("db", "stop").returncode == 0
+
+
+def test_db_url_redacts_a_password():
+    env = {**os.environ, "DATABASE_URL": "postgresql://app:s3cr3t@db.internal:5432/app"}
+    out = subprocess.run(
+        [str(VENV_BIN / "embedding-pipeline"), "db", "url"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "s3cr3t" not in out
+    assert out.strip() == "postgresql://app:***@db.internal:5432/app"
