@@ -32,7 +32,8 @@ pytest: install
 
 dev: install  ## the Dagster UI and daemon on the embedded database (http://127.0.0.1:3000)
 	$(BIN)/embedding-pipeline db start
-	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	[ -f $(DAGSTER_HOME)/dagster.yaml ] || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 db-start: install

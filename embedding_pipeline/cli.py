@@ -18,6 +18,8 @@ from embedding_pipeline.settings import PROJECT_ROOT, Settings, load_settings
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 DEMO_QUESTION = "Why did the deployment fail on Friday?"
+#: The project-local Dagster instance (SQLite in DAGSTER_HOME); production uses deploy/.
+LOCAL_INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
 
 
 class CliError(RuntimeError):
@@ -229,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home"))
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch(exist_ok=True)
+    instance_config = home / "dagster.yaml"
+    if not instance_config.exists():
+        instance_config.write_text(LOCAL_INSTANCE_CONFIG)
     try:
         return int(args.func(args, load_settings()))
     except (
