@@ -1,14 +1,19 @@
 """Embedders that call a service: OpenAI (or any server speaking its API) and Ollama.
 
 Each request carries one batch; the caller (the sync loop) keeps batches within
-`max_batch_size`. Errors are turned into `EmbeddingError`s that name the service and the
-reason but never the API key. Retries and rate limits are the provider-hardening issue's.
+`max_batch_size`. Every failure (unreachable, timed out, an HTTP error status, or an
+answer that is not a list of vectors) becomes an `EmbeddingError` that names the service
+and the reason but never the API key, even when the service echoes it back. Retries and
+rate limits are the provider-hardening issue's.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -32,14 +37,17 @@ KNOWN_DIMENSIONS: dict[str, dict[str, int]] = {
 DEFAULT_MODELS = {"openai": "text-embedding-3-small", "ollama": "nomic-embed-text"}
 
 
+def _native_dimension(provider: str, model: str) -> int | None:
+    return KNOWN_DIMENSIONS.get(provider, {}).get(model.split(":")[0])
+
+
 def resolve_dimension(provider: str, model: str, dimensions: int | None) -> int:
     if dimensions is not None:
         return dimensions
-    known = KNOWN_DIMENSIONS.get(provider, {}).get(model.split(":")[0])
+    known = _native_dimension(provider, model)
     if known is None:
         raise ValueError(
-            f"the dimension of {provider} model {model!r} is not known; "
-            "set EP_EMBEDDING_DIMENSIONS"
+            f"the dimension of {provider} model {model!r} is not known; set EP_EMBEDDING_DIMENSIONS"
         )
     return known
 
@@ -49,89 +57,172 @@ def _model_id(provider: str, model: str, dimensions: int, native: int | None) ->
     return f"{provider}:{model}{suffix}"
 
 
+def _safe_url(url: str) -> str:
+    """`url` without user info, query or fragment (where credentials may hide)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class OpenAIEmbedder(Embedder):
     """OpenAI's /v1/embeddings through the `openai` client (base URL configurable)."""
 
     max_batch_size = 2048
     max_batch_tokens = 300_000
 
-    def __init__(self, *, model: str, api_key: str | None, dimensions: int | None = None,
-                 base_url: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        api_key: str | None,
+        dimensions: int | None = None,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         super().__init__()
         import openai
 
-        native = KNOWN_DIMENSIONS["openai"].get(model)
+        native = _native_dimension("openai", model)
         self.dimension = resolve_dimension("openai", model, dimensions)
         self.model_id = _model_id("openai", model, self.dimension, native)
         self._model = model
         # ask for a reduced size only where the caller chose one the model can shorten to
         self._request_dimensions = dimensions if dimensions not in (None, native) else None
+        self._secret = api_key or None
+        self._timeout = timeout
         self._client = openai.OpenAI(
             api_key=api_key or "unset", base_url=base_url, timeout=timeout, max_retries=0
         )
-        self._where = base_url or "api.openai.com"
+        self._where = _safe_url(base_url) if base_url else "api.openai.com"
+
+    def __repr__(self) -> str:
+        return f"OpenAIEmbedder({self.model_id!r}, at {self._where!r})"
+
+    def _fail(self, reason: str) -> EmbeddingError:
+        message = f"OpenAI at {self._where} {reason}"
+        if self._secret:
+            message = message.replace(self._secret, "***")
+        return EmbeddingError(message)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         import openai
 
-        kwargs: dict[str, Any] = {"model": self._model, "input": texts,
-                                  "encoding_format": "base64"}
+        kwargs: dict[str, Any] = {"model": self._model, "input": texts, "encoding_format": "base64"}
         if self._request_dimensions is not None:
             kwargs["dimensions"] = self._request_dimensions
         try:
             response = self._client.embeddings.create(**kwargs)
+        except openai.APITimeoutError:
+            raise self._fail(f"did not answer within {self._timeout:g}s") from None
         except openai.APIConnectionError as exc:
-            raise EmbeddingError(f"OpenAI at {self._where} is unreachable: {exc}") from None
+            raise self._fail(f"is unreachable: {exc}") from None
         except openai.APIStatusError as exc:
-            raise EmbeddingError(
-                f"OpenAI at {self._where} answered HTTP {exc.status_code}: "
-                f"{_short(exc.message)}"
-            ) from None
-        rows = sorted(response.data, key=lambda item: item.index)
-        return np.stack([_decode(item.embedding) for item in rows]) if rows else np.zeros((0, 0))
+            raise self._fail(f"answered HTTP {exc.status_code}: {_short(exc.message)}") from None
+        except openai.APIError as exc:
+            raise self._fail(f"gave an unusable answer: {_short(exc)}") from None
+        data = getattr(response, "data", None)
+        if not isinstance(data, list):
+            raise self._fail(f"answered without a list of embeddings: {_short(response)}")
+        try:
+            rows = sorted(data, key=lambda item: item.index)
+            indices = [item.index for item in rows]
+            vectors = [_decode(item.embedding) for item in rows]
+        except (AttributeError, TypeError, ValueError, binascii.Error) as exc:
+            raise self._fail(f"answered malformed embeddings: {_short(exc)}") from None
+        if indices != list(range(len(rows))):
+            raise self._fail(
+                f"answered embeddings with indices {_short(indices, 100)}, "
+                f"expected 0..{len(texts) - 1}"
+            )
+        return _stack(vectors, self.dimension, self._fail)
 
 
 def _decode(embedding: Any) -> np.ndarray:
+    """A vector from base64 little-endian float32 or from a list of numbers."""
     if isinstance(embedding, str):
-        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
-    return np.asarray(embedding, dtype=np.float32)
+        raw = base64.b64decode(embedding, validate=True)
+        if len(raw) % 4:
+            raise ValueError(f"base64 vector of {len(raw)} bytes is not float32 values")
+        return np.frombuffer(raw, dtype="<f4")
+    vector = np.asarray(embedding, dtype=np.float32)
+    if vector.ndim != 1:
+        raise ValueError(f"an embedding of shape {vector.shape} is not a vector")
+    return vector
+
+
+def _stack(
+    vectors: list[np.ndarray], expected: int, fail: Callable[[str], EmbeddingError]
+) -> np.ndarray:
+    """One 2-d array, or an error naming the sizes when the vectors differ in length."""
+    if not vectors:
+        return np.zeros((0, expected), dtype=np.float32)
+    sizes = sorted({len(v) for v in vectors})
+    if len(sizes) > 1:
+        raise fail(f"returned vectors of differing dimensions {sizes}, expected {expected}")
+    return np.stack(vectors)
 
 
 class OllamaEmbedder(Embedder):
-    """Ollama's /api/embed through the `ollama` client."""
+    """Ollama's /api/embed through the `ollama` client.
+
+    Configured `dimensions` other than a known model's native size are requested from
+    the server (which shortens the vectors) and become part of the model id, as for
+    OpenAI; for models not in `KNOWN_DIMENSIONS` they only declare the model's size.
+    """
 
     max_batch_size = 512
 
-    def __init__(self, *, model: str, host: str, dimensions: int | None = None,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self, *, model: str, host: str, dimensions: int | None = None, timeout: float = 60.0
+    ) -> None:
         super().__init__()
         import ollama
 
+        native = _native_dimension("ollama", model)
         self.dimension = resolve_dimension("ollama", model, dimensions)
-        self.model_id = f"ollama:{model}"
+        self._request_dimensions = (
+            self.dimension if native is not None and self.dimension != native else None
+        )
+        self.model_id = (
+            f"ollama:{model}"
+            if self._request_dimensions is None
+            else f"ollama:{model}@{self.dimension}"
+        )
         self._model = model
-        self._host = host
+        self._host = _safe_url(host)
+        self._timeout = timeout
         self._client = ollama.Client(host=host, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"OllamaEmbedder({self.model_id!r}, at {self._host!r})"
+
+    def _fail(self, reason: str) -> EmbeddingError:
+        return EmbeddingError(f"Ollama at {self._host} {reason}")
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         import httpx
         import ollama
 
         try:
-            response = self._client.embed(model=self._model, input=texts)
+            response = self._client.embed(
+                model=self._model, input=texts, dimensions=self._request_dimensions
+            )
         except ollama.ResponseError as exc:
-            raise EmbeddingError(
-                f"Ollama at {self._host} answered HTTP {exc.status_code}: {_short(exc.error)}"
-            ) from None
+            raise self._fail(f"answered HTTP {exc.status_code}: {_short(exc.error)}") from None
+        except httpx.TimeoutException:
+            raise self._fail(f"did not answer within {self._timeout:g}s") from None
         except (httpx.HTTPError, ConnectionError) as exc:
-            raise EmbeddingError(f"Ollama at {self._host} is unreachable: {exc}") from None
-        vectors = response.embeddings
-        if not vectors:
-            return np.zeros((0, self.dimension), dtype=np.float32)
+            raise self._fail(f"is unreachable: {exc}") from None
+        except ValueError as exc:  # not JSON, or JSON without `embeddings`
+            raise self._fail(f"gave an unusable answer: {_short(exc)}") from None
         try:
-            return np.asarray(vectors, dtype=np.float32)
-        except ValueError:
-            raise EmbeddingError(f"Ollama at {self._host} returned ragged vectors") from None
+            vectors = [_decode(v) for v in response.embeddings or []]
+        except (TypeError, ValueError) as exc:
+            raise self._fail(f"answered malformed embeddings: {_short(exc)}") from None
+        return _stack(vectors, self.dimension, self._fail)
 
 
 def _short(message: object, limit: int = 300) -> str:
