@@ -11,7 +11,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _project_root() -> Path:
+    """The source checkout this package runs from, or the working directory when the
+    package is installed elsewhere (site-packages is no place for data)."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+
+
+#: Where the embedded database (`.pgdata`) and the local Dagster instance live by default.
+PROJECT_ROOT = _project_root()
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,28 @@ def default_tables() -> dict[str, TableSpec]:
 
 @dataclass(frozen=True)
 class HnswSettings:
+    """HNSW index parameters, and when a run builds the index after loading instead.
+
+    A run with at least `bulk_load_min_rows` pending rows, more than the index already
+    holds, loads without the index and builds it at the end (measurements in
+    docs/operations.md).
+    """
+
     m: int = 16
     ef_construction: int = 64
     ef_search: int = 40
+    bulk_load_min_rows: int = 5_000
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    """The extraction sensor: how often it looks and how much it takes per tick."""
+
+    interval_seconds: int = 30
+    max_extractions_per_tick: int = 200
+    #: How long an extraction id missing below the cursor (a transaction still running,
+    #: or one rolled back) is watched for before the sensor stops looking for it.
+    gap_grace_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -126,6 +155,7 @@ class Settings:
     tables: Mapping[str, TableSpec] = field(default_factory=default_tables)
     vector_dimension: int | None = None
     hnsw: HnswSettings = field(default_factory=HnswSettings)
+    sensor: SensorSettings = field(default_factory=SensorSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
     partition_start: str = "2024-01-01"
     extraction_table: str = "extractions"
@@ -222,6 +252,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             m=_int(env, "EP_HNSW_M", HnswSettings.m),
             ef_construction=_int(env, "EP_HNSW_EF_CONSTRUCTION", HnswSettings.ef_construction),
             ef_search=_int(env, "EP_HNSW_EF_SEARCH", HnswSettings.ef_search),
+            bulk_load_min_rows=_int(env, "EP_HNSW_BULK_LOAD_MIN_ROWS",
+                                    HnswSettings.bulk_load_min_rows),
+        ),
+        sensor=SensorSettings(
+            interval_seconds=_int(env, "EP_SENSOR_INTERVAL_SECONDS",
+                                  SensorSettings.interval_seconds),
+            max_extractions_per_tick=_int(env, "EP_SENSOR_MAX_EXTRACTIONS",
+                                          SensorSettings.max_extractions_per_tick),
         ),
         checks=_checks_from_env(env),
         partition_start=env.get("EP_PARTITION_START", Settings.partition_start),
