@@ -185,9 +185,158 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     remaining = _print_status(settings)
     print()
     _print_search(settings, args.question, 3, list(settings.tables))
+    print()
+    failed_checks = _print_checks(settings, None)
     print(f"\ndemo finished in {time.monotonic() - started:.1f}s")
     if remaining:
         raise CliError(f"{remaining} rows still need embedding")
+    if failed_checks:
+        raise CliError(f"asset checks failed with ERROR: {failed_checks}")
+    return 0
+
+
+def _print_checks(settings: Settings, tables: Sequence[str] | None) -> str:
+    """Run the embedding assets' checks through Dagster (recorded on DAGSTER_HOME's
+    instance, so the UI shows them), print one line each; the ERROR failures, if any."""
+    from embedding_pipeline.checks import run_embedding_checks, summary_lines
+
+    run = run_embedding_checks(settings, tables=tables)
+    print("\n".join(summary_lines(run)))
+    return ", ".join(f"{o.asset}.{o.check}" for o in run.errors)
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    _require_database(settings)
+    failed = _print_checks(settings, args.table or None)
+    if failed:
+        raise CliError(f"asset checks failed with ERROR: {failed}")
+    return 0
+
+
+def cmd_backlog(args: argparse.Namespace, settings: Settings) -> int:
+    """Per table and month partition, the rows a backfill would embed (nothing is written)."""
+    import json
+
+    import psycopg
+
+    from embedding_pipeline.lib.backlog import backlog, partition_range, pending
+    from embedding_pipeline.partitions import monthly_partitions, partition_key_for
+
+    url = _require_database(settings)
+    partitions_def = monthly_partitions(settings.partition_start)
+    keys = args.table or list(settings.tables)
+    specs = [settings.tables[k] for k in keys]
+    model_id = _embedder(settings).model_id
+    try:
+        with db.connection(url, vector=False) as conn:
+            rows = backlog(
+                conn, specs, model_id, lambda month: partition_key_for(partitions_def, month)
+            )
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        raise CliError(
+            f"{exc.diag.message_primary}; run `embedding-pipeline schema` first"
+        ) from None
+    if args.json:
+        print(json.dumps([r.as_dict() for r in (rows if args.all else pending(rows))], indent=2))
+        return 0
+    shown = rows if args.all else pending(rows)
+    print(
+        f"{'table':<10} {'partition':<11} {'rows':>7} {'missing':>8} {'stale':>6}"
+        f"   model {model_id}"
+    )
+    for r in shown:
+        print(f"{r.table:<10} {r.partition:<11} {r.rows:>7} {r.missing:>8} {r.stale:>6}")
+    work = pending(rows)
+    print(
+        f"{sum(r.needs_embedding for r in work)} rows need embedding in "
+        f"{len({r.partition for r in work})} partition(s)"
+    )
+    span = partition_range(rows)
+    if span:
+        assets = ",".join(
+            sorted(
+                {
+                    settings.tables[k].asset_name
+                    for k in keys
+                    if any(r.table == settings.tables[k].table for r in work)
+                }
+            )
+        )
+        print(
+            "\nclear it with a backfill, from the UI (Materialize, choose the partitions) "
+            "or the CLI:"
+        )
+        print(f"  dg launch --assets {assets} --partition-range {span[0]}...{span[1]}")
+    return 0
+
+
+def cmd_model_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Each table's embedding column: size, registered model, models present, switch state."""
+    from embedding_pipeline.lib.model_switch import model_status
+
+    url = _require_database(settings)
+    with db.connection(url, vector=False) as conn:
+        for spec in settings.tables.values():
+            print(model_status(conn, spec).describe())
+    return 0
+
+
+def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
+    """Re-embed every table with another model in shadow columns, then swap them in."""
+    from dataclasses import replace
+
+    from embedding_pipeline.lib.model_switch import abort_switch, switch_models
+    from embedding_pipeline.lib.sync import BatchProgress
+
+    url = _require_database(settings)
+    specs = list(settings.tables.values())
+    if args.abort:
+        with db.connection(url, vector=False) as conn:
+            for spec in specs:
+                found = abort_switch(conn, spec)
+                print(f"{spec.table}: " + ("switch discarded" if found else "no switch found"))
+        return 0
+    if not args.provider:
+        raise CliError("model switch needs --provider (or --abort)")
+    target = replace(
+        settings,
+        embedder=replace(
+            settings.embedder, provider=args.provider, model=args.model, dimensions=args.dimensions
+        ),
+    )
+    embedder = _embedder(target)
+    batch_size = args.batch_size or settings.embedder.batch_size
+    print(
+        f"switching {', '.join(s.table for s in specs)} to {embedder.describe()}; search "
+        "keeps the current vectors until the swap"
+    )
+
+    def progress(table: str, p: BatchProgress) -> None:
+        if p.batch % 20 == 0:
+            print(
+                f"  {table}: {p.embedded}/{p.pending_at_start} embedded, {p.seconds:.0f}s",
+                file=sys.stderr,
+            )
+
+    reports = switch_models(
+        url, specs, embedder, settings.hnsw, batch_size=batch_size, on_batch=progress
+    )
+    for r in reports:
+        previous = f"{r.previous_model or 'nothing'} (vector({r.previous_dimension}))"
+        print(
+            f"  {r.table:<9} {previous} -> {r.model_id} (vector({r.dimension})): embedded "
+            f"{r.embedded} in {r.passes} pass(es), index {r.index_seconds:.1f}s, swap "
+            f"{r.swap_seconds * 1000:.0f} ms, {r.left_for_next_run} left for the next run"
+        )
+    env = [f"EP_EMBEDDING_PROVIDER={args.provider}"]
+    if args.model:
+        env.append(f"EP_EMBEDDING_MODEL={args.model}")
+    if args.dimensions:
+        env.append(f"EP_EMBEDDING_DIMENSIONS={args.dimensions}")
+    print(
+        "\nswitched. Now set " + " ".join(env) + " for every Dagster process (and reload "
+        "the code location); until then runs refuse to write with the old model."
+    )
     return 0
 
 
@@ -214,11 +363,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="rows, missing and stale embeddings per table")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("check", help="run the embedding assets' checks through Dagster")
+    p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("search", help="semantic search over messages, topics and atoms")
     p.add_argument("question")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "backlog",
+        help="dry run of a backfill: rows needing embedding per table and month partition",
+    )
+    p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+    p.add_argument("--all", action="store_true", help="list up-to-date partitions too")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backlog)
+
+    p = sub.add_parser("model", help="the embedding model: status, or switch to another")
+    model_sub = p.add_subparsers(dest="model_command", required=True)
+    m = model_sub.add_parser("status", help="column sizes, registered and present models")
+    m.set_defaults(func=cmd_model_status)
+    m = model_sub.add_parser(
+        "switch",
+        help="re-embed everything with another model in "
+        "shadow columns, then swap them in (search stays up)",
+    )
+    m.add_argument("--provider", choices=["local", "openai", "ollama"])
+    m.add_argument("--model", help="provider model name (default: the provider's default)")
+    m.add_argument("--dimensions", type=int, help="vector size, if not the model's own")
+    m.add_argument("--batch-size", type=int)
+    m.add_argument("--abort", action="store_true", help="discard a switch in progress")
+    m.set_defaults(func=cmd_model_switch)
 
     p = sub.add_parser("demo", help="sample data in, embeddings out, a search printed")
     p.add_argument("--question", default=DEMO_QUESTION)

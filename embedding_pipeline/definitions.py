@@ -7,8 +7,10 @@ import warnings
 import dagster as dg
 
 from embedding_pipeline.assets import build_embedding_asset, build_source_asset
+from embedding_pipeline.checks import build_checks
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.sensors import build_extraction_sensor
 from embedding_pipeline.settings import Settings, load_settings
 
 # BackfillPolicy is beta in Dagster 1.13; the choice is deliberate (see docs/operations.md).
@@ -24,18 +26,21 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "postgres": PostgresResource(database_url=database_url),
         "embedder": EmbedderResource(
-            provider=e.provider, model_name=e.model, dimensions=e.dimensions,
+            provider=e.provider,
+            model_name=e.model,
+            dimensions=e.dimensions,
             batch_size=e.batch_size,
             openai_api_key=dg.EnvVar("OPENAI_API_KEY") if e.provider == "openai" else None,
-            openai_base_url=e.openai_base_url, ollama_host=e.ollama_host,
+            openai_base_url=e.openai_base_url,
+            ollama_host=e.ollama_host,
             timeout_seconds=e.timeout_seconds,
         ),
     }
 
 
-def build_definitions(settings: Settings,
-                      resources: dict[str, dg.ConfigurableResource] | None = None
-                      ) -> dg.Definitions:
+def build_definitions(
+    settings: Settings, resources: dict[str, dg.ConfigurableResource] | None = None
+) -> dg.Definitions:
     partitions_def = monthly_partitions(settings.partition_start)
     assets: list[dg.AssetsDefinition] = []
     for name, spec in settings.tables.items():
@@ -43,7 +48,13 @@ def build_definitions(settings: Settings,
         assets.append(build_embedding_asset(name, spec, settings, partitions_def))
     return dg.Definitions(
         assets=assets,
+        asset_checks=build_checks(settings),
+        sensors=[build_extraction_sensor(settings, partitions_def)],
         resources=resources if resources is not None else build_resources(settings),
+        # One process runs all steps of a run: the local model loads once, and a process
+        # started per asset and check step (seconds each on two cores) would cost more
+        # than the work of a typical run. Parallelism comes from runs, not steps.
+        executor=dg.in_process_executor,
     )
 
 

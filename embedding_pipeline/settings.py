@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
-
 def _project_root() -> Path:
     """The source checkout this package runs from, or the working directory when the
     package is installed elsewhere (site-packages is no place for data)."""
@@ -87,7 +86,7 @@ class HnswSettings:
     m: int = 16
     ef_construction: int = 64
     ef_search: int = 40
-    bulk_load_min_rows: int = 5_000
+    bulk_load_min_rows: int = 2_000
 
 
 @dataclass(frozen=True)
@@ -202,8 +201,7 @@ def _checks_from_env(env: Mapping[str, str]) -> CheckSettings:
         latency_warn_ms=_float(env, "EP_CHECK_LATENCY_WARN_MS", d.latency_warn_ms),
         planner_warn_rows=_int(env, "EP_CHECK_PLANNER_WARN_ROWS", d.planner_warn_rows),
         sample_ids=_int(env, "EP_CHECK_SAMPLE_IDS", d.sample_ids),
-        dimension_sample_size=_int(env, "EP_CHECK_DIMENSION_SAMPLE_SIZE",
-                                   d.dimension_sample_size),
+        dimension_sample_size=_int(env, "EP_CHECK_DIMENSION_SAMPLE_SIZE", d.dimension_sample_size),
     )
 
 
@@ -252,14 +250,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             m=_int(env, "EP_HNSW_M", HnswSettings.m),
             ef_construction=_int(env, "EP_HNSW_EF_CONSTRUCTION", HnswSettings.ef_construction),
             ef_search=_int(env, "EP_HNSW_EF_SEARCH", HnswSettings.ef_search),
-            bulk_load_min_rows=_int(env, "EP_HNSW_BULK_LOAD_MIN_ROWS",
-                                    HnswSettings.bulk_load_min_rows),
+            bulk_load_min_rows=_int(
+                env, "EP_HNSW_BULK_LOAD_MIN_ROWS", HnswSettings.bulk_load_min_rows
+            ),
         ),
         sensor=SensorSettings(
-            interval_seconds=_int(env, "EP_SENSOR_INTERVAL_SECONDS",
-                                  SensorSettings.interval_seconds),
-            max_extractions_per_tick=_int(env, "EP_SENSOR_MAX_EXTRACTIONS",
-                                          SensorSettings.max_extractions_per_tick),
+            interval_seconds=_int(
+                env, "EP_SENSOR_INTERVAL_SECONDS", SensorSettings.interval_seconds
+            ),
+            max_extractions_per_tick=_int(
+                env, "EP_SENSOR_MAX_EXTRACTIONS", SensorSettings.max_extractions_per_tick
+            ),
         ),
         checks=_checks_from_env(env),
         partition_start=env.get("EP_PARTITION_START", Settings.partition_start),

@@ -6,6 +6,7 @@ application database it only adds the pipeline's bookkeeping columns and indexes
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import psycopg
@@ -15,6 +16,8 @@ from embedding_pipeline.settings import HnswSettings, Settings, TableSpec
 
 # Advisory lock key held while the schema changes, so concurrent runs do not race.
 SCHEMA_LOCK_KEY = 7_318_004_211
+#: Which model each embedding column belongs to, written by `model switch` (lib/model_switch.py).
+MODEL_REGISTRY_TABLE = "embedding_models"
 
 
 class SchemaError(RuntimeError):
@@ -70,13 +73,17 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
     t = settings.tables
     ident = sql.Identifier
     extractions = ident(settings.extraction_table)
-    messages, topics, atoms = ident(t["messages"].table), ident(t["topics"].table), ident(
-        t["atoms"].table
+    messages, topics, atoms = (
+        ident(t["messages"].table),
+        ident(t["topics"].table),
+        ident(t["atoms"].table),
     )
     links = ident(f"{t['atoms'].table}_messages")
     topic_id, message_id, atom_id = (ident(t[k].id_column) for k in ("topics", "messages", "atoms"))
     return [
-        (settings.extraction_table, sql.SQL("""
+        (
+            settings.extraction_table,
+            sql.SQL("""
             CREATE TABLE IF NOT EXISTS {extractions} (
                 id bigserial PRIMARY KEY,
                 source text NOT NULL,
@@ -85,8 +92,11 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
                 extraction_sha256 text,
                 created_at timestamptz NOT NULL DEFAULT now(),
                 stats jsonb NOT NULL DEFAULT '{{}}'::jsonb
-            )""").format(extractions=extractions)),
-        (t["topics"].table, sql.SQL("""
+            )""").format(extractions=extractions),
+        ),
+        (
+            t["topics"].table,
+            sql.SQL("""
             CREATE TABLE IF NOT EXISTS {topics} (
                 {topic_id} bigserial PRIMARY KEY,
                 key text NOT NULL UNIQUE,
@@ -94,8 +104,11 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
                 description text,
                 created_at timestamptz NOT NULL DEFAULT now(),
                 updated_at timestamptz NOT NULL DEFAULT now()
-            )""").format(topics=topics, topic_id=topic_id)),
-        (t["messages"].table, sql.SQL("""
+            )""").format(topics=topics, topic_id=topic_id),
+        ),
+        (
+            t["messages"].table,
+            sql.SQL("""
             CREATE TABLE IF NOT EXISTS {messages} (
                 {message_id} bigserial PRIMARY KEY,
                 chat_id bigint NOT NULL,
@@ -110,9 +123,13 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
                 created_at timestamptz NOT NULL DEFAULT now(),
                 updated_at timestamptz NOT NULL DEFAULT now(),
                 UNIQUE (chat_id, telegram_message_id)
-            )""").format(messages=messages, topics=topics, message_id=message_id,
-                         topic_id=topic_id)),
-        (t["atoms"].table, sql.SQL("""
+            )""").format(
+                messages=messages, topics=topics, message_id=message_id, topic_id=topic_id
+            ),
+        ),
+        (
+            t["atoms"].table,
+            sql.SQL("""
             CREATE TABLE IF NOT EXISTS {atoms} (
                 {atom_id} bigserial PRIMARY KEY,
                 key text NOT NULL UNIQUE,
@@ -122,15 +139,20 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
                 topic_id bigint REFERENCES {topics} ({topic_id}) ON DELETE SET NULL,
                 created_at timestamptz NOT NULL DEFAULT now(),
                 updated_at timestamptz NOT NULL DEFAULT now()
-            )""").format(atoms=atoms, topics=topics, atom_id=atom_id, topic_id=topic_id)),
-        (f"{t['atoms'].table}_messages", sql.SQL("""
+            )""").format(atoms=atoms, topics=topics, atom_id=atom_id, topic_id=topic_id),
+        ),
+        (
+            f"{t['atoms'].table}_messages",
+            sql.SQL("""
             CREATE TABLE IF NOT EXISTS {links} (
                 atom_id bigint NOT NULL REFERENCES {atoms} ({atom_id}) ON DELETE CASCADE,
                 message_id bigint NOT NULL REFERENCES {messages} ({message_id})
                     ON DELETE CASCADE,
                 PRIMARY KEY (atom_id, message_id)
-            )""").format(links=links, atoms=atoms, messages=messages, atom_id=atom_id,
-                         message_id=message_id)),
+            )""").format(
+                links=links, atoms=atoms, messages=messages, atom_id=atom_id, message_id=message_id
+            ),
+        ),
     ]
 
 
@@ -155,11 +177,17 @@ def ensure_schema(conn: psycopg.Connection, settings: Settings, dimension: int) 
     return report
 
 
-def _ensure_embedding_columns(conn: psycopg.Connection, settings: Settings, spec: TableSpec,
-                              dimension: int, report: SchemaReport) -> None:
+def _ensure_embedding_columns(
+    conn: psycopg.Connection,
+    settings: Settings,
+    spec: TableSpec,
+    dimension: int,
+    report: SchemaReport,
+) -> None:
     existing = _columns(conn, spec.table)
-    missing_text = [c for c in (spec.id_column, spec.partition_column, *spec.text_columns)
-                    if c not in existing]
+    missing_text = [
+        c for c in (spec.id_column, spec.partition_column, *spec.text_columns) if c not in existing
+    ]
     if missing_text:
         raise SchemaError(
             f"table {spec.table} lacks column(s) {', '.join(missing_text)} named in the "
@@ -170,13 +198,18 @@ def _ensure_embedding_columns(conn: psycopg.Connection, settings: Settings, spec
         (spec.model_column, sql.SQL("text")),
         (spec.hash_column, sql.SQL("text")),
         (spec.embedded_at_column, sql.SQL("timestamptz")),
-        (spec.extraction_column, sql.SQL("bigint REFERENCES {} (id)").format(
-            sql.Identifier(settings.extraction_table))),
+        (
+            spec.extraction_column,
+            sql.SQL("bigint REFERENCES {} (id)").format(sql.Identifier(settings.extraction_table)),
+        ),
     ]
     for column, type_sql in wanted:
         if column not in existing:
-            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                sql.Identifier(spec.table), sql.Identifier(column), type_sql))
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    sql.Identifier(spec.table), sql.Identifier(column), type_sql
+                )
+            )
             report.added_columns.append(f"{spec.table}.{column}")
     declared = vector_column_dimension(conn, spec)
     if declared is not None and declared != dimension:
@@ -192,10 +225,14 @@ def _ensure_embedding_columns(conn: psycopg.Connection, settings: Settings, spec
             f"vector({dimension})"
         )
     indexes = [
-        (f"{spec.table}_{spec.partition_column}_idx"[:63], sql.SQL("({})").format(
-            sql.Identifier(spec.partition_column))),
-        (f"{spec.table}_{spec.extraction_column}_idx"[:63], sql.SQL("({})").format(
-            sql.Identifier(spec.extraction_column))),
+        (
+            f"{spec.table}_{spec.partition_column}_idx"[:63],
+            sql.SQL("({})").format(sql.Identifier(spec.partition_column)),
+        ),
+        (
+            f"{spec.table}_{spec.extraction_column}_idx"[:63],
+            sql.SQL("({})").format(sql.Identifier(spec.extraction_column)),
+        ),
     ]
     for name, columns in indexes:
         if _ensure_index(conn, spec.table, name, columns):
@@ -204,12 +241,16 @@ def _ensure_embedding_columns(conn: psycopg.Connection, settings: Settings, spec
         report.created_indexes.append(hnsw_index_name(spec))
 
 
-def _ensure_index(conn: psycopg.Connection, table: str, name: str,
-                  definition: sql.Composable) -> bool:
+def _ensure_index(
+    conn: psycopg.Connection, table: str, name: str, definition: sql.Composable
+) -> bool:
     if _index_exists(conn, name):
         return False
-    conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} {}").format(
-        sql.Identifier(name), sql.Identifier(table), definition))
+    conn.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} {}").format(
+            sql.Identifier(name), sql.Identifier(table), definition
+        )
+    )
     return True
 
 
@@ -218,11 +259,102 @@ def _index_exists(conn: psycopg.Connection, name: str) -> bool:
     return bool(row and row[0])
 
 
-def ensure_hnsw_index(conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSettings) -> bool:
-    """Create the cosine HNSW index on the embedding column if missing; True if created."""
-    return _ensure_index(
-        conn, spec.table, hnsw_index_name(spec),
-        sql.SQL("USING hnsw ({} vector_cosine_ops) WITH (m = {}, ef_construction = {})").format(
-            sql.Identifier(spec.embedding_column), sql.Literal(hnsw.m),
-            sql.Literal(hnsw.ef_construction)),
+def index_state(conn: psycopg.Connection, name: str) -> str | None:
+    """'valid', 'invalid' (a failed CREATE INDEX CONCURRENTLY left it behind) or None."""
+    row = conn.execute(
+        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
+        (_qualified(name),),
+    ).fetchone()
+    if row is None:
+        return None
+    return "valid" if row[0] else "invalid"
+
+
+def bulk_load_lock_key(spec: TableSpec) -> int:
+    """Advisory lock key a run holds (session-wide) while it loads `spec`'s column without
+    its HNSW index; index creation elsewhere waits for that run to build it."""
+    return zlib.crc32(f"bulk-load:{spec.table}.{spec.embedding_column}".encode()) & 0x7FFFFFFF
+
+
+def hnsw_index_definition(spec: TableSpec, hnsw: HnswSettings) -> sql.Composed:
+    return sql.SQL("USING hnsw ({} vector_cosine_ops) WITH (m = {}, ef_construction = {})").format(
+        sql.Identifier(spec.embedding_column),
+        sql.Literal(hnsw.m),
+        sql.Literal(hnsw.ef_construction),
     )
+
+
+def ensure_hnsw_index(conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSettings) -> bool:
+    """Create the cosine HNSW index on the embedding column if missing; True if created.
+
+    Runs inside the caller's transaction, so it only builds what is quick to build: an
+    index over fewer than `hnsw.bulk_load_min_rows` vectors (always the case for a new
+    column). A larger column without its index (a bulk load that was killed) is left to
+    the next embedding run, which builds it concurrently without blocking writers
+    (`sync.sync_embeddings`). Does nothing while another session bulk-loads the column.
+    """
+    state = index_state(conn, hnsw_index_name(spec))
+    if state == "valid":
+        return False
+    locked = conn.execute(
+        "SELECT pg_try_advisory_xact_lock_shared(%s)", (bulk_load_lock_key(spec),)
+    ).fetchone()
+    if not (locked and locked[0]):
+        return False
+    vectors = conn.execute(
+        sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} WHERE {} IS NOT NULL LIMIT %s) v").format(
+            sql.Identifier(spec.table), sql.Identifier(spec.embedding_column)
+        ),
+        (hnsw.bulk_load_min_rows,),
+    ).fetchone()
+    if vectors and vectors[0] >= hnsw.bulk_load_min_rows:
+        return False
+    if state == "invalid":
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(hnsw_index_name(spec))))
+    return _ensure_index(conn, spec.table, hnsw_index_name(spec), hnsw_index_definition(spec, hnsw))
+
+
+def build_hnsw_index_concurrently(
+    conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSettings, name: str | None = None
+) -> bool:
+    """CREATE INDEX CONCURRENTLY (writers are not blocked); `conn` must be in autocommit
+    mode. An invalid leftover of an earlier attempt is dropped first. True if built."""
+    name = name or hnsw_index_name(spec)
+    state = index_state(conn, name)
+    if state == "valid":
+        return False
+    if state == "invalid":
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+    conn.execute(
+        sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
+            sql.Identifier(name), sql.Identifier(spec.table), hnsw_index_definition(spec, hnsw)
+        )
+    )
+    return True
+
+
+def drop_hnsw_index_concurrently(conn: psycopg.Connection, spec: TableSpec) -> bool:
+    """Drop the HNSW index without blocking readers or writers (`conn` in autocommit)."""
+    if index_state(conn, hnsw_index_name(spec)) is None:
+        return False
+    conn.execute(
+        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+            sql.Identifier(hnsw_index_name(spec))
+        )
+    )
+    return True
+
+
+def registered_model(conn: psycopg.Connection, spec: TableSpec) -> str | None:
+    """The model `embedding-pipeline model switch` last put into this embedding column, or
+    None when no switch ever happened (then any configured model of the column's
+    dimension may write)."""
+    if not _table_exists(conn, MODEL_REGISTRY_TABLE):
+        return None
+    row = conn.execute(
+        sql.SQL("SELECT model_id FROM {} WHERE table_name = %s AND column_name = %s").format(
+            sql.Identifier(MODEL_REGISTRY_TABLE)
+        ),
+        (spec.table, spec.embedding_column),
+    ).fetchone()
+    return str(row[0]) if row else None

@@ -59,15 +59,17 @@ class Embedder(abc.ABC):
         self.stats.texts += len(batch)
         self.stats.estimated_tokens += sum(estimate_tokens(t) for t in batch)
         vectors = np.asarray(self._embed(batch), dtype=np.float32)
-        return check_vectors(vectors, expected_rows=len(batch), dimension=self.dimension,
-                             model_id=self.model_id)
+        return check_vectors(
+            vectors, expected_rows=len(batch), dimension=self.dimension, model_id=self.model_id
+        )
 
     def describe(self) -> str:
         return f"{self.model_id} ({self.dimension} dimensions)"
 
 
-def check_vectors(vectors: np.ndarray, *, expected_rows: int, dimension: int,
-                  model_id: str) -> np.ndarray:
+def check_vectors(
+    vectors: np.ndarray, *, expected_rows: int, dimension: int, model_id: str
+) -> np.ndarray:
     if vectors.ndim != 2 or vectors.shape[0] != expected_rows:
         raise EmbeddingError(
             f"{model_id} returned {vectors.shape[0] if vectors.ndim else 0} vectors "
@@ -75,8 +77,7 @@ def check_vectors(vectors: np.ndarray, *, expected_rows: int, dimension: int,
         )
     if vectors.shape[1] != dimension:
         raise EmbeddingError(
-            f"{model_id} returned vectors of dimension {vectors.shape[1]}, "
-            f"expected {dimension}"
+            f"{model_id} returned vectors of dimension {vectors.shape[1]}, expected {dimension}"
         )
     if not np.isfinite(vectors).all():
         bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])

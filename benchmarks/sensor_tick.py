@@ -1,0 +1,226 @@
+"""The cost of one extraction-sensor tick as the tables grow.
+
+For each size N, messages, topics and atoms get N rows each, spread over two years and
+1000 extractions; then one new extraction changes 50 messages and 10 atoms. Timed, as the
+median of repeated evaluations:
+
+- ``idle``: a tick with nothing new (the common case, every 30 seconds);
+- ``new``: a tick that finds the new extraction and requests its runs;
+- ``sql``: the tick's two statements alone (no Dagster).
+
+It prints the plans of both statements (EXPLAIN ANALYZE, BUFFERS) at the largest size: index
+scans whose buffers follow the new extraction's rows, not the table.
+
+Run: ``.venv/bin/python benchmarks/sensor_tick.py --sizes 10000,100000`` (a throwaway
+embedded server unless ``--database-url`` points at an empty database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+
+from embedding_pipeline.definitions import build_definitions
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.extractions import (
+    ExtractionCursor,
+    months_query,
+    new_extractions_query,
+    read_new_extractions,
+    touched_months,
+)
+from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.schema import ensure_schema
+from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.sensors import SENSOR_NAME
+from embedding_pipeline.settings import Settings
+
+EXTRACTIONS = 1000
+
+
+def populate(conn: psycopg.Connection, rows: int) -> int:
+    """N rows per table over 1000 extractions, then one more extraction touching 50
+    messages and 10 atoms; returns the cursor position before it."""
+    conn.execute("TRUNCATE extractions, messages, topics, atoms, atoms_messages CASCADE")
+    conn.execute("ALTER SEQUENCE extractions_id_seq RESTART WITH 1")
+    conn.execute(
+        "INSERT INTO extractions (source) SELECT 'bulk ' || g FROM generate_series(1, %s) g",
+        (EXTRACTIONS,),
+    )
+    step = sql.SQL("(timestamptz '2024-01-01' + g * (interval '730 days' / %(rows)s))")
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO messages (chat_id, telegram_message_id, sent_at, content, extraction_id) "
+            "SELECT 1, g, {step}, 'message number ' || g, 1 + g %% %(ex)s "
+            "FROM generate_series(1, %(rows)s) g"
+        ).format(step=step),
+        {"rows": rows, "ex": EXTRACTIONS},
+    )
+    for table, columns, values in (
+        ("topics", "key, name, created_at", "'t' || g, 'topic ' || g, {step}"),
+        (
+            "atoms",
+            "key, kind, title, content, created_at",
+            "'a' || g, 'fact', 'atom ' || g, 'content ' || g, {step}",
+        ),
+    ):
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {t} ({c}, extraction_id) SELECT {v}, 1 + g %% %(ex)s "
+                "FROM generate_series(1, %(rows)s) g"
+            ).format(
+                t=sql.Identifier(table), c=sql.SQL(columns), v=sql.SQL(values).format(step=step)
+            ),
+            {"rows": rows, "ex": EXTRACTIONS},
+        )
+    conn.commit()
+    new = conn.execute("INSERT INTO extractions (source) VALUES ('new') RETURNING id").fetchone()
+    assert new is not None
+    conn.execute(
+        "UPDATE messages SET content = content || ' (edited)', extraction_id = %s "
+        "WHERE id IN (SELECT id FROM messages ORDER BY random() LIMIT 50)",
+        (new[0],),
+    )
+    conn.execute(
+        "UPDATE atoms SET content = content || ' (edited)', extraction_id = %s "
+        "WHERE id IN (SELECT id FROM atoms ORDER BY random() LIMIT 10)",
+        (new[0],),
+    )
+    conn.commit()
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    for table in ("extractions", "messages", "topics", "atoms"):
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(table)))
+    conn.autocommit = autocommit
+    return int(new[0]) - 1
+
+
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+def plans(conn: psycopg.Connection, settings: Settings, after: int) -> str:
+    out = []
+    ids = [after + 1]
+    statements: list[tuple[str, sql.Composed, Mapping[str, object]]] = [
+        (
+            "new extractions",
+            new_extractions_query(settings.extraction_table),
+            {"gaps": [], "after": after, "limit": 200},
+        ),
+        *[
+            (f"months of {spec.table}", months_query(spec), {"ids": ids})
+            for spec in settings.tables.values()
+        ],
+    ]
+    for title, query, params in statements:
+        rows = conn.execute(
+            sql.Composed([sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "), query]), params
+        ).fetchall()
+        out.append(f"-- {title}\n" + "\n".join(r[0] for r in rows))
+    conn.rollback()
+    return "\n\n".join(out)
+
+
+def measure(url: str, rows: int, repeat: int) -> tuple[dict[str, float], str]:
+    settings = Settings(database_url=url)
+    with db.connection(url, vector=False) as conn:
+        ensure_schema(conn, settings, 384)
+        after = populate(conn, rows)
+    defs = build_definitions(
+        settings, {"postgres": PostgresResource(database_url=url), "embedder": EmbedderResource()}
+    )
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
+    before = ExtractionCursor(last_id=after).serialize()
+    caught_up = ExtractionCursor(last_id=after + 1).serialize()
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor: str) -> dg.SensorResult:
+            with dg.build_sensor_context(
+                instance=instance,
+                cursor=cursor,
+                resources={"postgres": PostgresResource(database_url=url)},
+            ) as context:
+                result = sensor(context)
+            assert isinstance(result, dg.SensorResult)
+            return result
+
+        requested = tick(before).run_requests or []
+        assert requested, "the new extraction requested no run"
+        idle = median_ms(lambda: tick(caught_up), repeat)
+        new = median_ms(lambda: tick(before), repeat)
+    with db.connection(url, vector=False) as conn:
+
+        def statements() -> None:
+            found = read_new_extractions(
+                conn,
+                settings.extraction_table,
+                ExtractionCursor(last_id=after),
+                limit=200,
+                now=time.time(),
+                grace_seconds=600,
+            )
+            touched_months(conn, settings.tables.items(), found.ids)
+            conn.rollback()
+
+        only_sql = median_ms(statements, repeat)
+        plan = plans(conn, settings, after)
+    return {
+        "idle_ms": idle,
+        "new_ms": new,
+        "sql_ms": only_sql,
+        "runs_requested": float(len(requested)),
+    }, plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="rows per table, comma-separated")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument(
+        "--database-url", help="an empty database (default: a throwaway embedded server)"
+    )
+    args = parser.parse_args(argv)
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    server = None
+    url = args.database_url
+    if url is None:
+        server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="ep-bench-")) / "pg", free_port())
+        server.start()
+        server.ensure_database("bench")
+        url = server.url("bench")
+    try:
+        print(f"{'rows/table':>10} {'idle tick':>10} {'new tick':>10} {'SQL only':>10} runs")
+        plan = ""
+        for size in (int(s) for s in args.sizes.split(",")):
+            figures, plan = measure(url, size, args.repeat)
+            print(
+                f"{size:>10} {figures['idle_ms']:>8.1f}ms {figures['new_ms']:>8.1f}ms "
+                f"{figures['sql_ms']:>8.2f}ms {int(figures['runs_requested'])}"
+            )
+        print("\nplans at the largest size:\n")
+        print(plan)
+    finally:
+        if server is not None:
+            server.drop_data()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

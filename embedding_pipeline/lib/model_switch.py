@@ -1,0 +1,382 @@
+"""Switching the embedding model of a table without mixing two models in one column.
+
+The new model's vectors go into shadow columns (`embedding_next` of the new dimension,
+with its own model, hash and time columns), filled by the same batch machinery as every
+run (`sync_embeddings` on a `TableSpec` naming the shadow columns: resumable, crash-safe,
+concurrency-safe). Then the shadow gets its HNSW index (built concurrently) and one short
+transaction swaps every table's shadow in at once: the old columns and indexes are
+dropped, the shadow ones renamed, and the registry table `embedding_models` records each
+column's new model. Until that
+moment search keeps using the old vectors and index; after it, only new-model vectors
+exist (rows that arrived since the last pass are NULL and embedded by the next run).
+
+Runs configured for another model than the registered one refuse to write
+(`sync.check_model`), so a forgotten configuration change fails loudly instead of
+re-embedding the column back to the old model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import psycopg
+from psycopg import sql
+
+from embedding_pipeline.lib.db import connect
+from embedding_pipeline.lib.embedders.base import Embedder
+from embedding_pipeline.lib.schema import (
+    MODEL_REGISTRY_TABLE,
+    SCHEMA_LOCK_KEY,
+    SchemaError,
+    build_hnsw_index_concurrently,
+    hnsw_index_name,
+    index_state,
+    registered_model,
+    vector_column_dimension,
+)
+from embedding_pipeline.lib.sync import BatchProgress, SyncResult, Window, sync_embeddings
+from embedding_pipeline.settings import HnswSettings, TableSpec
+
+SHADOW_SUFFIX = "_next"
+#: How long the swap waits for its table lock before giving up (and trying again later).
+SWAP_LOCK_TIMEOUT = "10s"
+
+
+def shadow_spec(spec: TableSpec) -> TableSpec:
+    """`spec` with the shadow columns in place of the live ones."""
+    return replace(
+        spec,
+        embedding_column=spec.embedding_column + SHADOW_SUFFIX,
+        model_column=spec.model_column + SHADOW_SUFFIX,
+        hash_column=spec.hash_column + SHADOW_SUFFIX,
+        embedded_at_column=spec.embedded_at_column + SHADOW_SUFFIX,
+    )
+
+
+def _column_pairs(spec: TableSpec) -> list[tuple[str, str]]:
+    shadow = shadow_spec(spec)
+    return [
+        (spec.embedding_column, shadow.embedding_column),
+        (spec.model_column, shadow.model_column),
+        (spec.hash_column, shadow.hash_column),
+        (spec.embedded_at_column, shadow.embedded_at_column),
+    ]
+
+
+@dataclass
+class SwitchReport:
+    table: str
+    previous_model: str | None
+    previous_dimension: int | None
+    model_id: str
+    dimension: int
+    embedded: int = 0
+    provider_requests: int = 0
+    passes: int = 0
+    index_seconds: float = 0.0
+    swap_seconds: float = 0.0
+    left_for_next_run: int = 0
+    seconds: float = 0.0
+
+
+def ensure_registry(conn: psycopg.Connection) -> None:
+    conn.execute(
+        sql.SQL("""
+        CREATE TABLE IF NOT EXISTS {} (
+            table_name text NOT NULL,
+            column_name text NOT NULL,
+            model_id text NOT NULL,
+            dimension integer NOT NULL,
+            switched_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (table_name, column_name)
+        )""").format(sql.Identifier(MODEL_REGISTRY_TABLE))
+    )
+
+
+def prepare_shadow(conn: psycopg.Connection, spec: TableSpec, dimension: int) -> None:
+    """Add the shadow columns for a `dimension`-sized model (kept if already there with
+    that size, so an interrupted switch resumes). A shadow of another size is replaced
+    only while empty; with vectors in it, that is another switch in progress."""
+    shadow = shadow_spec(spec)
+    table = sql.Identifier(spec.table)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        ensure_registry(conn)
+        if vector_column_dimension(conn, spec) is None:
+            raise SchemaError(
+                f"{spec.table}.{spec.embedding_column} does not exist or is not "
+                "a vector column; run `embedding-pipeline schema` first"
+            )
+        declared = vector_column_dimension(conn, shadow)
+        if declared is not None and declared != dimension:
+            filled = conn.execute(
+                sql.SQL("SELECT count({}), max({}) FROM {}").format(
+                    sql.Identifier(shadow.embedding_column),
+                    sql.Identifier(shadow.model_column),
+                    table,
+                )
+            ).fetchone()
+            if filled and filled[0]:
+                raise SchemaError(
+                    f"{spec.table} has a switch to {filled[1]} (vector({declared})) in "
+                    f"progress with {filled[0]} rows embedded; finish it with the same "
+                    "model or discard it with `embedding-pipeline model switch --abort`"
+                )
+            _drop_shadow(conn, spec)
+        for column, type_sql in (
+            (shadow.embedding_column, sql.SQL("vector({})").format(sql.Literal(dimension))),
+            (shadow.model_column, sql.SQL("text")),
+            (shadow.hash_column, sql.SQL("text")),
+            (shadow.embedded_at_column, sql.SQL("timestamptz")),
+        ):
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    table, sql.Identifier(column), type_sql
+                )
+            )
+
+
+def _drop_shadow(conn: psycopg.Connection, spec: TableSpec) -> None:
+    shadow = shadow_spec(spec)
+    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(hnsw_index_name(shadow))))
+    conn.execute(
+        sql.SQL("ALTER TABLE {} {}").format(
+            sql.Identifier(spec.table),
+            sql.SQL(", ").join(
+                sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(new))
+                for _, new in _column_pairs(spec)
+            ),
+        )
+    )
+
+
+def abort_switch(conn: psycopg.Connection, spec: TableSpec) -> bool:
+    """Discard a switch in progress (shadow columns and index); True if there was one."""
+    shadow = shadow_spec(spec)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        existed = vector_column_dimension(conn, shadow) is not None
+        _drop_shadow(conn, spec)
+    return existed
+
+
+def fill_shadow(
+    conn: psycopg.Connection,
+    spec: TableSpec,
+    embedder: Embedder,
+    *,
+    batch_size: int,
+    on_batch: Callable[[BatchProgress], None] | None = None,
+    max_passes: int = 5,
+) -> list[SyncResult]:
+    """Embed every row into the shadow columns; passes repeat while a pass found rows
+    held by another session or rows that changed meanwhile."""
+    results = []
+    for _ in range(max_passes):
+        result = sync_embeddings(
+            conn, shadow_spec(spec), embedder, Window(), batch_size=batch_size, on_batch=on_batch
+        )
+        results.append(result)
+        if not (result.skipped_locked or result.changed_during_run):
+            break
+    return results
+
+
+def swap_in(
+    conn: psycopg.Connection, specs: Sequence[TableSpec], embedder: Embedder
+) -> dict[str, int]:
+    """Replace the live columns and indexes of every table in `specs` by the shadow ones,
+    in one short transaction, and register the new model; returns per table the rows the
+    next run still has to embed (those that arrived after the last pass)."""
+    left: dict[str, int] = {}
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(SWAP_LOCK_TIMEOUT)))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        for spec in sorted(specs, key=lambda s: s.table):
+            left[spec.table] = _swap_table(conn, spec, embedder)
+    return left
+
+
+def _swap_table(conn: psycopg.Connection, spec: TableSpec, embedder: Embedder) -> int:
+    shadow = shadow_spec(spec)
+    table = sql.Identifier(spec.table)
+    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+    if vector_column_dimension(conn, shadow) != embedder.dimension:
+        raise SchemaError(
+            f"{spec.table} has no shadow column for {embedder.model_id} to "
+            "swap in; the switch was aborted or already completed"
+        )
+    if index_state(conn, hnsw_index_name(shadow)) != "valid":
+        raise SchemaError(f"{spec.table}: the shadow column's HNSW index is missing")
+    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(hnsw_index_name(spec))))
+    conn.execute(
+        sql.SQL("ALTER TABLE {} {}").format(
+            table,
+            sql.SQL(", ").join(
+                sql.SQL("DROP COLUMN {}").format(sql.Identifier(old))
+                for old, _ in _column_pairs(spec)
+            ),
+        )
+    )
+    for old, new in _column_pairs(spec):
+        conn.execute(
+            sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+                table, sql.Identifier(new), sql.Identifier(old)
+            )
+        )
+    conn.execute(
+        sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+            sql.Identifier(hnsw_index_name(shadow)), sql.Identifier(hnsw_index_name(spec))
+        )
+    )
+    conn.execute(
+        sql.SQL("""
+        INSERT INTO {} (table_name, column_name, model_id, dimension, switched_at)
+        VALUES (%s, %s, %s, %s, now())
+        ON CONFLICT (table_name, column_name) DO UPDATE
+           SET model_id = excluded.model_id, dimension = excluded.dimension,
+               switched_at = excluded.switched_at
+    """).format(sql.Identifier(MODEL_REGISTRY_TABLE)),
+        (spec.table, spec.embedding_column, embedder.model_id, embedder.dimension),
+    )
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
+            table, sql.Identifier(spec.embedding_column)
+        )
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _live_model(conn: psycopg.Connection, spec: TableSpec) -> str | None:
+    row = conn.execute(
+        sql.SQL(
+            "SELECT {m} FROM {t} WHERE {m} IS NOT NULL GROUP BY {m} ORDER BY count(*) DESC LIMIT 1"
+        ).format(m=sql.Identifier(spec.model_column), t=sql.Identifier(spec.table))
+    ).fetchone()
+    conn.commit()
+    return str(row[0]) if row else None
+
+
+def switch_models(
+    url: str,
+    specs: Sequence[TableSpec],
+    embedder: Embedder,
+    hnsw: HnswSettings,
+    *,
+    batch_size: int,
+    on_batch: Callable[[str, BatchProgress], None] | None = None,
+) -> list[SwitchReport]:
+    """The whole switch: shadows for every table, filled, indexed, caught up, then all
+    swapped in at once (the configuration is global, so every table changes together)."""
+    started = time.monotonic()
+    reports: dict[str, SwitchReport] = {}
+    with connect(url) as conn:
+        for spec in specs:
+            reports[spec.table] = SwitchReport(
+                table=spec.table,
+                previous_model=_live_model(conn, spec),
+                previous_dimension=vector_column_dimension(conn, spec),
+                model_id=embedder.model_id,
+                dimension=embedder.dimension,
+            )
+            prepare_shadow(conn, spec, embedder.dimension)
+
+    def fill(conn: psycopg.Connection, spec: TableSpec) -> None:
+        report = reports[spec.table]
+        progress = None if on_batch is None else (lambda p: on_batch(spec.table, p))
+        for result in fill_shadow(conn, spec, embedder, batch_size=batch_size, on_batch=progress):
+            report.embedded += result.embedded
+            report.provider_requests += result.provider_requests
+            report.passes += 1
+
+    with connect(url) as conn:
+        for spec in specs:
+            fill(conn, spec)
+    with connect(url, autocommit=True) as conn:
+        for spec in specs:
+            index_started = time.monotonic()
+            build_hnsw_index_concurrently(conn, shadow_spec(spec), hnsw)
+            reports[spec.table].index_seconds = time.monotonic() - index_started
+    with connect(url) as conn:
+        for spec in specs:
+            fill(conn, spec)
+        swap_started = time.monotonic()
+        left = swap_in(conn, specs, embedder)
+    swap_seconds = time.monotonic() - swap_started
+    for spec in specs:
+        reports[spec.table].left_for_next_run = left[spec.table]
+        reports[spec.table].swap_seconds = swap_seconds
+        reports[spec.table].seconds = time.monotonic() - started
+    return list(reports.values())
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    table: str
+    column: str
+    dimension: int | None
+    registered_model: str | None
+    models: dict[str, int]
+    missing: int
+    shadow_dimension: int | None
+    shadow_filled: int
+
+    def describe(self) -> str:
+        present = ", ".join(f"{m} ({n})" for m, n in self.models.items()) or "no vectors"
+        line = (
+            f"{self.table}.{self.column}: vector({self.dimension}), registered "
+            f"{self.registered_model or '(none: no switch yet)'}; present: {present}; "
+            f"{self.missing} NULL"
+        )
+        if self.shadow_dimension is not None:
+            line += (
+                f"; switch in progress to vector({self.shadow_dimension}), "
+                f"{self.shadow_filled} rows done"
+            )
+        return line
+
+
+def model_status(conn: psycopg.Connection, spec: TableSpec) -> ModelStatus:
+    """What model(s) a table's embedding column holds and whether a switch is under way."""
+    shadow = shadow_spec(spec)
+    table = sql.Identifier(spec.table)
+    models = {
+        str(m): int(n)
+        for m, n in conn.execute(
+            sql.SQL(
+                "SELECT {m}, count(*) FROM {t} WHERE {e} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"
+            ).format(
+                m=sql.Identifier(spec.model_column),
+                e=sql.Identifier(spec.embedding_column),
+                t=table,
+            )
+        )
+    }
+    missing = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
+            table, sql.Identifier(spec.embedding_column)
+        )
+    ).fetchone()
+    shadow_dimension = vector_column_dimension(conn, shadow)
+    filled = 0
+    if shadow_dimension is not None:
+        row = conn.execute(
+            sql.SQL("SELECT count({}) FROM {}").format(
+                sql.Identifier(shadow.embedding_column), table
+            )
+        ).fetchone()
+        filled = int(row[0]) if row else 0
+    status = ModelStatus(
+        table=spec.table,
+        column=spec.embedding_column,
+        dimension=vector_column_dimension(conn, spec),
+        registered_model=registered_model(conn, spec),
+        models=models,
+        missing=int(missing[0]) if missing else 0,
+        shadow_dimension=shadow_dimension,
+        shadow_filled=filled,
+    )
+    conn.rollback()
+    return status

@@ -1,0 +1,240 @@
+"""Switching models: from the 384-dimension local model to a 768-dimension model served
+over the Ollama protocol (a real local HTTP server), through the CLI; search staying on
+the old vectors until the swap; a stale configuration refused; an interrupted switch
+resumed; a switch of another size never silently replacing one in progress."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from embedding_pipeline.definitions import build_definitions
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.embedders import EmbeddingError, LocalEmbedder, OllamaEmbedder
+from embedding_pipeline.lib.ingest import ingest
+from embedding_pipeline.lib.model_switch import (
+    abort_switch,
+    fill_shadow,
+    model_status,
+    prepare_shadow,
+    shadow_spec,
+    switch_models,
+)
+from embedding_pipeline.lib.schema import (
+    SchemaError,
+    ensure_schema,
+    hnsw_index_name,
+    index_state,
+    vector_column_dimension,
+)
+from embedding_pipeline.lib.search import nearest_query, search_table
+from embedding_pipeline.lib.sync import Window, sync_embeddings
+from embedding_pipeline.lib.telegram import load_export, load_extraction
+from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.incremental_helpers import (
+    HashEmbedder,
+    HashEmbedderResource,
+    hash_vector,
+    insert_messages,
+)
+
+DATA = Path(__file__).parent / "data"
+OLLAMA_MODEL = "nomic-embed-text"
+TABLES = ("messages", "topics", "atoms")
+
+
+@pytest.fixture
+def populated(fresh_database_url: str) -> Settings:
+    """The small chat embedded with the local model, with HNSW indexes."""
+    settings = Settings(database_url=fresh_database_url)
+    with db.connection(fresh_database_url, vector=False) as conn:
+        ensure_schema(conn, settings, 384)
+    with db.connection(fresh_database_url) as conn:
+        ingest(
+            conn,
+            settings,
+            load_export(DATA / "small_export.json"),
+            load_extraction(DATA / "small_extraction.json"),
+        )
+        for spec in settings.tables.values():
+            sync_embeddings(conn, spec, LocalEmbedder(), Window(), batch_size=16)
+    return settings
+
+
+@pytest.fixture
+def ollama(httpserver: HTTPServer) -> list[list[str]]:
+    """An Ollama-protocol server answering 768-dimension vectors; returns the inputs seen."""
+    seen: list[list[str]] = []
+
+    def embed(request: Request) -> Response:
+        body = json.loads(request.data)
+        assert body["model"] == OLLAMA_MODEL
+        seen.append(list(body["input"]))
+        vectors = [hash_vector(text, 768).tolist() for text in body["input"]]
+        return Response(
+            json.dumps({"model": OLLAMA_MODEL, "embeddings": vectors}),
+            content_type="application/json",
+        )
+
+    httpserver.expect_request("/api/embed", method="POST").respond_with_handler(embed)
+    return seen
+
+
+def counts(url: str) -> dict[str, int]:
+    with db.connection(url, vector=False) as conn:
+        return {
+            t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # noqa: S608
+            for t in TABLES
+        }
+
+
+def test_cli_switch_from_local_to_a_768_dimension_ollama_model(
+    populated, ollama, httpserver, monkeypatch, tmp_path, capsys
+):
+    url = populated.effective_database_url
+    rows = counts(url)
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("OLLAMA_HOST", httpserver.url_for("").rstrip("/"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    from embedding_pipeline import cli
+
+    assert cli.main(["model", "switch", "--provider", "ollama", "--model", OLLAMA_MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "EP_EMBEDDING_PROVIDER=ollama EP_EMBEDDING_MODEL=nomic-embed-text" in out
+    assert sum(len(batch) for batch in ollama) == sum(rows.values())
+
+    with db.connection(url) as conn:
+        for spec in populated.tables.values():
+            assert vector_column_dimension(conn, spec) == 768
+            assert vector_column_dimension(conn, shadow_spec(spec)) is None
+            assert index_state(conn, hnsw_index_name(spec)) == "valid"
+            models = conn.execute(
+                f"SELECT embedding_model, count(*) FROM {spec.table} GROUP BY 1"  # noqa: S608
+            ).fetchall()
+            assert models == [(f"ollama:{OLLAMA_MODEL}", rows[spec.table])]
+            assert model_status(conn, spec).registered_model == f"ollama:{OLLAMA_MODEL}"
+        query = OllamaEmbedder(model=OLLAMA_MODEL, host=httpserver.url_for("")).embed(
+            ["The nightly backup job failed again with a disk full error."]
+        )[0]
+        hits = search_table(conn, populated.tables["messages"], query, k=1)
+        assert hits[0].text.startswith("The nightly backup job failed")
+
+    old_config = build_definitions(populated)
+    result = dg.materialize(
+        [old_config.get_assets_def("message_embeddings")],
+        partition_key="2025-09-01",
+        resources={"postgres": PostgresResource(database_url=url), "embedder": EmbedderResource()},
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "holds vector(768)" in str(failure.step_failure_data.error)
+    assert "model switch" in str(failure.step_failure_data.error)
+
+    new_config = {
+        "postgres": PostgresResource(database_url=url),
+        "embedder": EmbedderResource(
+            provider="ollama", model_name=OLLAMA_MODEL, ollama_host=httpserver.url_for("")
+        ),
+    }
+    ollama.clear()
+    with db.connection(url) as conn:
+        insert_messages(conn, [datetime(2025, 9, 2, tzinfo=UTC)], chat_id=4242)
+    result = dg.materialize(
+        [old_config.get_assets_def("message_embeddings")],
+        partition_key="2025-09-01",
+        resources=new_config,
+    )
+    assert result.success
+    assert sum(len(batch) for batch in ollama) == 1
+
+
+def test_search_stays_on_the_old_vectors_until_the_swap(populated):
+    url = populated.effective_database_url
+    spec = populated.tables["messages"]
+    query = LocalEmbedder().embed(["disk full backup"])[0]
+    with db.connection(url) as conn:
+        before = search_table(conn, spec, query, k=3)
+    with db.connection(url, vector=False) as conn:
+        prepare_shadow(conn, spec, 768)
+    with db.connection(url) as conn:
+        fill_shadow(conn, spec, HashEmbedder(model_id="test:hash-768", dimension=768), batch_size=2)
+        assert search_table(conn, spec, query, k=3) == before
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                b"EXPLAIN " + nearest_query(spec).as_bytes(conn), {"query": query, "k": 3}
+            )
+        )
+        conn.rollback()
+        assert hnsw_index_name(spec) in plan
+        assert model_status(conn, spec).shadow_filled == counts(url)["messages"]
+        assert abort_switch(conn, spec)
+        assert vector_column_dimension(conn, shadow_spec(spec)) is None
+        assert search_table(conn, spec, query, k=3) == before
+
+
+def test_runs_configured_for_the_old_model_are_refused_after_a_same_size_switch(populated):
+    url = populated.effective_database_url
+    specs = list(populated.tables.values())
+    reports = switch_models(
+        url, specs, HashEmbedder(model_id="test:hash"), populated.hnsw, batch_size=8
+    )
+    assert all(r.previous_model == "local:all-MiniLM-L6-v2-int8" for r in reports)
+    assert sum(r.embedded for r in reports) == sum(counts(url).values())
+
+    defs = build_definitions(populated)
+    result = dg.materialize(
+        [defs.get_assets_def("topic_embeddings")],
+        partition_key="2025-10-01",
+        resources={"postgres": PostgresResource(database_url=url), "embedder": EmbedderResource()},
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "was switched to test:hash" in str(failure.step_failure_data.error)
+    with db.connection(url) as conn:
+        models = conn.execute("SELECT DISTINCT embedding_model FROM topics").fetchall()
+    assert models == [("test:hash",)]
+
+    result = dg.materialize(
+        [defs.get_assets_def("topic_embeddings")],
+        partition_key="2025-10-01",
+        resources={
+            "postgres": PostgresResource(database_url=url),
+            "embedder": HashEmbedderResource(),
+        },
+    )
+    assert result.success
+
+
+def test_an_interrupted_switch_resumes_and_another_size_is_refused(populated):
+    url = populated.effective_database_url
+    spec = populated.tables["messages"]
+    with db.connection(url) as conn:
+        insert_messages(conn, [datetime(2025, 10, 9, tzinfo=UTC)] * 10, chat_id=77)
+    total = counts(url)["messages"]
+    with db.connection(url, vector=False) as conn:
+        prepare_shadow(conn, spec, 768)
+    failing = HashEmbedder(model_id="test:hash-768", dimension=768, fail_after_calls=2)
+    with db.connection(url) as conn, pytest.raises(EmbeddingError):
+        fill_shadow(conn, spec, failing, batch_size=3)
+    with db.connection(url, vector=False) as conn:
+        assert model_status(conn, spec).shadow_filled == 6
+        with pytest.raises(SchemaError, match="--abort"):
+            prepare_shadow(conn, spec, 1024)
+        conn.rollback()
+    resumed = HashEmbedder(model_id="test:hash-768", dimension=768)
+    reports = switch_models(url, [spec], resumed, populated.hnsw, batch_size=3)
+    assert reports[0].embedded == total - 6
+    assert resumed.stats.texts == total - 6
+    with db.connection(url, vector=False) as conn:
+        assert vector_column_dimension(conn, spec) == 768
