@@ -8,7 +8,7 @@ metadata.
 
 The embedding assets are partitioned by month but the checks are not: each looks at the
 whole table, because that is what search reads. Dagster runs an asset's checks in every run
-that materializes it (each sensor run and each chunk of a backfill too), so a run that
+that materializes it (each sensor run and each backfill run too), so a run that
 embedded its own months can meet rows of months another run has not reached yet. The
 missing-embeddings check therefore fails with ERROR (and, being blocking, fails the run and
 stops downstream steps) only when rows of the run's own partitions are missing, or when it
