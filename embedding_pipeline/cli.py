@@ -266,7 +266,11 @@ def cmd_backlog(args: argparse.Namespace, settings: Settings) -> int:
             "\nclear it with a backfill, from the UI (Materialize, choose the partitions) "
             "or the CLI:"
         )
-        print(f"  dg launch --assets {assets} --partition-range {span[0]}...{span[1]}")
+        home = os.environ.get("DAGSTER_HOME", "")
+        print(
+            f"  DAGSTER_HOME={home} dg launch --assets {assets} "
+            f"--partition-range {span[0]}...{span[1]}"
+        )
     return 0
 
 

@@ -1,6 +1,10 @@
 """Incremental sync end to end: sensor ticks executed as runs, what gets (re-)embedded,
 crashes (an embedder that fails, a SIGKILLed run), the backlog and its backfill from the
-CLI, the HNSW index strategy, and deletes. Provider calls are counted by `HashEmbedder`."""
+CLI, the HNSW index strategy, and deletes. Provider calls are counted by `HashEmbedder`.
+
+The sensor-driven tests are consecutive steps of one scenario sharing the module's
+database and the sensor's cursor (as the daemon carries it), so they run in file order:
+run the module, not one of those tests alone."""
 
 from __future__ import annotations
 
@@ -203,6 +207,9 @@ def runs_pending(conn: psycopg.Connection) -> int:
 def test_backlog_counts_missing_and_stale_rows_per_partition(
     small_data, hash_defs, hash_resources, instance, conn, settings, monkeypatch, capsys
 ):
+    everything = tuple(spec.asset_name for spec in settings.tables.values())
+    assert materialize_all(hash_defs, hash_resources, instance, names=everything).success
+    CALLS.clear()
     legacy = insert_messages(
         conn,
         [datetime(2024, 2, 1, tzinfo=UTC)] * 3 + [datetime(2024, 3, 9, tzinfo=UTC)] * 2,

@@ -1,6 +1,10 @@
 """The extraction sensor: evaluated with `dg.build_sensor_context` on a real instance and
 database, its query plans on a 100k-row table, and a tick through Dagster's own sensor
-daemon code that launches real runs (and, repeated after a simulated crash, none twice)."""
+daemon code that launches real runs (and, repeated after a simulated crash, none twice).
+
+The `build_sensor_context` tests are consecutive ticks of one scenario: they share the
+module's database and carry the cursor from one to the next as the daemon does, so they
+run in file order: run the module, not one of them alone."""
 
 from __future__ import annotations
 
