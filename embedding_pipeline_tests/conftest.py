@@ -88,17 +88,24 @@ def schema(settings: Settings) -> Settings:
     return settings
 
 
-@pytest.fixture(scope="module")
-def small_data(schema: Settings) -> Settings:
-    """The small test chat and its extraction, ingested once for the module."""
-    with db.connection(schema.effective_database_url) as conn:
+def ingest_small_chat(settings: Settings) -> Settings:
+    """The schema, then the small test chat and its extraction as one extraction."""
+    with db.connection(settings.effective_database_url, vector=False) as conn:
+        ensure_schema(conn, settings, LOCAL_DIMENSION)
+    with db.connection(settings.effective_database_url) as conn:
         ingest(
             conn,
-            schema,
+            settings,
             load_export(DATA / "small_export.json"),
             load_extraction(DATA / "small_extraction.json"),
         )
-    return schema
+    return settings
+
+
+@pytest.fixture(scope="module")
+def small_data(schema: Settings) -> Settings:
+    """The small test chat and its extraction, ingested once for the module."""
+    return ingest_small_chat(schema)
 
 
 @pytest.fixture

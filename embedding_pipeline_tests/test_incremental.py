@@ -39,6 +39,7 @@ from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import HnswSettings, Settings
 from embedding_pipeline_tests import incremental_helpers as helpers
+from embedding_pipeline_tests.conftest import ingest_small_chat
 from embedding_pipeline_tests.incremental_helpers import (
     CALLS,
     HashEmbedderResource,
@@ -495,16 +496,8 @@ def test_a_large_load_builds_the_index_after_and_small_ones_keep_it(fresh_databa
 def test_nulls_set_in_sql_are_cleared_by_a_cli_backfill(fresh_database_url, tmp_path):
     """The operator's path: `dg launch --partition-range` from the project folder, real
     local model, recorded on a Dagster instance."""
-    settings = Settings(database_url=fresh_database_url)
-    with db.connection(fresh_database_url, vector=False) as conn:
-        ensure_schema(conn, settings, 384)
+    ingest_small_chat(Settings(database_url=fresh_database_url))
     with db.connection(fresh_database_url) as conn:
-        ingest(
-            conn,
-            settings,
-            load_export(DATA / "small_export.json"),
-            load_extraction(DATA / "small_extraction.json"),
-        )
         conn.execute("UPDATE messages SET embedding = NULL")
         conn.commit()
         assert null_count(conn) == 4 + 2 + 3

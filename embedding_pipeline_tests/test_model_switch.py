@@ -17,7 +17,6 @@ from werkzeug import Request, Response
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import EmbeddingError, LocalEmbedder, OllamaEmbedder
-from embedding_pipeline.lib.ingest import ingest
 from embedding_pipeline.lib.model_switch import (
     abort_switch,
     fill_shadow,
@@ -28,16 +27,15 @@ from embedding_pipeline.lib.model_switch import (
 )
 from embedding_pipeline.lib.schema import (
     SchemaError,
-    ensure_schema,
     hnsw_index_name,
     index_state,
     vector_column_dimension,
 )
 from embedding_pipeline.lib.search import nearest_query, search_table
 from embedding_pipeline.lib.sync import Window, sync_embeddings
-from embedding_pipeline.lib.telegram import load_export, load_extraction
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.conftest import ingest_small_chat
 from embedding_pipeline_tests.incremental_helpers import (
     HashEmbedder,
     HashEmbedderResource,
@@ -45,7 +43,6 @@ from embedding_pipeline_tests.incremental_helpers import (
     insert_messages,
 )
 
-DATA = Path(__file__).parent / "data"
 OLLAMA_MODEL = "nomic-embed-text"
 TABLES = ("messages", "topics", "atoms")
 
@@ -53,16 +50,8 @@ TABLES = ("messages", "topics", "atoms")
 @pytest.fixture
 def populated(fresh_database_url: str) -> Settings:
     """The small chat embedded with the local model, with HNSW indexes."""
-    settings = Settings(database_url=fresh_database_url)
-    with db.connection(fresh_database_url, vector=False) as conn:
-        ensure_schema(conn, settings, 384)
+    settings = ingest_small_chat(Settings(database_url=fresh_database_url))
     with db.connection(fresh_database_url) as conn:
-        ingest(
-            conn,
-            settings,
-            load_export(DATA / "small_export.json"),
-            load_extraction(DATA / "small_extraction.json"),
-        )
         for spec in settings.tables.values():
             sync_embeddings(conn, spec, LocalEmbedder(), Window(), batch_size=16)
     return settings
