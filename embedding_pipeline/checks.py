@@ -39,6 +39,11 @@ INDEX_USED = "hnsw_index_used"
 RECALL = "search_recall"
 LATENCY = "search_latency"
 CHECK_NAMES = (NO_MISSING, NO_STALE, DIMENSION, INDEX_PRESENT, INDEX_USED, RECALL, LATENCY)
+#: Checks that cost a few indexed queries whatever the table size: these run with every
+#: sensor run. Recall and latency sample many searches (seconds at 100k rows) and run on
+#: the checks schedule, from the UI or with `embedding-pipeline check`.
+PER_RUN_CHECKS = (NO_MISSING, NO_STALE, DIMENSION, INDEX_PRESENT, INDEX_USED)
+CHECKS_SCHEDULE = "embedding_checks_schedule"
 
 ERROR = dg.AssetCheckSeverity.ERROR
 WARN = dg.AssetCheckSeverity.WARN
@@ -456,6 +461,25 @@ def build_checks(settings: Settings) -> list[dg.AssetChecksDefinition]:
         for spec in settings.tables.values()
         for check in build_embedding_checks(spec, settings)
     ]
+
+
+def per_run_check_keys(asset_keys: Iterable[dg.AssetKey]) -> list[dg.AssetCheckKey]:
+    """The cheap checks of `asset_keys`, for runs that materialize them often."""
+    return [dg.AssetCheckKey(key, name) for key in asset_keys for name in PER_RUN_CHECKS]
+
+
+def build_checks_schedule(settings: Settings) -> dg.ScheduleDefinition:
+    """Every check of every embedding asset, on `settings.checks.schedule_cron` (UTC)."""
+    asset_keys = [dg.AssetKey(spec.asset_name) for spec in settings.tables.values()]
+    return dg.ScheduleDefinition(
+        name=CHECKS_SCHEDULE,
+        cron_schedule=settings.checks.schedule_cron,
+        execution_timezone="UTC",
+        target=dg.AssetSelection.checks_for_assets(*asset_keys),
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="All seven checks of each embedding asset, recall and latency included "
+        "(sensor runs carry only the cheap ones).",
+    )
 
 
 # -- running the checks (CLI and demo) -----------------------------------------------------

@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psycopg
+
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, EmbeddedServerError
@@ -52,7 +54,8 @@ def _embedder(settings: Settings) -> Embedder:
 
     resource = build_resources(settings)["embedder"]
     assert isinstance(resource, EmbedderResource)
-    return resource.build()
+    # resolves dg.EnvVar fields (OPENAI_API_KEY) as a run would
+    return resource.process_config_and_initialize().build()
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -427,6 +430,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ValueError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.errors.LockNotAvailable as exc:
+        print(
+            f"error: a table stayed locked by other sessions ({exc}); nothing was swapped. "
+            "Run the same command again: finished work is kept and it resumes",
+            file=sys.stderr,
+        )
+        return 2
+    except psycopg.OperationalError as exc:
+        print(f"error: the database is unreachable: {exc}", file=sys.stderr)
         return 2
 
 

@@ -7,7 +7,7 @@ import warnings
 import dagster as dg
 
 from embedding_pipeline.assets import build_embedding_asset, build_source_asset
-from embedding_pipeline.checks import build_checks
+from embedding_pipeline.checks import build_checks, build_checks_schedule
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors import build_extraction_sensor
@@ -50,6 +50,7 @@ def build_definitions(
         assets=assets,
         asset_checks=build_checks(settings),
         sensors=[build_extraction_sensor(settings, partitions_def)],
+        schedules=[build_checks_schedule(settings)],
         resources=resources if resources is not None else build_resources(settings),
         # One process runs all steps of a run: the local model loads once, and a process
         # started per asset and check step (seconds each on two cores) would cost more

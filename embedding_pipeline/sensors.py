@@ -7,7 +7,8 @@ there. A run embeds only the rows of its partition that need it, so the work don
 the new and changed rows. Run keys name the extractions and the partition: a tick
 evaluated again after a crash requests the same keys, and Dagster launches nothing twice.
 
-The first tick (no cursor yet) starts after the newest extraction: what older extractions
+The first tick (no cursor yet) starts after the newest extraction (or at the very first
+one when the extractions table does not exist yet): what older extractions
 left unembedded is the backlog, which `embedding-pipeline backlog` shows and a backfill
 clears (replaying years of extractions through the sensor would queue a run per month and
 tick for work a backfill does in one). To replay history instead, set the cursor to `0` in
@@ -25,6 +26,7 @@ from collections import defaultdict
 
 import dagster as dg
 
+from embedding_pipeline.checks import per_run_check_keys
 from embedding_pipeline.lib.extractions import (
     ExtractionCursor,
     extraction_table_exists,
@@ -76,8 +78,10 @@ def build_extraction_sensor(
         cursor = ExtractionCursor.parse(context.cursor)
         with postgres.connection(vector=False) as conn:
             if not extraction_table_exists(conn, settings.extraction_table):
+                # every extraction to come is new: the first one must not count as backlog
                 return dg.SensorResult(
-                    skip_reason=f"table {settings.extraction_table} does not exist yet"
+                    skip_reason=f"table {settings.extraction_table} does not exist yet",
+                    cursor=ExtractionCursor(last_id=0).serialize(),
                 )
             if context.cursor is None:
                 start = initial_cursor(conn, settings.extraction_table, now=time.time())
@@ -118,6 +122,7 @@ def build_extraction_sensor(
                 run_key=run_key_for(new.ids, partition_key),
                 partition_key=partition_key,
                 asset_selection=[asset_keys[key] for key in sorted(keys)],
+                asset_check_keys=per_run_check_keys(asset_keys[key] for key in sorted(keys)),
                 tags={EXTRACTIONS_TAG: label},
             )
             for partition_key, keys in sorted(tables_by_partition.items())

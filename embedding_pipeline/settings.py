@@ -116,6 +116,7 @@ class CheckSettings:
     planner_warn_rows: int = 10_000
     sample_ids: int = 10
     dimension_sample_size: int = 1_000
+    schedule_cron: str = "0 * * * *"
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ def _checks_from_env(env: Mapping[str, str]) -> CheckSettings:
         planner_warn_rows=_int(env, "EP_CHECK_PLANNER_WARN_ROWS", d.planner_warn_rows),
         sample_ids=_int(env, "EP_CHECK_SAMPLE_IDS", d.sample_ids),
         dimension_sample_size=_int(env, "EP_CHECK_DIMENSION_SAMPLE_SIZE", d.dimension_sample_size),
+        schedule_cron=env.get("EP_CHECK_SCHEDULE", d.schedule_cron),
     )
 
 

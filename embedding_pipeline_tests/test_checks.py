@@ -580,3 +580,24 @@ def test_check_settings_come_from_the_environment():
     assert load_settings({}).hnsw == HnswSettings()
     with pytest.raises(ValueError, match="EP_CHECK_LATENCY_WARN_MS"):
         load_settings({"EP_CHECK_LATENCY_WARN_MS": "fast"})
+
+
+def test_the_checks_schedule_runs_all_twenty_one_checks(embedded, defs, instance):
+    schedule = defs.resolve_schedule_def(checks.CHECKS_SCHEDULE)
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert schedule.cron_schedule == "0 * * * *"
+    job = defs.resolve_job_def(schedule.job_name)
+    result = job.execute_in_process(instance=instance)
+    assert result.success
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 21
+    assert {e.check_name for e in evaluations} == set(checks.CHECK_NAMES)
+    assert all(e.passed for e in evaluations)
+    assert not result.get_asset_materialization_events()
+
+
+def test_sensor_runs_carry_only_the_cheap_checks(defs):
+    keys = checks.per_run_check_keys([dg.AssetKey(MESSAGES)])
+    assert {k.name for k in keys} == set(checks.PER_RUN_CHECKS)
+    assert checks.RECALL not in checks.PER_RUN_CHECKS
+    assert checks.LATENCY not in checks.PER_RUN_CHECKS

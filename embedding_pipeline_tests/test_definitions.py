@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 import pytest
 
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.db import redact_url
 from embedding_pipeline.lib.pgserver import SERVICE_USER, EmbeddedPostgres, free_port
 from embedding_pipeline.settings import load_settings
 
@@ -104,3 +107,37 @@ def test_db_url_redacts_a_password():
     ).stdout
     assert "s3cr3t" not in out
     assert out.strip() == "postgresql://app:***@db.internal:5432/app"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://app:s3cr3t@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("postgresql://u:pa@ss@h/db", "postgresql://u:***@h/db"),
+        ("postgres://:pw@h/db", "postgres://:***@h/db"),
+        ("postgresql://app:p%40ss@h/db", "postgresql://app:***@h/db"),
+        (
+            "postgresql://h/db?password=topsecret&sslmode=require",
+            "postgresql://h/db?password=***&sslmode=require",
+        ),
+        ("host=h password=kw-secret dbname=x", "host=h password=*** dbname=x"),
+        ("postgresql://postgres@127.0.0.1:55432/x", "postgresql://postgres@127.0.0.1:55432/x"),
+        ("postgresql://h:5432/db", "postgresql://h:5432/db"),
+    ],
+)
+def test_redact_url_hides_every_form_of_password(url, expected):
+    assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:p%zzsecret@127.0.0.1:1/x",
+        "postgresql://app:pa sssecret@127.0.0.1:1/x",
+        f"postgresql://app:hunter2secret@127.0.0.1:{free_port()}/x",
+    ],
+)
+def test_connection_errors_never_quote_the_password(url):
+    with pytest.raises(psycopg.Error) as raised:
+        db.connect(url)
+    assert "secret" not in str(raised.value)

@@ -163,3 +163,31 @@ def test_sample_data_and_its_update_ingest_cleanly(schema, conn):
         "SELECT count(*) FROM messages WHERE extraction_id = %s", (update.extraction_id,)
     ).fetchone()
     assert touched == (28,)
+
+
+def test_a_new_link_or_topic_assignment_alone_is_kept(loaded, conn, tmp_path: Path):
+    raw = json.loads((DATA / "small_extraction.json").read_text())
+    raw["atoms"][0]["message_ids"] = [2, 3]
+    raw["topics"][1]["message_ids"] = [5, 6]
+    path = tmp_path / "extraction.json"
+    path.write_text(json.dumps(raw))
+    report = ingest(conn, loaded, load_export(DATA / "small_export.json"), load_extraction(path))
+    assert report.extraction_id is not None
+    assert (report.links, report.topic_assignments) == (1, 1)
+    assert report.atoms.unchanged == 3 and report.messages.unchanged == 4
+    links = conn.execute(
+        "SELECT m.telegram_message_id FROM atoms_messages l JOIN atoms a ON a.id = l.atom_id "
+        "JOIN messages m ON m.id = l.message_id WHERE a.key = 'a-1' ORDER BY 1"
+    ).fetchall()
+    assert links == [(2,), (3,)]
+    topic = conn.execute(
+        "SELECT t.key FROM messages m JOIN topics t ON t.id = m.topic_id "
+        "WHERE m.telegram_message_id = 6"
+    ).fetchone()
+    assert topic == ("social",)
+    embedded_text_rows = conn.execute(
+        "SELECT (SELECT count(*) FROM messages WHERE extraction_id = %(e)s) + "
+        "(SELECT count(*) FROM atoms WHERE extraction_id = %(e)s)",
+        {"e": report.extraction_id},
+    ).fetchone()
+    assert embedded_text_rows == (0,)

@@ -245,6 +245,25 @@ def test_openai_key_and_url_credentials_stay_out_of_errors_and_repr() -> None:
             assert secret not in text
 
 
+def test_openai_key_echoed_across_the_truncation_point_is_still_removed(
+    httpserver: HTTPServer,
+) -> None:
+    """Long error bodies echoing the key at every position around the point where the
+    message is shortened: no prefix of the key may survive the cut."""
+    embedder = OPENAI.build(root(httpserver))
+    for offset in range(150, 330, 3):
+        body = "x" * offset + f" {SECRET} " + "y" * 400
+        httpserver.expect_oneshot_request("/v1/embeddings").respond_with_json(
+            {"error": {"message": body, "type": "invalid_request_error"}}, status=401
+        )
+        with pytest.raises(EmbeddingError) as raised:
+            embedder.embed(["a"])
+        message = str(raised.value)
+        assert "HTTP 401" in message
+        leaked = [size for size in range(6, len(SECRET) + 1) if SECRET[:size] in message]
+        assert not leaked, f"offset {offset}: {message[-80:]}"
+
+
 # --- Ollama ---------------------------------------------------------------------------------
 
 

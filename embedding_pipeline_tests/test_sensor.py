@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from embedding_pipeline.checks import PER_RUN_CHECKS
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.extractions import (
     ExtractionCursor,
@@ -79,6 +80,7 @@ def test_no_extractions_table_yet_skips(defs, resources, instance):
     result = evaluate(defs, resources, instance, None)
     assert not result.run_requests
     assert "does not exist yet" in str(result.skip_reason)
+    assert ExtractionCursor.parse(result.cursor) == ExtractionCursor(last_id=0)
 
 
 def test_first_tick_starts_after_the_newest_extraction(schema, defs, resources, instance, state):
@@ -108,6 +110,9 @@ def test_new_extraction_requests_runs_for_exactly_its_partitions(
     for request in result.run_requests:
         assert request.run_key == run_key_for([extraction_id], request.partition_key)
         assert request.tags[EXTRACTIONS_TAG] == str(extraction_id)
+        assert {(k.asset_key, k.name) for k in request.asset_check_keys or []} == {
+            (asset, name) for asset in request.asset_selection for name in PER_RUN_CHECKS
+        }
     assert ExtractionCursor.parse(result.cursor).last_id == extraction_id
 
     again = evaluate(defs, resources, instance, state["cursor"])

@@ -5,20 +5,26 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote
 
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from embedding_pipeline.settings import TableSpec
 
 
 def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
     """Open a connection; with `vector`, pgvector's types are registered (the extension
-    must exist: `schema.ensure_schema` creates it)."""
-    conn = psycopg.connect(
-        url, autocommit=autocommit, connect_timeout=10, application_name="embedding_pipeline"
-    )
+    must exist: `schema.ensure_schema` creates it). A failure to connect is raised with
+    any password in its message replaced (libpq may quote the connection string)."""
+    try:
+        conn = psycopg.connect(
+            url, autocommit=autocommit, connect_timeout=10, application_name="embedding_pipeline"
+        )
+    except psycopg.Error as exc:
+        raise type(exc)(redact(str(exc), url)) from None
     if vector:
         try:
             register_vector(conn)
@@ -41,9 +47,30 @@ def connection(
         conn.close()
 
 
+def _passwords(url: str) -> list[str]:
+    """The password of a connection URL or keyword string, raw and percent-encoded."""
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except psycopg.Error:
+        match = re.search(r"://[^/@]*?:(.*)@", url)
+        password = match.group(1) if match else None
+    if not password:
+        return []
+    return sorted({str(password), quote(str(password), safe="")}, key=len, reverse=True)
+
+
+def redact(text: str, url: str) -> str:
+    """`text` with the password of `url` replaced by ***."""
+    for password in _passwords(url):
+        text = text.replace(password, "***")
+    return text
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for logs, errors and metadata."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    redacted = redact(url, url)
+    redacted = re.sub(r"(password=)[^&\s]*", r"\1***", redacted)
+    return re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", redacted)
 
 
 def text_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:

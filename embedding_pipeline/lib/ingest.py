@@ -32,12 +32,16 @@ class IngestReport:
     topics: EntityCounts = field(default_factory=EntityCounts)
     atoms: EntityCounts = field(default_factory=EntityCounts)
     links: int = 0
+    links_removed: int = 0
+    topic_assignments: int = 0
     service_messages_skipped: int = 0
     empty_messages_skipped: int = 0
 
     @property
     def changed(self) -> bool:
-        return any(c.created or c.updated for c in (self.messages, self.topics, self.atoms))
+        """Anything written: rows, a message's topic, an atom's source links."""
+        rows = any(c.created or c.updated for c in (self.messages, self.topics, self.atoms))
+        return rows or bool(self.links or self.links_removed or self.topic_assignments)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -64,7 +68,9 @@ def ingest(
             message_ids = _upsert_messages(conn, settings, export, extraction_id, report)
             if extraction is not None:
                 topic_ids = _upsert_topics(conn, settings, extraction, extraction_id, report)
-                _assign_topics(conn, settings, extraction, message_ids, topic_ids)
+                report.topic_assignments = _assign_topics(
+                    conn, settings, extraction, message_ids, topic_ids
+                )
                 _upsert_atoms(
                     conn, settings, extraction, extraction_id, message_ids, topic_ids, report
                 )
@@ -215,16 +221,19 @@ def _assign_topics(
     extraction: ExtractionFile,
     message_ids: dict[int, int],
     topic_ids: dict[str, int],
-) -> None:
+) -> int:
+    """Set each listed message's topic; returns how many messages changed topic."""
     spec = settings.tables["messages"]
     statement = sql.SQL(
         "UPDATE {} SET topic_id = %s WHERE {} = ANY(%s) AND topic_id IS DISTINCT FROM %s"
     ).format(sql.Identifier(spec.table), sql.Identifier(spec.id_column))
+    changed = 0
     for topic in extraction.topics:
         rows = _resolve(extraction.path, topic.position, topic.message_ids, message_ids)
         if rows:
             topic_id = topic_ids[topic.key]
-            conn.execute(statement, (topic_id, rows, topic_id))
+            changed += max(conn.execute(statement, (topic_id, rows, topic_id)).rowcount, 0)
+    return changed
 
 
 def _upsert_atoms(
@@ -288,10 +297,11 @@ def _upsert_atoms(
                 report.atoms.created += 1
             else:
                 report.atoms.updated += 1
-        conn.execute(
+        removed = conn.execute(
             sql.SQL("DELETE FROM {} WHERE atom_id = %s AND NOT message_id = ANY(%s)").format(links),
             (atom_id, sources),
         )
+        report.links_removed += max(removed.rowcount, 0)
         cursor = conn.execute(
             sql.SQL(
                 "INSERT INTO {} (atom_id, message_id) SELECT %s, unnest(%s::bigint[]) "

@@ -40,7 +40,8 @@ from embedding_pipeline.lib.sync import BatchProgress, SyncResult, Window, sync_
 from embedding_pipeline.settings import HnswSettings, TableSpec
 
 SHADOW_SUFFIX = "_next"
-#: How long the swap waits for its table lock before giving up (and trying again later).
+#: How long the swap waits for its table lock before giving up (the command then says to
+#: run it again; the filled shadow columns are kept).
 SWAP_LOCK_TIMEOUT = "10s"
 
 

@@ -114,8 +114,10 @@ class SyncResult:
 
 
 def lock_namespace(spec: TableSpec) -> int:
-    """A per-column number that, shifted left 32 bits and or-ed with the row id, is the
-    advisory lock key of a row (exact for ids below 2**32). Per column, so that filling a
+    """A per-column number that, shifted left 32 bits plus the row id's low 32 bits, is the
+    advisory lock key of a row: exact for ids below 2**32; above, two ids of one column
+    that differ by a multiple of 2**32 share a key (a run then skips one, the next run
+    embeds it), and never a key of another column. Per column, so that filling a
     model switch's shadow column never contends with the live column's runs."""
     return zlib.crc32(f"{spec.table}.{spec.embedding_column}".encode()) & 0x7FFFFFFF
 
@@ -233,7 +235,7 @@ def _embed_window(
             ORDER BY {id}
             LIMIT %(limit)s
         )
-        SELECT id, pg_try_advisory_xact_lock((%(namespace)s::bigint << 32) | id)
+        SELECT id, pg_try_advisory_xact_lock((%(namespace)s::bigint << 32) + (id & 4294967295))
         FROM candidates ORDER BY id
     """).format(id=id_col, table=table, where=where, needs=needs_embedding_expr(spec, "t"))
     reread = sql.SQL("""
@@ -281,6 +283,9 @@ def _embed_window(
             if not candidates:
                 break
             after = candidates[-1][0]
+            # a model switch may have swapped the column since the run started; the claim's
+            # table lock keeps it from swapping again before this batch commits
+            check_model(conn, spec, embedder)
             claimed = [rid for rid, locked in candidates if locked]
             result.skipped_locked += len(candidates) - len(claimed)
             if not claimed:

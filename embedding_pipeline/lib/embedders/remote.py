@@ -102,10 +102,15 @@ class OpenAIEmbedder(Embedder):
         return f"OpenAIEmbedder({self.model_id!r}, at {self._where!r})"
 
     def _fail(self, reason: str) -> EmbeddingError:
-        message = f"OpenAI at {self._where} {reason}"
-        if self._secret:
-            message = message.replace(self._secret, "***")
-        return EmbeddingError(message)
+        return EmbeddingError(self._redact(f"OpenAI at {self._where} {reason}"))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _detail(self, value: object, limit: int = 300) -> str:
+        """A service-provided detail, key removed before it is shortened (a cut key would
+        no longer match)."""
+        return _short(self._redact(str(value)), limit)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         import openai
@@ -120,21 +125,23 @@ class OpenAIEmbedder(Embedder):
         except openai.APIConnectionError as exc:
             raise self._fail(f"is unreachable: {exc}") from None
         except openai.APIStatusError as exc:
-            raise self._fail(f"answered HTTP {exc.status_code}: {_short(exc.message)}") from None
+            raise self._fail(
+                f"answered HTTP {exc.status_code}: {self._detail(exc.message)}"
+            ) from None
         except openai.APIError as exc:
-            raise self._fail(f"gave an unusable answer: {_short(exc)}") from None
+            raise self._fail(f"gave an unusable answer: {self._detail(exc)}") from None
         data = getattr(response, "data", None)
         if not isinstance(data, list):
-            raise self._fail(f"answered without a list of embeddings: {_short(response)}")
+            raise self._fail(f"answered without a list of embeddings: {self._detail(response)}")
         try:
             rows = sorted(data, key=lambda item: item.index)
             indices = [item.index for item in rows]
             vectors = [_decode(item.embedding) for item in rows]
         except (AttributeError, TypeError, ValueError, binascii.Error) as exc:
-            raise self._fail(f"answered malformed embeddings: {_short(exc)}") from None
+            raise self._fail(f"answered malformed embeddings: {self._detail(exc)}") from None
         if indices != list(range(len(rows))):
             raise self._fail(
-                f"answered embeddings with indices {_short(indices, 100)}, "
+                f"answered embeddings with indices {self._detail(indices, 100)}, "
                 f"expected 0..{len(texts) - 1}"
             )
         return _stack(vectors, self.dimension, self._fail)
