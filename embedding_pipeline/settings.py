@@ -153,7 +153,6 @@ class Settings:
     embedded: EmbeddedDatabaseSettings = field(default_factory=EmbeddedDatabaseSettings)
     embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
     tables: Mapping[str, TableSpec] = field(default_factory=default_tables)
-    vector_dimension: int | None = None
     hnsw: HnswSettings = field(default_factory=HnswSettings)
     sensor: SensorSettings = field(default_factory=SensorSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
@@ -167,9 +166,6 @@ class Settings:
     @property
     def effective_database_url(self) -> str:
         return self.database_url or self.embedded.url
-
-    def with_database_url(self, url: str) -> Settings:
-        return replace(self, database_url=url)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -225,7 +221,7 @@ def _table_from_env(env: Mapping[str, str], key: str, spec: TableSpec) -> TableS
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from environment variables (see docs/configuration.md)."""
+    """Build the settings from environment variables (the README's Configuration table)."""
     env = os.environ if env is None else env
     embedded_defaults = EmbeddedDatabaseSettings()
     embedded = EmbeddedDatabaseSettings(
@@ -233,11 +229,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port=_int(env, "EP_PG_PORT", embedded_defaults.port),
         database=env.get("EP_PG_DATABASE", embedded_defaults.database),
     )
-    dimensions = env.get("EP_EMBEDDING_DIMENSIONS")
     embedder = EmbedderSettings(
         provider=env.get("EP_EMBEDDING_PROVIDER", "local").lower(),
         model=env.get("EP_EMBEDDING_MODEL") or None,
-        dimensions=int(dimensions) if dimensions else None,
+        dimensions=_int(env, "EP_EMBEDDING_DIMENSIONS", 0) or None,
         batch_size=_int(env, "EP_BATCH_SIZE", EmbedderSettings.batch_size),
         openai_base_url=env.get("OPENAI_BASE_URL") or None,
         ollama_host=env.get("OLLAMA_HOST", EmbedderSettings.ollama_host),

@@ -3,9 +3,11 @@
 import dagster as dg
 import numpy as np
 import pytest
+from psycopg import sql
 
+from embedding_pipeline.lib.db import hash_expr, text_expr
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, LocalEmbedder
-from embedding_pipeline.lib.text import compose_text
+from embedding_pipeline.lib.text import compose_text, content_hash
 from embedding_pipeline.resources import EmbedderResource
 
 SEPTEMBER = "2025-09-01"
@@ -120,7 +122,7 @@ def test_bad_embedder_answer_fails_the_run_and_writes_nothing(small_data, defs, 
     assert conn.execute("SELECT id, embedding_model FROM atoms ORDER BY id").fetchall() == before
 
 
-def test_wrong_dimension_is_refused_before_anything_is_written(small_data, defs, instance):
+def test_wrong_dimension_is_refused_before_anything_is_written(small_data, defs, instance, conn):
     class _Wide(Embedder):
         model_id = "test:wide"
         dimension = 768
@@ -132,6 +134,7 @@ def test_wrong_dimension_is_refused_before_anything_is_written(small_data, defs,
         def build(self) -> Embedder:
             return _Wide()
 
+    before = conn.execute("SELECT id, embedding_model, embedded_at FROM topics").fetchall()
     resources = {**defs.resources, "embedder": _WideResource()}
     result = _materialize(
         defs,
@@ -142,6 +145,32 @@ def test_wrong_dimension_is_refused_before_anything_is_written(small_data, defs,
         raise_on_error=False,
     )
     assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "holds vector(384)" in str(failure.step_failure_data.error)
+    assert "768" in str(failure.step_failure_data.error)
+    after = conn.execute("SELECT id, embedding_model, embedded_at FROM topics").fetchall()
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("name", "description"),
+    [("backup", None), ("", "only a description"), ("a\nb", "ü ñ 🙂"), ("  ", "")],
+)
+def test_python_text_and_hash_equal_the_database_expressions(schema, conn, name, description):
+    """What `compose_text`/`content_hash` compute is what the database compares against."""
+    spec = schema.tables["topics"]
+    conn.execute(
+        "INSERT INTO topics (key, name, description) VALUES ('hash-probe', %s, %s)",
+        (name, description),
+    )
+    row = conn.execute(
+        sql.SQL("SELECT {}, {} FROM topics WHERE key = 'hash-probe'").format(
+            text_expr(spec), hash_expr(spec)
+        )
+    ).fetchone()
+    conn.rollback()
+    text = compose_text([name, description])
+    assert row == (text, content_hash(text))
 
 
 def test_embedder_checks_shape_itself():

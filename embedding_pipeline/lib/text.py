@@ -1,4 +1,5 @@
-"""Pure text helpers shared by ingest and the embedding sync."""
+"""Pure text helpers: how requests are split, and the Python twins of the text and hash
+the database computes (`db.text_expr`, `db.hash_expr`) for tools and tests."""
 
 from __future__ import annotations
 

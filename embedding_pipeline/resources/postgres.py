@@ -21,7 +21,3 @@ class PostgresResource(dg.ConfigurableResource):
             yield conn
         finally:
             conn.close()
-
-    @property
-    def display_url(self) -> str:
-        return db.redact_url(self.database_url)
