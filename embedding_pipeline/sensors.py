@@ -29,11 +29,11 @@ import dagster as dg
 from embedding_pipeline.checks import per_run_check_keys
 from embedding_pipeline.lib.extractions import (
     ExtractionCursor,
-    extraction_table_exists,
     initial_cursor,
     read_new_extractions,
     touched_months,
 )
+from embedding_pipeline.lib.schema import relation_exists
 from embedding_pipeline.partitions import partition_key_for
 from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.settings import Settings
@@ -77,7 +77,7 @@ def build_extraction_sensor(
     ) -> dg.SensorResult:
         cursor = ExtractionCursor.parse(context.cursor)
         with postgres.connection(vector=False) as conn:
-            if not extraction_table_exists(conn, settings.extraction_table):
+            if not relation_exists(conn, settings.extraction_table):
                 # every extraction to come is new: the first one must not count as backlog
                 return dg.SensorResult(
                     skip_reason=f"table {settings.extraction_table} does not exist yet",

@@ -100,25 +100,30 @@ class _WrongCount(Embedder):
         return np.ones((len(texts) - 1, 384), dtype=np.float32)
 
 
-class _WrongCountResource(EmbedderResource):
-    def build(self) -> Embedder:
-        return _WrongCount()
+def _failed_run_error(defs, instance, embedder: Embedder, asset: str) -> str:
+    """Materialize `asset`'s October partition with `embedder`; the run must fail: its error."""
 
+    class _Resource(EmbedderResource):
+        def build(self) -> Embedder:
+            return embedder
 
-def test_bad_embedder_answer_fails_the_run_and_writes_nothing(small_data, defs, instance, conn):
-    before = conn.execute("SELECT id, embedding_model FROM atoms ORDER BY id").fetchall()
-    resources = {**defs.resources, "embedder": _WrongCountResource()}
     result = _materialize(
         defs,
-        ["atom_embeddings"],
+        [asset],
         instance,
-        resources=resources,
+        resources={**defs.resources, "embedder": _Resource()},
         partition_key=OCTOBER,
         raise_on_error=False,
     )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "returned 2 vectors for 3 texts" in str(failure.step_failure_data.error)
+    return str(failure.step_failure_data.error)
+
+
+def test_bad_embedder_answer_fails_the_run_and_writes_nothing(small_data, defs, instance, conn):
+    before = conn.execute("SELECT id, embedding_model FROM atoms ORDER BY id").fetchall()
+    error = _failed_run_error(defs, instance, _WrongCount(), "atom_embeddings")
+    assert "returned 2 vectors for 3 texts" in error
     assert conn.execute("SELECT id, embedding_model FROM atoms ORDER BY id").fetchall() == before
 
 
@@ -130,24 +135,10 @@ def test_wrong_dimension_is_refused_before_anything_is_written(small_data, defs,
         def _embed(self, texts):
             raise AssertionError("must not be called")
 
-    class _WideResource(EmbedderResource):
-        def build(self) -> Embedder:
-            return _Wide()
-
     before = conn.execute("SELECT id, embedding_model, embedded_at FROM topics").fetchall()
-    resources = {**defs.resources, "embedder": _WideResource()}
-    result = _materialize(
-        defs,
-        ["topic_embeddings"],
-        instance,
-        resources=resources,
-        partition_key=OCTOBER,
-        raise_on_error=False,
-    )
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "holds vector(384)" in str(failure.step_failure_data.error)
-    assert "768" in str(failure.step_failure_data.error)
+    error = _failed_run_error(defs, instance, _Wide(), "topic_embeddings")
+    assert "holds vector(384)" in error
+    assert "768" in error
     after = conn.execute("SELECT id, embedding_model, embedded_at FROM topics").fetchall()
     assert after == before
 

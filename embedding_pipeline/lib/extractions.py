@@ -83,13 +83,6 @@ def initial_cursor(conn: psycopg.Connection, table: str, *, now: float) -> Extra
     return ExtractionCursor(last_id=last, gaps=gaps)
 
 
-def extraction_table_exists(conn: psycopg.Connection, table: str) -> bool:
-    row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(table).as_string(),)
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def new_extractions_query(table: str) -> sql.Composed:
     """Gap ids that appeared, then the next ids after the cursor: two primary-key lookups.
 

@@ -39,8 +39,9 @@ def hnsw_index_name(spec: TableSpec) -> str:
     return f"{spec.table}_{spec.embedding_column}_hnsw_idx"[:63]
 
 
-def _table_exists(conn: psycopg.Connection, table: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_qualified(table),)).fetchone()
+def relation_exists(conn: psycopg.Connection, name: str) -> bool:
+    """Whether a table or index called `name` exists (on the search path)."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_qualified(name),)).fetchone()
     return bool(row and row[0])
 
 
@@ -168,7 +169,7 @@ def ensure_schema(conn: psycopg.Connection, settings: Settings, dimension: int) 
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         for table, statement in _base_tables(settings):
-            if not _table_exists(conn, table):
+            if not relation_exists(conn, table):
                 conn.execute(statement)
                 report.created_tables.append(table)
         for spec in settings.tables.values():
@@ -244,7 +245,7 @@ def _ensure_embedding_columns(
 def _ensure_index(
     conn: psycopg.Connection, table: str, name: str, definition: sql.Composable
 ) -> bool:
-    if _index_exists(conn, name):
+    if relation_exists(conn, name):
         return False
     conn.execute(
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} {}").format(
@@ -252,11 +253,6 @@ def _ensure_index(
         )
     )
     return True
-
-
-def _index_exists(conn: psycopg.Connection, name: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_qualified(name),)).fetchone()
-    return bool(row and row[0])
 
 
 def index_state(conn: psycopg.Connection, name: str) -> str | None:
@@ -349,7 +345,7 @@ def registered_model(conn: psycopg.Connection, spec: TableSpec) -> str | None:
     """The model `embedding-pipeline model switch` last put into this embedding column, or
     None when no switch ever happened (then any configured model of the column's
     dimension may write)."""
-    if not _table_exists(conn, MODEL_REGISTRY_TABLE):
+    if not relation_exists(conn, MODEL_REGISTRY_TABLE):
         return None
     row = conn.execute(
         sql.SQL("SELECT model_id FROM {} WHERE table_name = %s AND column_name = %s").format(
