@@ -25,6 +25,7 @@ import dagster as dg
 import psycopg
 
 from embedding_pipeline.lib import quality
+from embedding_pipeline.lib.engine import errors as row_errors
 from embedding_pipeline.lib.schema import hnsw_index_name
 from embedding_pipeline.lib.sync import Window
 from embedding_pipeline.partitions import monthly_partitions, window_for
@@ -38,11 +39,21 @@ INDEX_PRESENT = "hnsw_index_present"
 INDEX_USED = "hnsw_index_used"
 RECALL = "search_recall"
 LATENCY = "search_latency"
-CHECK_NAMES = (NO_MISSING, NO_STALE, DIMENSION, INDEX_PRESENT, INDEX_USED, RECALL, LATENCY)
+NO_FAILED = "no_failed_rows"
+CHECK_NAMES = (
+    NO_MISSING,
+    NO_STALE,
+    NO_FAILED,
+    DIMENSION,
+    INDEX_PRESENT,
+    INDEX_USED,
+    RECALL,
+    LATENCY,
+)
 #: Checks that cost a few indexed queries whatever the table size: these run with every
 #: sensor run. Recall and latency sample many searches (seconds at 100k rows) and run on
 #: the checks schedule, from the UI or with `embedding-pipeline check`.
-PER_RUN_CHECKS = (NO_MISSING, NO_STALE, DIMENSION, INDEX_PRESENT, INDEX_USED)
+PER_RUN_CHECKS = (NO_MISSING, NO_STALE, NO_FAILED, DIMENSION, INDEX_PRESENT, INDEX_USED)
 CHECKS_SCHEDULE = "embedding_checks_schedule"
 
 ERROR = dg.AssetCheckSeverity.ERROR
@@ -119,25 +130,36 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
     )
     @_measured
     def no_missing(
-        context: dg.AssetCheckExecutionContext, postgres: PostgresResource
+        context: dg.AssetCheckExecutionContext,
+        postgres: PostgresResource,
+        embedder: EmbedderResource,
     ) -> dg.AssetCheckResult:
         window, label = _run_window(context, partitions_def)
         with postgres.connection(vector=False) as conn:
-            report = quality.count_missing(conn, spec, sample_ids=cfg.sample_ids, window=window)
+            report = quality.count_missing(
+                conn, spec, sample_ids=cfg.sample_ids, model_id=embedder.model_id, window=window
+            )
         metadata: dict[str, Any] = {
             "missing": report.missing,
+            "missing_pending": report.pending,
+            "missing_failed": report.failed,
             "rows": report.rows,
             "sample_ids": _ids(report.sample_ids),
             "sampled": f"whole table counted; first {cfg.sample_ids} missing ids listed",
         }
         severity = ERROR
         description = f"missing {report.missing} of {report.rows} rows"
+        if report.failed:
+            description += f" ({report.pending} pending, {report.failed} failed: no_failed_rows)"
+        if not report.pending:
+            # only refused rows: the errors table and no_failed_rows own them
+            severity = WARN
         if label is not None:
             metadata["run_partitions"] = label
             metadata["missing_in_run_partitions"] = report.missing_in_window or 0
-            if not report.ok and not report.missing_in_window:
+            if not report.ok and not report.pending_in_window:
                 severity = WARN
-                description += f" (none in this run's partitions {label})"
+                description += f" (none pending in this run's partitions {label})"
         if report.sample_ids:
             description += ": ids " + ", ".join(str(i) for i in report.sample_ids)
         return dg.AssetCheckResult(
@@ -152,7 +174,7 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
     )
     @_measured
     def no_stale(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
-        model_id = embedder.build().model_id
+        model_id = embedder.model_id
         with postgres.connection(vector=False) as conn:
             report = quality.count_stale(conn, spec, model_id=model_id, sample_ids=cfg.sample_ids)
         description = f"stale {report.stale} of {report.embedded} embedded rows"
@@ -160,6 +182,12 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             description += (
                 f" ({report.text_changed} text changed, {report.other_model} "
                 f"other model): ids " + ", ".join(str(i) for i in report.sample_ids)
+            )
+        if report.untracked:
+            description += (
+                f"; {report.untracked} of {report.tracking_sampled} sampled rows changed "
+                "without the tracking trigger (disabled triggers or replica mode?): run "
+                "`embedding-pipeline schema` to re-hash them"
             )
         return dg.AssetCheckResult(
             passed=report.ok,
@@ -171,9 +199,54 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
                 "rows": report.rows,
                 "stale_text_changed": report.text_changed,
                 "stale_other_model": report.other_model,
+                "tracking_sampled": report.tracking_sampled,
+                "untracked_rows_in_sample": report.untracked,
                 "model": model_id,
                 "sample_ids": _ids(report.sample_ids),
                 "sampled": f"whole table counted; first {cfg.sample_ids} stale ids listed",
+            },
+        )
+
+    @dg.asset_check(
+        asset=asset,
+        name=NO_FAILED,
+        description=f"No row of `{spec.table}` is recorded as refused by the provider. WARN: "
+        "such rows are skipped until they are due again, their text changes, or "
+        "`embedding-pipeline errors retry` resets them.",
+    )
+    @_measured
+    def no_failed(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
+        model_id = embedder.model_id
+        with postgres.connection(vector=False) as conn:
+            report = row_errors.failed_rows(conn, spec, model_id, sample=cfg.sample_ids)
+        description = f"failed {report.total} rows"
+        if report.total:
+            description += (
+                f" ({report.given_up} given up, {report.retrying} to be tried again): "
+                + "; ".join(f"id {r.row_id}: {r.message[:120]}" for r in report.samples[:3])
+            )
+        return dg.AssetCheckResult(
+            passed=report.total == 0,
+            severity=WARN,
+            description=description,
+            metadata={
+                "failed": report.total,
+                "given_up": report.given_up,
+                "retrying": report.retrying,
+                "model": model_id,
+                "sample_ids": _ids(r.row_id for r in report.samples),
+                "samples": dg.MetadataValue.json(
+                    [
+                        {
+                            "id": r.row_id,
+                            "reason": r.message,
+                            "error_class": r.error_class,
+                            "attempts": r.attempts,
+                        }
+                        for r in report.samples
+                    ]
+                ),
+                "repair": "embedding-pipeline errors list / errors retry --all",
             },
         )
 
@@ -451,7 +524,7 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             },
         )
 
-    return [no_missing, no_stale, dimension, index_present, index_used, recall, latency]
+    return [no_missing, no_stale, no_failed, dimension, index_present, index_used, recall, latency]
 
 
 def build_checks(settings: Settings) -> list[dg.AssetChecksDefinition]:

@@ -80,15 +80,16 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
-    from embedding_pipeline.lib.embedders import expected_dimension
+    from embedding_pipeline.lib.embedders import expected_dimension, expected_model_id
     from embedding_pipeline.lib.schema import ensure_schema
 
     url = _require_database(settings)
     e = settings.embedder
     dimension = expected_dimension(e.provider, e.model, e.dimensions)
+    model_id = expected_model_id(e.provider, e.model, e.dimensions)
     with db.connection(url, vector=False) as conn:
-        report = ensure_schema(conn, settings, dimension)
-    changes = report.created_tables + report.added_columns + report.created_indexes
+        report = ensure_schema(conn, settings, dimension, model_id)
+    changes = report.changes
     print("schema up to date" if not changes else "schema changes: " + ", ".join(changes))
     return 0
 
@@ -293,7 +294,7 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import replace
 
     from embedding_pipeline.lib.model_switch import abort_switch, switch_models
-    from embedding_pipeline.lib.sync import BatchProgress
+    from embedding_pipeline.lib.sync import Progress
 
     url = _require_database(settings)
     specs = list(settings.tables.values())
@@ -312,21 +313,17 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
         ),
     )
     embedder = _embedder(target)
-    batch_size = args.batch_size or settings.embedder.batch_size
+    batch_size = args.batch_size or target.embedder.effective_batch_size
     print(
         f"switching {', '.join(s.table for s in specs)} to {embedder.describe()}; search "
         "keeps the current vectors until the swap"
     )
 
-    def progress(table: str, p: BatchProgress) -> None:
-        if p.batch % 20 == 0:
-            print(
-                f"  {table}: {p.embedded}/{p.pending_at_start} embedded, {p.seconds:.0f}s",
-                file=sys.stderr,
-            )
+    def progress(table: str, p: Progress) -> None:
+        print(f"  {table}: {p.describe()}", file=sys.stderr)
 
     reports = switch_models(
-        url, specs, embedder, settings.hnsw, batch_size=batch_size, on_batch=progress
+        url, specs, embedder, settings.hnsw, batch_size=batch_size, on_progress=progress
     )
     for r in reports:
         previous = f"{r.previous_model or 'nothing'} (vector({r.previous_dimension}))"

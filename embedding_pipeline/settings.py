@@ -41,6 +41,12 @@ class TableSpec:
     hash_column: str = "embedding_hash"
     embedded_at_column: str = "embedded_at"
     extraction_column: str = "extraction_id"
+    #: SHA-256 of the row's current text, kept by a trigger (`schema.ensure_tracking`), so
+    #: that finding rows whose text changed is an index lookup, not a hash of every row.
+    source_hash_column: str = "embedding_source_hash"
+    #: When the row last started to need an embedding (inserted, text changed, vector
+    #: removed); kept by the same trigger, read by the freshness check.
+    pending_since_column: str = "embedding_pending_since"
 
     @property
     def asset_name(self) -> str:
@@ -134,17 +140,44 @@ class EmbeddedDatabaseSettings:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+#: Rows per provider request when EP_BATCH_SIZE is not set: the local model pads each
+#: request to its longest text, OpenAI's fixed cost per request rewards large ones, and
+#: Ollama embeds a request's inputs one after another.
+DEFAULT_BATCH_SIZES = {"local": 64, "openai": 256, "ollama": 32}
+
+
 @dataclass(frozen=True)
 class EmbedderSettings:
-    """Which model embeds; `provider` is one of local, openai, ollama."""
+    """Which model embeds and how hard it may be pushed; `provider` is one of local,
+    openai, ollama. None means the provider's default."""
 
     provider: str = "local"
     model: str | None = None
     dimensions: int | None = None
-    batch_size: int = 64
+    batch_size: int | None = None
+    concurrency: int | None = None
     openai_base_url: str | None = None
     ollama_host: str = "http://127.0.0.1:11434"
+    ollama_max_input_tokens: int | None = None
     timeout_seconds: float = 60.0
+    retry_deadline_seconds: float = 300.0
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size or DEFAULT_BATCH_SIZES.get(self.provider, 64)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What a run does with rows the provider refuses, and how often it reports."""
+
+    row_max_attempts: int = 3
+    row_retry_base_seconds: float = 300.0
+    progress_interval_seconds: float = 5.0
+    #: Rows claimed per claim transaction; None: derived from batch size and concurrency.
+    claim_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +189,7 @@ class Settings:
     hnsw: HnswSettings = field(default_factory=HnswSettings)
     sensor: SensorSettings = field(default_factory=SensorSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     partition_start: str = "2024-01-01"
     extraction_table: str = "extractions"
 
@@ -220,6 +254,14 @@ def _table_from_env(env: Mapping[str, str], key: str, spec: TableSpec) -> TableS
     )
 
 
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    return _int(env, name, 0) or None
+
+
+def _optional_float(env: Mapping[str, str], name: str) -> float | None:
+    return _float(env, name, 0.0) or None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from environment variables (the README's Configuration table)."""
     env = os.environ if env is None else env
@@ -232,10 +274,30 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     embedder = EmbedderSettings(
         provider=env.get("EP_EMBEDDING_PROVIDER", "local").lower(),
         model=env.get("EP_EMBEDDING_MODEL") or None,
-        dimensions=_int(env, "EP_EMBEDDING_DIMENSIONS", 0) or None,
-        batch_size=_int(env, "EP_BATCH_SIZE", EmbedderSettings.batch_size),
+        dimensions=_optional_int(env, "EP_EMBEDDING_DIMENSIONS"),
+        batch_size=_optional_int(env, "EP_BATCH_SIZE"),
+        concurrency=_optional_int(env, "EP_EMBEDDING_CONCURRENCY"),
         openai_base_url=env.get("OPENAI_BASE_URL") or None,
         ollama_host=env.get("OLLAMA_HOST", EmbedderSettings.ollama_host),
+        ollama_max_input_tokens=_optional_int(env, "EP_OLLAMA_MAX_INPUT_TOKENS"),
+        timeout_seconds=_float(
+            env, "EP_EMBEDDING_TIMEOUT_SECONDS", EmbedderSettings.timeout_seconds
+        ),
+        retry_deadline_seconds=_float(
+            env, "EP_RETRY_DEADLINE_SECONDS", EmbedderSettings.retry_deadline_seconds
+        ),
+        requests_per_minute=_optional_float(env, "EP_RATE_LIMIT_REQUESTS_PER_MINUTE"),
+        tokens_per_minute=_optional_float(env, "EP_RATE_LIMIT_TOKENS_PER_MINUTE"),
+    )
+    engine = EngineSettings(
+        row_max_attempts=_int(env, "EP_ROW_MAX_ATTEMPTS", EngineSettings.row_max_attempts),
+        row_retry_base_seconds=_float(
+            env, "EP_ROW_RETRY_BASE_SECONDS", EngineSettings.row_retry_base_seconds
+        ),
+        progress_interval_seconds=_float(
+            env, "EP_PROGRESS_INTERVAL_SECONDS", EngineSettings.progress_interval_seconds
+        ),
+        claim_size=_optional_int(env, "EP_CLAIM_SIZE"),
     )
     tables = {key: _table_from_env(env, key, spec) for key, spec in default_tables().items()}
     return Settings(
@@ -260,6 +322,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             ),
         ),
         checks=_checks_from_env(env),
+        engine=engine,
         partition_start=env.get("EP_PARTITION_START", Settings.partition_start),
         extraction_table=env.get("EP_EXTRACTION_TABLE", Settings.extraction_table),
     )

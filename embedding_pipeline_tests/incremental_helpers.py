@@ -27,7 +27,7 @@ from pydantic import Field
 
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
-from embedding_pipeline.settings import Settings
+from embedding_pipeline.settings import EngineSettings, Settings
 
 DIMENSION = 384
 #: Every text embedded in this process, one list per provider call.
@@ -54,9 +54,11 @@ class HashEmbedder(Embedder):
         self._delay = delay
         self._fail_after = fail_after_calls
         self._log_path = log_path
+        self._calls = 0
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        if self._fail_after is not None and self.stats.calls > self._fail_after:
+        self._calls += 1
+        if self._fail_after is not None and self._calls > self._fail_after:
             raise EmbeddingError(f"{self.model_id}: provider down after {self._fail_after} calls")
         if self._delay:
             time.sleep(self._delay)
@@ -80,6 +82,10 @@ class HashEmbedderResource(EmbedderResource):
     delay: float = 0.0
     fail_after_calls: int = -1
     log_path: str = ""
+
+    @property
+    def model_id(self) -> str:
+        return self.model_tag
 
     def build(self) -> Embedder:
         return HashEmbedder(
@@ -181,7 +187,10 @@ def _materialize_main(argv: Sequence[str]) -> int:
         "then wait for GO_FILE to exist before materializing",
     )
     args = parser.parse_args(argv)
-    settings = Settings(database_url=args.database_url)
+    # claims as small as a batch, so that two runs over the same rows take turns
+    settings = Settings(
+        database_url=args.database_url, engine=EngineSettings(claim_size=args.batch_size)
+    )
     resources = {
         "postgres": PostgresResource(database_url=args.database_url),
         "embedder": HashEmbedderResource(

@@ -15,6 +15,7 @@ from embedding_pipeline import checks
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import quality
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
+from embedding_pipeline.lib.sync import lock_namespace
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
 
 MESSAGES = "message_embeddings"
@@ -91,13 +92,13 @@ def embedded(small_data, defs, instance):
     return small_data
 
 
-def test_every_embedding_asset_carries_seven_checks_with_the_intended_blocking(defs):
+def test_every_embedding_asset_carries_eight_checks_with_the_intended_blocking(defs):
     specs = {
         (spec.asset_key.to_user_string(), spec.name): spec
         for c in defs.asset_checks
         for spec in c.check_specs
     }
-    assert len(specs) == 21
+    assert len(specs) == 24
     for asset in (MESSAGES, TOPICS, "atom_embeddings"):
         blocking = {name for name in checks.CHECK_NAMES if specs[(asset, name)].blocking}
         assert blocking == {
@@ -111,7 +112,7 @@ def test_every_embedding_asset_carries_seven_checks_with_the_intended_blocking(d
 
 def test_all_checks_pass_on_a_freshly_embedded_database(embedded, defs, instance, settings):
     run = checks.run_embedding_checks(settings, defs=defs, instance=instance)
-    assert len(run.outcomes) == 21
+    assert len(run.outcomes) == 24
     assert [o for o in run.outcomes if not o.passed] == []
     by_key = {(o.asset, o.check): o for o in run.outcomes}
     assert by_key[(MESSAGES, checks.NO_MISSING)].metadata["missing"] == 0
@@ -121,7 +122,7 @@ def test_all_checks_pass_on_a_freshly_embedded_database(embedded, defs, instance
     assert by_key[(MESSAGES, checks.RECALL)].metadata["recall"] == 1.0
     assert by_key[(MESSAGES, checks.LATENCY)].metadata["p95_ms"] > 0
     lines = checks.summary_lines(run)
-    assert len(lines) == 22
+    assert len(lines) == 25
     assert any("missing 0 of 4 rows" in line for line in lines)
     assert any("recall@10 1.000" in line for line in lines)
     assert any("p95" in line for line in lines)
@@ -151,7 +152,7 @@ def test_missing_embeddings_fail_with_count_and_ids_then_pass(embedded, defs, in
 
 
 def test_missing_check_in_a_partition_run_errors_only_for_its_own_rows(
-    embedded, defs, instance, conn
+    embedded, defs, instance, conn, settings
 ):
     september = _ids(conn, "messages", "sent_at < '2025-10-01'")
     october = _ids(conn, "messages", "sent_at >= '2025-10-01'")
@@ -179,16 +180,37 @@ def test_missing_check_in_a_partition_run_errors_only_for_its_own_rows(
     assert _meta(evaluation)["sample_ids"] == [september[0]]
     assert result.success, "rows of other months do not fail this month's run"
 
-    _sql(conn, f"UPDATE messages SET content = '', embedding = NULL WHERE id = {october[0]}")  # noqa: S608
-    result, evaluation = october_run()
+    # a row of the run's own month left pending (another session holds its claim): ERROR
+    _sql(conn, f"UPDATE messages SET embedding = NULL WHERE id = {october[0]}")  # noqa: S608
+    claim = (lock_namespace(settings.tables["messages"]) << 32) + october[0]
+    _sql(conn, f"SELECT pg_advisory_lock({claim})")
+    try:
+        result, evaluation = october_run()
+    finally:
+        _sql(conn, f"SELECT pg_advisory_unlock({claim})")
     assert not evaluation.passed
     assert evaluation.severity == dg.AssetCheckSeverity.ERROR
     assert _meta(evaluation)["missing_in_run_partitions"] == 1
-    assert not result.success
+    assert _meta(evaluation)["missing_pending"] == 2
+    assert not result.success, "the blocking check fails the run"
+
+    # an empty text cannot be embedded: recorded as failed, so the run goes on with a WARN
+    _sql(conn, f"UPDATE messages SET content = '' WHERE id = {october[0]}")  # noqa: S608
+    result, evaluation = october_run()
+    assert not evaluation.passed
+    assert evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert _meta(evaluation)["missing_in_run_partitions"] == 1
+    assert _meta(evaluation)["missing_failed"] == 1
+    assert result.success
+    failed = _check(defs, instance, MESSAGES, checks.NO_FAILED)
+    assert not failed.passed and failed.severity == dg.AssetCheckSeverity.WARN
+    assert _meta(failed)["sample_ids"] == [october[0]]
+    assert "the text is empty" in (failed.description or "")
 
     _sql(conn, f"UPDATE messages SET content = 'Lunch order for Friday' WHERE id = {october[0]}")  # noqa: S608
     _embed(defs, instance, MESSAGES)
     assert _check(defs, instance, MESSAGES, checks.NO_MISSING).passed
+    assert _check(defs, instance, MESSAGES, checks.NO_FAILED).passed
 
 
 def test_stale_embeddings_warn_for_edited_text_and_other_model_then_pass(
@@ -582,7 +604,7 @@ def test_check_settings_come_from_the_environment():
         load_settings({"EP_CHECK_LATENCY_WARN_MS": "fast"})
 
 
-def test_the_checks_schedule_runs_all_twenty_one_checks(embedded, defs, instance):
+def test_the_checks_schedule_runs_all_twenty_four_checks(embedded, defs, instance):
     schedule = defs.resolve_schedule_def(checks.CHECKS_SCHEDULE)
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedule.cron_schedule == "0 * * * *"
@@ -590,7 +612,7 @@ def test_the_checks_schedule_runs_all_twenty_one_checks(embedded, defs, instance
     result = job.execute_in_process(instance=instance)
     assert result.success
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 21
+    assert len(evaluations) == 24
     assert {e.check_name for e in evaluations} == set(checks.CHECK_NAMES)
     assert all(e.passed for e in evaluations)
     assert not result.get_asset_materialization_events()

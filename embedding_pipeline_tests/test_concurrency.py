@@ -104,10 +104,12 @@ class _EditingEmbedder(HashEmbedder):
         super().__init__()
         self._url = url
         self._row_id = row_id
+        self._edited = False
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         vectors = super()._embed(texts)
-        if self.stats.calls == 1:
+        if not self._edited:
+            self._edited = True
             with db.connection(self._url, vector=False, autocommit=True) as other:
                 other.execute(
                     "UPDATE messages SET content = 'edited mid-run' WHERE id = %s", (self._row_id,)

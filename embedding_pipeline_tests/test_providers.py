@@ -25,6 +25,7 @@ from werkzeug import Request, Response
 from embedding_pipeline.assets import build_embedding_asset
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, build_embedder
+from embedding_pipeline.lib.engine.retry import RetryPolicy
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
@@ -90,8 +91,10 @@ class Provider:
     error: Callable[[str], dict[str, Any]]
 
     def build(self, base_url: str, **options: Any) -> Embedder:
+        """The embedder, by default without retries (each failure surfaces at once)."""
         options.setdefault("model", self.model)
         options.setdefault("timeout", 5.0)
+        options.setdefault("retry", RetryPolicy(deadline_seconds=0))
         if self.name == "openai":
             return build_embedder(
                 "openai",
@@ -235,7 +238,12 @@ def test_openai_malformed_answers_are_embedding_errors(
 def test_openai_key_and_url_credentials_stay_out_of_errors_and_repr() -> None:
     url = f"http://user:url-password@127.0.0.1:{closed_port()}/v1?token=query-secret"
     embedder = build_embedder(
-        "openai", model=OPENAI_MODEL, openai_api_key=SECRET, openai_base_url=url, timeout=2
+        "openai",
+        model=OPENAI_MODEL,
+        openai_api_key=SECRET,
+        openai_base_url=url,
+        timeout=2,
+        retry=RetryPolicy(deadline_seconds=0),
     )
     with pytest.raises(EmbeddingError, match="unreachable") as raised:
         embedder.embed(["a"])
@@ -678,7 +686,7 @@ def test_dagster_run_fails_cleanly_and_writes_nothing(
     error = failure.step_failure_data.error
     assert error is not None
     assert re.search(match, error.message), error.message
-    assert "nothing from this batch was written" in error.message
+    assert "its rows were not written" in error.message
     assert comparable(messages(conn)) == before
 
 

@@ -43,6 +43,7 @@ def test_creates_tables_columns_and_hnsw_indexes(fresh_database_url):
             "topics",
             "atoms",
             "atoms_messages",
+            "embedding_errors",
         }
         for table in ("messages", "topics", "atoms"):
             assert set(_columns(conn, table)) >= EXPECTED_COLUMNS

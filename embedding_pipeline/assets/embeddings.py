@@ -2,14 +2,21 @@
 
 Each run owns the rows of its month partition(s), embeds those whose embedding is missing,
 made from other text, or made by another model, and writes them back in committed
-batches (see `lib/sync.py`). Re-running an up-to-date partition calls no provider.
+batches (see `lib/sync.py`). Re-running an up-to-date partition calls no provider. Rows
+the provider refuses are recorded in the errors table and the run goes on; it fails only
+when the provider cannot embed at all (unreachable past the retry deadline, key or model
+refused), keeping what it wrote.
 """
 
+from typing import Any
+
 import dagster as dg
+import psycopg
 
 from embedding_pipeline.lib.embedders import EmbeddingError
+from embedding_pipeline.lib.engine.errors import RowErrorPolicy
 from embedding_pipeline.lib.schema import SchemaError, ensure_schema
-from embedding_pipeline.lib.sync import BatchProgress, sync_embeddings
+from embedding_pipeline.lib.sync import EngineOptions, Progress, SyncResult, sync_embeddings
 from embedding_pipeline.partitions import window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec
@@ -20,6 +27,59 @@ from embedding_pipeline.settings import Settings, TableSpec
 #: range into runs; and `dg launch --partition-range` (which runs in-process) accepts only
 #: single-run assets. The reasoning and the alternatives are in docs/operations.md.
 BACKFILL_POLICY = dg.BackfillPolicy.single_run()
+
+
+def engine_options(settings: Settings, embedder: EmbedderResource) -> EngineOptions:
+    """The engine's options for a run, from the settings and the embedder resource."""
+    e = settings.engine
+    return EngineOptions(
+        batch_size=embedder.effective_batch_size,
+        concurrency=embedder.concurrency,
+        row_errors=RowErrorPolicy(
+            max_attempts=e.row_max_attempts, retry_base_seconds=e.row_retry_base_seconds
+        ),
+        progress_interval_seconds=e.progress_interval_seconds,
+        claim_size=e.claim_size,
+    )
+
+
+def provider_pool(settings: Settings) -> str:
+    """The Dagster concurrency pool of the configured provider: its limit (set on the
+    instance, docs/operations.md) caps the runs calling that provider at once."""
+    return f"embeddings_{settings.embedder.provider}"
+
+
+def result_metadata(result: SyncResult) -> dict[str, Any]:
+    """What an operator wants to see of a run over one or more partitions."""
+    return {
+        "rows_in_partition": result.rows_in_window,
+        "rows_embedded": result.embedded,
+        "rows_skipped_up_to_date": result.skipped_up_to_date,
+        "rows_failed": result.failed,
+        "failed_samples": dg.MetadataValue.json(
+            [{"id": rid, "reason": reason} for rid, reason in result.failed_samples[:10]]
+        ),
+        "rows_failed_empty_text": len(result.empty_text_ids),
+        "rows_truncated": result.truncated,
+        "rows_changed_during_run": result.changed_during_run,
+        "rows_skipped_locked": result.skipped_locked,
+        "rows_stale_model_at_start": result.stale_model_at_start,
+        "index_strategy": result.index_strategy,
+        "index_build_seconds": round(result.index_seconds, 3),
+        "seconds_without_index": round(result.seconds_without_index, 3),
+        "model": result.model_id,
+        "dimension": result.dimension,
+        "claims": result.claims,
+        "provider_requests": result.provider_requests,
+        "isolation_requests": result.isolation_requests,
+        "retries": result.retries,
+        "retry_seconds_waited": round(result.retry_seconds, 3),
+        "rate_limit_seconds_waited": round(result.rate_limit_seconds, 3),
+        "reconnects": result.reconnects,
+        "estimated_tokens": result.estimated_tokens,
+        "seconds": round(result.seconds, 3),
+        "rows_per_second": round(result.rows_per_second, 1),
+    }
 
 
 def build_embedding_asset(
@@ -33,6 +93,7 @@ def build_embedding_asset(
         deps=[dg.AssetKey(source)],
         partitions_def=partitions_def,
         backfill_policy=BACKFILL_POLICY,
+        pool=provider_pool(settings),
         group_name="embeddings",
         kinds={"postgres", "pgvector"},
         description=f"Embedding vectors of `{spec.table}`, kept current per month partition.",
@@ -49,28 +110,26 @@ def build_embedding_asset(
             else f"{partitions.start}..{partitions.end}"
         )
 
-        def progress(p: BatchProgress) -> None:
-            context.log.info(
-                f"{spec.table} {label}: batch {p.batch}, {p.embedded}/{p.pending_at_start} "
-                f"embedded, {p.seconds:.1f}s"
-            )
+        def progress(p: Progress) -> None:
+            context.log.info(f"{spec.table} {label}: {p.describe()}")
 
         try:
             with postgres.connection(vector=False) as conn:
-                ensure_schema(conn, settings, model.dimension)
+                ensure_schema(conn, settings, model.dimension, model.model_id)
             with postgres.connection() as conn:
                 result = sync_embeddings(
                     conn,
                     spec,
                     model,
                     window,
-                    batch_size=embedder.batch_size,
-                    on_batch=progress,
+                    options=engine_options(settings, embedder),
+                    on_progress=progress,
                     index=settings.hnsw,
+                    reconnect=postgres.connect,
                 )
-        except (EmbeddingError, SchemaError) as exc:
+        except (EmbeddingError, SchemaError, psycopg.OperationalError) as exc:
             raise dg.Failure(
-                description=str(exc),
+                description=_one_line(str(exc)),
                 metadata={
                     "table": spec.table,
                     "model": model.model_id,
@@ -83,36 +142,20 @@ def build_embedding_asset(
                 f"and were re-embedded in place with {model.model_id}: while that happens the "
                 "column mixes two models; `embedding-pipeline model switch` avoids it."
             )
-        if result.empty_text_ids:
+        if result.failed:
+            samples = ", ".join(f"{rid} ({why})" for rid, why in result.failed_samples[:5])
             context.log.warning(
-                f"{len(result.empty_text_ids)} {spec.table} rows have empty text and were not "
-                f"embedded: ids {result.empty_text_ids[:20]}"
+                f"{result.failed} {spec.table} rows could not be embedded and are recorded in "
+                f"the errors table (`embedding-pipeline errors list`): {samples}"
             )
         context.log.info(
-            f"{spec.table} {label}: embedded {result.embedded}, up to date "
-            f"{result.skipped_up_to_date}, in {result.seconds:.2f}s"
+            f"{spec.table} {label}: embedded {result.embedded}, failed {result.failed}, up to "
+            f"date {result.skipped_up_to_date}, in {result.seconds:.2f}s"
         )
-        return dg.MaterializeResult(
-            metadata={
-                "rows_in_partition": result.rows_in_window,
-                "rows_embedded": result.embedded,
-                "rows_skipped_up_to_date": result.skipped_up_to_date,
-                "rows_failed_empty_text": len(result.empty_text_ids),
-                "rows_changed_during_run": result.changed_during_run,
-                "rows_skipped_locked": result.skipped_locked,
-                "rows_stale_model_at_start": result.stale_model_at_start,
-                "index_strategy": result.index_strategy,
-                "index_build_seconds": round(result.index_seconds, 3),
-                "model": result.model_id,
-                "dimension": result.dimension,
-                "batches": result.batches,
-                "provider_requests": result.provider_requests,
-                "estimated_tokens": result.estimated_tokens,
-                "seconds": round(result.seconds, 3),
-                "rows_per_second": round(result.embedded / result.seconds, 1)
-                if result.seconds and result.embedded
-                else 0.0,
-            }
-        )
+        return dg.MaterializeResult(metadata=result_metadata(result))
 
     return _embeddings
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

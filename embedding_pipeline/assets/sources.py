@@ -40,7 +40,7 @@ def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.Ass
         previous_max_id = _previous_value(context, "max_id")
         previous_extraction = _previous_value(context, "latest_extraction_id")
         with postgres.connection(vector=False) as conn:
-            report = ensure_schema(conn, settings, embedder.dimension)
+            report = ensure_schema(conn, settings, embedder.dimension, embedder.model_id)
             table = sql.Identifier(spec.table)
             id_col = sql.Identifier(spec.id_column)
             extraction_col = sql.Identifier(spec.extraction_column)
@@ -66,7 +66,7 @@ def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.Ass
             backlog = table_backlog(
                 conn,
                 spec,
-                embedder.build().model_id,
+                embedder.model_id,
                 lambda month: partition_key_for(partitions_def, month),
             )
         context.log.info(f"{spec.table}: {count} rows, {changed[0]} new, {changed[1]} changed")
@@ -85,10 +85,7 @@ def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.Ass
                 "backlog_by_partition": dg.MetadataValue.json(
                     [r.as_dict() for r in backlog if r.needs_embedding]
                 ),
-                "schema_changes": ", ".join(
-                    report.created_tables + report.added_columns + report.created_indexes
-                )
-                or "none",
+                "schema_changes": ", ".join(report.changes) or "none",
             }
         )
 

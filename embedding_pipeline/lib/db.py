@@ -84,21 +84,27 @@ def hash_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:
     return sql.SQL("encode(sha256(convert_to({}, 'UTF8')), 'hex')").format(text_expr(spec, alias))
 
 
-def needs_embedding_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:
-    """True where the row has no embedding, its text changed since, or another model made it.
+def needs_embedding_expr(
+    spec: TableSpec, alias: str | None = None, *, model_id: str
+) -> sql.Composable:
+    """True where the row has no embedding, its text changed since (the stored source hash,
+    kept by the tracking trigger, differs from the hash of the embedded text), or another
+    model made it.
 
-    The configured model id is the `%(model_id)s` parameter.
-    """
+    Reads stored columns only, so no row's text is hashed. The model id is written as a
+    literal, not a parameter: the planner then proves that a query filtering on this
+    expression can use the partial "pending" index built on the very same expression
+    (`schema.ensure_pending_index`)."""
 
     def col(name: str) -> sql.Composable:
         return sql.Identifier(alias, name) if alias else sql.Identifier(name)
 
     return sql.SQL(
-        "({emb} IS NULL OR {model} IS DISTINCT FROM %(model_id)s "
-        "OR {hash} IS DISTINCT FROM {current})"
+        "({emb} IS NULL OR {hash} IS DISTINCT FROM {source} OR {model} IS DISTINCT FROM {m})"
     ).format(
         emb=col(spec.embedding_column),
-        model=col(spec.model_column),
         hash=col(spec.hash_column),
-        current=hash_expr(spec, alias),
+        source=col(spec.source_hash_column),
+        model=col(spec.model_column),
+        m=sql.Literal(model_id),
     )

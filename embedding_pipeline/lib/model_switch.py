@@ -36,7 +36,7 @@ from embedding_pipeline.lib.schema import (
     registered_model,
     vector_column_dimension,
 )
-from embedding_pipeline.lib.sync import BatchProgress, SyncResult, Window, sync_embeddings
+from embedding_pipeline.lib.sync import Progress, SyncResult, Window, sync_embeddings
 from embedding_pipeline.settings import HnswSettings, TableSpec
 
 SHADOW_SUFFIX = "_next"
@@ -169,7 +169,7 @@ def fill_shadow(
     embedder: Embedder,
     *,
     batch_size: int,
-    on_batch: Callable[[BatchProgress], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
     max_passes: int = 5,
 ) -> list[SyncResult]:
     """Embed every row into the shadow columns; passes repeat while a pass found rows
@@ -177,7 +177,12 @@ def fill_shadow(
     results = []
     for _ in range(max_passes):
         result = sync_embeddings(
-            conn, shadow_spec(spec), embedder, Window(), batch_size=batch_size, on_batch=on_batch
+            conn,
+            shadow_spec(spec),
+            embedder,
+            Window(),
+            batch_size=batch_size,
+            on_progress=on_progress,
         )
         results.append(result)
         if not (result.skipped_locked or result.changed_during_run):
@@ -267,7 +272,7 @@ def switch_models(
     hnsw: HnswSettings,
     *,
     batch_size: int,
-    on_batch: Callable[[str, BatchProgress], None] | None = None,
+    on_progress: Callable[[str, Progress], None] | None = None,
 ) -> list[SwitchReport]:
     """The whole switch: shadows for every table, filled, indexed, caught up, then all
     swapped in at once (the configuration is global, so every table changes together)."""
@@ -286,8 +291,10 @@ def switch_models(
 
     def fill(conn: psycopg.Connection, spec: TableSpec) -> None:
         report = reports[spec.table]
-        progress = None if on_batch is None else (lambda p: on_batch(spec.table, p))
-        for result in fill_shadow(conn, spec, embedder, batch_size=batch_size, on_batch=progress):
+        progress = None if on_progress is None else (lambda p: on_progress(spec.table, p))
+        for result in fill_shadow(
+            conn, spec, embedder, batch_size=batch_size, on_progress=progress
+        ):
             report.embedded += result.embedded
             report.provider_requests += result.provider_requests
             report.passes += 1

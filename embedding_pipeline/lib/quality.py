@@ -25,6 +25,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr
+from embedding_pipeline.lib.engine.errors import blocked_expr
 from embedding_pipeline.lib.schema import vector_column_dimension
 from embedding_pipeline.lib.search import nearest_query, set_ef_search
 from embedding_pipeline.lib.sync import Window
@@ -73,34 +74,55 @@ def _array(value: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MissingReport:
-    """Rows with a NULL embedding: in the whole table and, when asked, in one window."""
+    """Rows with a NULL embedding: in the whole table and, when asked, in one window.
+    `failed` of them are recorded in the errors table (the provider refused their text);
+    the others are pending."""
 
     table: str
     rows: int
     missing: int
     sample_ids: list[int]
     missing_in_window: int | None = None
+    failed: int = 0
+    failed_in_window: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.missing == 0
 
+    @property
+    def pending(self) -> int:
+        return self.missing - self.failed
+
+    @property
+    def pending_in_window(self) -> int:
+        return (self.missing_in_window or 0) - (self.failed_in_window or 0)
+
 
 def count_missing(
-    conn: psycopg.Connection, spec: TableSpec, *, sample_ids: int, window: Window | None = None
+    conn: psycopg.Connection,
+    spec: TableSpec,
+    *,
+    sample_ids: int,
+    model_id: str,
+    window: Window | None = None,
 ) -> MissingReport:
-    """Count NULL embeddings (one pass over the table) and list the first `sample_ids` ids.
+    """Count NULL embeddings (one pass over the table), those of them recorded as failed,
+    and list the first `sample_ids` ids.
 
     `window` additionally counts the missing rows a partitioned run was responsible for.
     """
     emb = sql.Identifier("t", spec.embedding_column)
     where, params = window.clause(spec, "t") if window is not None else (sql.SQL("FALSE"), {})
+    failed = blocked_expr(spec, model_id)
     with _own_transaction(conn):
         row = conn.execute(
             sql.SQL(
                 "SELECT count(*), count(*) FILTER (WHERE {emb} IS NULL), "
-                "count(*) FILTER (WHERE {emb} IS NULL AND {where}) FROM {table} t"
-            ).format(emb=emb, where=where, table=_table(spec)),
+                "count(*) FILTER (WHERE {emb} IS NULL AND {where}), "
+                "count(*) FILTER (WHERE {emb} IS NULL AND {failed}), "
+                "count(*) FILTER (WHERE {emb} IS NULL AND {where} AND {failed}) FROM {table} t"
+            ).format(emb=emb, where=where, failed=failed, table=_table(spec)),
             params,
         ).fetchone()
         assert row is not None
@@ -121,12 +143,19 @@ def count_missing(
         missing=int(row[1]),
         sample_ids=ids,
         missing_in_window=int(row[2]) if window is not None else None,
+        failed=int(row[3]),
+        failed_in_window=int(row[4]) if window is not None else None,
     )
 
 
 @dataclass(frozen=True)
 class StaleReport:
-    """Embedded rows whose vector no longer matches the text or the configured model."""
+    """Embedded rows whose vector no longer matches the text or the configured model.
+
+    Staleness is read from the stored source hash the tracking trigger keeps (no row is
+    hashed); `untracked` counts sampled rows whose stored source hash differs from the
+    hash of their text, which only happens when writes bypass the trigger (disabled
+    triggers, `session_replication_role = replica`)."""
 
     table: str
     model_id: str
@@ -136,38 +165,45 @@ class StaleReport:
     text_changed: int
     other_model: int
     sample_ids: list[int]
+    tracking_sampled: int = 0
+    untracked: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.stale == 0
+        return self.stale == 0 and self.untracked == 0
 
 
 def count_stale(
-    conn: psycopg.Connection, spec: TableSpec, *, model_id: str, sample_ids: int
+    conn: psycopg.Connection,
+    spec: TableSpec,
+    *,
+    model_id: str,
+    sample_ids: int,
+    tracking_sample: int = 1000,
 ) -> StaleReport:
     """Count stale embeddings by `needs_embedding_expr` (the rule the sync itself uses),
-    split by reason; a row can be stale for both reasons."""
+    split by reason (a row can be stale for both), and check the tracking trigger on a
+    sample of `tracking_sample` rows."""
     emb = sql.Identifier(spec.embedding_column)
     model = sql.Identifier(spec.model_column)
-    stored_hash = sql.Identifier(spec.hash_column)
-    params = {"model_id": model_id}
+    needs = needs_embedding_expr(spec, model_id=model_id)
     with _own_transaction(conn):
         row = conn.execute(
             sql.SQL(
                 "SELECT count(*), count(*) FILTER (WHERE {emb} IS NOT NULL), "
                 "count(*) FILTER (WHERE {emb} IS NOT NULL AND {needs}), "
-                "count(*) FILTER (WHERE {emb} IS NOT NULL AND {hash} IS DISTINCT FROM {current}), "
+                "count(*) FILTER (WHERE {emb} IS NOT NULL AND {hash} IS DISTINCT FROM {source}), "
                 "count(*) FILTER (WHERE {emb} IS NOT NULL AND {model} IS DISTINCT FROM "
                 "%(model_id)s) FROM {table}"
             ).format(
                 emb=emb,
-                needs=needs_embedding_expr(spec),
-                hash=stored_hash,
-                current=hash_expr(spec),
+                needs=needs,
+                hash=sql.Identifier(spec.hash_column),
+                source=sql.Identifier(spec.source_hash_column),
                 model=model,
                 table=_table(spec),
             ),
-            params,
+            {"model_id": model_id},
         ).fetchone()
         assert row is not None
         ids: list[int] = []
@@ -179,14 +215,31 @@ def count_stale(
                         "SELECT {id} FROM {table} WHERE {emb} IS NOT NULL AND {needs} "
                         "ORDER BY {id} LIMIT %(n)s"
                     ).format(
-                        id=sql.Identifier(spec.id_column),
-                        table=_table(spec),
-                        emb=emb,
-                        needs=needs_embedding_expr(spec),
+                        id=sql.Identifier(spec.id_column), table=_table(spec), emb=emb, needs=needs
                     ),
-                    {**params, "n": sample_ids},
+                    {"n": sample_ids},
                 ).fetchall()
             ]
+        estimate = conn.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)",
+            (_table(spec).as_string(),),
+        ).fetchone()
+        estimated_rows = float(estimate[0]) if estimate and estimate[0] > 0 else 0.0
+        percent = (
+            100.0 if estimated_rows <= 0 else min(100.0, 300.0 * tracking_sample / estimated_rows)
+        )
+        tracking = conn.execute(
+            sql.SQL(
+                "SELECT count(*), count(*) FILTER (WHERE {source} IS DISTINCT FROM {current}) "
+                "FROM (SELECT * FROM {table} TABLESAMPLE SYSTEM (%(percent)s) LIMIT %(n)s) t"
+            ).format(
+                source=sql.Identifier(spec.source_hash_column),
+                current=hash_expr(spec),
+                table=_table(spec),
+            ),
+            {"n": tracking_sample, "percent": percent},
+        ).fetchone()
+        assert tracking is not None
     return StaleReport(
         table=spec.table,
         model_id=model_id,
@@ -196,6 +249,8 @@ def count_stale(
         text_changed=int(row[3]),
         other_model=int(row[4]),
         sample_ids=ids,
+        tracking_sampled=int(tracking[0]),
+        untracked=int(tracking[1]),
     )
 
 

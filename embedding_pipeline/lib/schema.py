@@ -12,12 +12,18 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr
 from embedding_pipeline.settings import HnswSettings, Settings, TableSpec
 
 # Advisory lock key held while the schema changes, so concurrent runs do not race.
 SCHEMA_LOCK_KEY = 7_318_004_211
 #: Which model each embedding column belongs to, written by `model switch` (lib/model_switch.py).
 MODEL_REGISTRY_TABLE = "embedding_models"
+#: Rows a provider refused to embed, with the reason and when they are tried again
+#: (lib/engine/errors.py).
+ERRORS_TABLE = "embedding_errors"
+#: Bumped when the tracking trigger's body changes, so `ensure_schema` replaces it.
+TRACKING_VERSION = 1
 
 
 class SchemaError(RuntimeError):
@@ -29,14 +35,34 @@ class SchemaReport:
     created_tables: list[str] = field(default_factory=list)
     added_columns: list[str] = field(default_factory=list)
     created_indexes: list[str] = field(default_factory=list)
+    created_triggers: list[str] = field(default_factory=list)
+
+    @property
+    def changes(self) -> list[str]:
+        return (
+            self.created_tables
+            + self.added_columns
+            + self.created_indexes
+            + [f"trigger {name}" for name in self.created_triggers]
+        )
 
     @property
     def changed(self) -> bool:
-        return bool(self.created_tables or self.added_columns or self.created_indexes)
+        return bool(self.changes)
 
 
 def hnsw_index_name(spec: TableSpec) -> str:
     return f"{spec.table}_{spec.embedding_column}_hnsw_idx"[:63]
+
+
+def pending_index_name(spec: TableSpec, model_id: str) -> str:
+    """The pending index of one model: a short hash of the model id tells them apart."""
+    tag = zlib.crc32(model_id.encode()) & 0xFFFFFF
+    return f"{spec.table}_{spec.embedding_column}_pending_{tag:06x}"
+
+
+def tracking_function_name(spec: TableSpec) -> str:
+    return f"{spec.table}_embedding_tracking"
 
 
 def relation_exists(conn: psycopg.Connection, name: str) -> bool:
@@ -157,23 +183,50 @@ def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
     ]
 
 
-def ensure_schema(conn: psycopg.Connection, settings: Settings, dimension: int) -> SchemaReport:
-    """Create the extension, tables, bookkeeping columns and indexes that are missing.
+def _errors_table() -> sql.Composed:
+    return sql.SQL("""
+        CREATE TABLE IF NOT EXISTS {} (
+            table_name text NOT NULL,
+            column_name text NOT NULL,
+            row_id bigint NOT NULL,
+            source_hash text,
+            model_id text NOT NULL,
+            error_class text NOT NULL,
+            message text NOT NULL,
+            attempts integer NOT NULL DEFAULT 1,
+            first_seen timestamptz NOT NULL DEFAULT now(),
+            last_seen timestamptz NOT NULL DEFAULT now(),
+            next_attempt_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (table_name, column_name, row_id)
+        )""").format(sql.Identifier(ERRORS_TABLE))
+
+
+def ensure_schema(
+    conn: psycopg.Connection, settings: Settings, dimension: int, model_id: str | None = None
+) -> SchemaReport:
+    """Create the extension, tables, bookkeeping columns, tracking triggers and indexes that
+    are missing.
 
     Safe to run any number of times and concurrently; commits on success. Raises
     `SchemaError` when an existing embedding column has another dimension than `dimension`
-    (changing models is a separate, explicit operation).
+    (changing models is a separate, explicit operation). With `model_id`, each table gets
+    the partial index of the rows that need embedding by that model (rebuilt when the
+    configured model changes).
     """
     report = SchemaReport()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        for table, statement in _base_tables(settings):
+        for table, statement in [*_base_tables(settings), (ERRORS_TABLE, _errors_table())]:
             if not relation_exists(conn, table):
                 conn.execute(statement)
                 report.created_tables.append(table)
         for spec in settings.tables.values():
             _ensure_embedding_columns(conn, settings, spec, dimension, report)
+            if ensure_tracking(conn, spec):
+                report.created_triggers.append(tracking_function_name(spec))
+            if model_id is not None and ensure_pending_index(conn, spec, model_id):
+                report.created_indexes.append(pending_index_name(spec, model_id))
     conn.commit()
     return report
 
@@ -199,6 +252,8 @@ def _ensure_embedding_columns(
         (spec.model_column, sql.SQL("text")),
         (spec.hash_column, sql.SQL("text")),
         (spec.embedded_at_column, sql.SQL("timestamptz")),
+        (spec.source_hash_column, sql.SQL("text")),
+        (spec.pending_since_column, sql.SQL("timestamptz")),
         (
             spec.extraction_column,
             sql.SQL("bigint REFERENCES {} (id)").format(sql.Identifier(settings.extraction_table)),
@@ -354,3 +409,173 @@ def registered_model(conn: psycopg.Connection, spec: TableSpec) -> str | None:
         (spec.table, spec.embedding_column),
     ).fetchone()
     return str(row[0]) if row else None
+
+
+def _tracking_fingerprint(spec: TableSpec) -> str:
+    """Names everything the trigger body depends on; a change means a new body and new
+    source hashes."""
+    parts = [
+        str(TRACKING_VERSION),
+        ",".join(spec.text_columns),
+        spec.embedding_column,
+        spec.source_hash_column,
+        spec.pending_since_column,
+    ]
+    return "embedding_pipeline tracking " + "|".join(parts)
+
+
+def _tracking_body(spec: TableSpec) -> sql.Composed:
+    new = [sql.Identifier("new", c) for c in spec.text_columns]
+    old = [sql.Identifier("old", c) for c in spec.text_columns]
+    unchanged = sql.SQL(" AND ").join(
+        sql.SQL("{} IS NOT DISTINCT FROM {}").format(n, o) for n, o in zip(new, old, strict=True)
+    )
+    source = sql.Identifier(spec.source_hash_column)
+    since = sql.Identifier(spec.pending_since_column)
+    emb = sql.Identifier(spec.embedding_column)
+    return sql.SQL("""
+        CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $body$
+        BEGIN
+            IF TG_OP = 'UPDATE' AND {unchanged}
+               AND new.{source} IS NOT DISTINCT FROM old.{source} THEN
+                IF new.{emb} IS NULL AND old.{emb} IS NOT NULL THEN
+                    new.{since} := now();
+                END IF;
+                RETURN new;
+            END IF;
+            new.{source} := {hash};
+            IF TG_OP = 'INSERT' OR new.{source} IS DISTINCT FROM old.{source} THEN
+                new.{since} := now();
+            END IF;
+            RETURN new;
+        END
+        $body$""").format(
+        fn=sql.Identifier(tracking_function_name(spec)),
+        unchanged=unchanged,
+        source=source,
+        since=since,
+        emb=emb,
+        hash=hash_expr(spec, "new"),
+    )
+
+
+def ensure_tracking(conn: psycopg.Connection, spec: TableSpec) -> bool:
+    """Install (or bring up to date) the trigger that keeps each row's source hash and
+    pending-since time, and fill both for rows written before it existed; True if it
+    changed anything.
+
+    The trigger fires on every INSERT and UPDATE of the table, whoever writes it (the
+    application, `ingest`, a hand-written SQL fix), and hashes the text only when a text
+    column changed. It names no columns in its event list, so columns can be dropped or
+    renamed (a model switch does) without touching it.
+    """
+    name = tracking_function_name(spec)
+    fingerprint = _tracking_fingerprint(spec)
+    row = conn.execute(
+        "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p "
+        "WHERE p.proname = %s AND p.pronamespace = current_schema()::regnamespace",
+        (name,),
+    ).fetchone()
+    trigger = conn.execute(
+        "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s",
+        (_qualified(spec.table), name),
+    ).fetchone()
+    if row is not None and row[0] == fingerprint and trigger is not None:
+        return False
+    table = sql.Identifier(spec.table)
+    source = sql.Identifier(spec.source_hash_column)
+    conn.execute(
+        sql.SQL(
+            "UPDATE {t} SET {source} = {hash}, {since} = coalesce({since}, now()) "
+            "WHERE {source} IS DISTINCT FROM {hash}"
+        ).format(
+            t=table,
+            source=source,
+            since=sql.Identifier(spec.pending_since_column),
+            hash=hash_expr(spec),
+        )
+    )
+    conn.execute(_tracking_body(spec))
+    conn.execute(
+        sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
+            sql.Identifier(name), sql.Literal(fingerprint)
+        )
+    )
+    if trigger is None:
+        conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {t} "
+                "FOR EACH ROW EXECUTE FUNCTION {name}()"
+            ).format(name=sql.Identifier(name), t=table)
+        )
+    return True
+
+
+#: How long schema upkeep waits for a table lock before leaving an optional index for
+#: later: a DDL statement waiting for its lock queues the application's queries behind it.
+OPTIONAL_DDL_LOCK_TIMEOUT = "3s"
+_PENDING_COMMENT = "embedding_pipeline: rows needing embedding by "
+
+
+def ensure_pending_index(conn: psycopg.Connection, spec: TableSpec, model_id: str) -> bool:
+    """The partial index of the rows that need embedding by `model_id`, keyed by id with
+    the partition column included; True if built. Pending indexes of other models are
+    dropped.
+
+    It holds only pending rows, so it is empty when everything is current: a run or a
+    sensor tick with nothing to do costs one index probe at any table size. Its predicate
+    is `db.needs_embedding_expr` with the model as a literal, so it belongs to one model.
+    It only makes lookups fast (every query is correct without it), so when a lock is not
+    granted within `OPTIONAL_DDL_LOCK_TIMEOUT` the change is left to the next call instead
+    of making the application wait. Runs in the caller's transaction.
+    """
+    name = pending_index_name(spec, model_id)
+    others = [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = to_regclass(%s) AND obj_description(c.oid, 'pg_class') "
+            "LIKE %s AND c.relname <> %s",
+            (_qualified(spec.table), _PENDING_COMMENT + "%", name),
+        ).fetchall()
+    ]
+    built = False
+    if index_state(conn, name) != "valid":
+        built = _optional_ddl(
+            conn,
+            [
+                sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(name)),
+                sql.SQL("CREATE INDEX {name} ON {t} ({id}) INCLUDE ({part}) WHERE {needs}").format(
+                    name=sql.Identifier(name),
+                    t=sql.Identifier(spec.table),
+                    id=sql.Identifier(spec.id_column),
+                    part=sql.Identifier(spec.partition_column),
+                    needs=needs_embedding_expr(spec, model_id=model_id),
+                ),
+                sql.SQL("COMMENT ON INDEX {} IS {}").format(
+                    sql.Identifier(name), sql.Literal(_PENDING_COMMENT + model_id)
+                ),
+            ],
+        )
+    for other in others:
+        _optional_ddl(conn, [sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(other))])
+    return built
+
+
+def _optional_ddl(conn: psycopg.Connection, statements: list[sql.Composed]) -> bool:
+    """Run `statements` in a savepoint with a short lock timeout; False (and nothing done)
+    when a lock was not granted in time."""
+    row = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
+    previous = str(row[0]) if row else "0"
+    try:
+        with conn.transaction():
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, true)", (OPTIONAL_DDL_LOCK_TIMEOUT,)
+            )
+            for statement in statements:
+                conn.execute(statement)
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,))
+    return True

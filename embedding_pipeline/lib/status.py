@@ -31,7 +31,11 @@ def table_status(conn: psycopg.Connection, spec: TableSpec, model_id: str) -> Ta
         sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE {emb} IS NULL), "
             "count(*) FILTER (WHERE {emb} IS NOT NULL AND {needs}) FROM {table}"
-        ).format(emb=emb, needs=needs_embedding_expr(spec), table=sql.Identifier(spec.table)),
+        ).format(
+            emb=emb,
+            needs=needs_embedding_expr(spec, model_id=model_id),
+            table=sql.Identifier(spec.table),
+        ),
         {"model_id": model_id},
     ).fetchone()
     assert row is not None

@@ -1,21 +1,29 @@
 """Bringing the embeddings of one time window of one table up to date.
 
-The unit of work is a batch, one transaction each:
+The engine keeps several provider requests in flight while the database work (claiming
+rows, writing vectors) goes on beside them, and never holds a transaction open while a
+provider thinks:
 
-1. claim up to `batch_size` rows that need embedding, in id order after the last batch,
-   with a transaction-scoped advisory lock per row (rows another run holds are skipped:
-   two runs never embed the same row at once, and the application's own writes are never
-   blocked);
-2. re-read the claimed rows with a fresh snapshot, dropping any that another run finished
-   meanwhile;
-3. embed them (split into provider requests by the embedder's limits);
-4. COPY the vectors into a temporary table and write them with one UPDATE that only
-   touches rows whose text still hashes to what was embedded (compare-and-set);
-5. commit. A crash loses at most the batch in flight; the next run does only the rest.
+1. **claim** (one short transaction): walk the window's rows that need embedding in id
+   order (the partial "pending" index makes this an index range scan), skip rows whose
+   current text failed and is not due again (the errors table), take a session-level
+   advisory lock per row (rows another run holds are skipped: two runs never embed the
+   same row at once, and the application's own writes are never blocked), and re-read
+   the locked rows' text and source hash with a fresh snapshot, dropping any another run
+   finished meanwhile. Commit; the locks stay with the session.
+2. **embed**: the claimed rows, sorted by text length across the whole claim (so each
+   request pads little), are split into requests within the embedder's limits and sent
+   by up to `concurrency` worker threads. Transient failures are retried inside the
+   embedder; a request the provider refuses is split in halves until the rows it refuses
+   are alone, and those are recorded in the errors table while the rest are written.
+3. **write** (one short transaction per finished request): COPY the vectors into a
+   temporary table and apply them with one UPDATE, by primary key, only where the row's
+   source hash is still the one that was embedded (compare-and-set: text edited
+   meanwhile keeps its new text and stays pending). Commit, then release the rows' locks.
 
-Claims walk the window in id order, `batch_size` candidates at a time, so a batch costs an
-index range scan, not a pass over the whole window, and a second run that finds rows
-locked moves past them to the next ones.
+A crash loses at most the requests in flight; the locks die with the session and the next
+run does only the rest. A lost database connection is re-opened (bounded) and the
+finished vectors in memory are written on the new one.
 
 A run with a large backlog relative to what the HNSW index already holds loads without the
 index and builds it at the end (`CREATE INDEX CONCURRENTLY`): inserting into the graph row
@@ -26,16 +34,22 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr, text_expr
-from embedding_pipeline.lib.embedders.base import Embedder, EmbeddingError, estimate_tokens
+from embedding_pipeline.lib.db import needs_embedding_expr, text_expr
+from embedding_pipeline.lib.embedders.base import Embedder, EmbeddingError, InputRejectedError
+from embedding_pipeline.lib.engine import errors as row_errors
+from embedding_pipeline.lib.engine.errors import RowErrorPolicy, RowFailure
 from embedding_pipeline.lib.schema import (
     SchemaError,
     build_hnsw_index_concurrently,
@@ -78,12 +92,63 @@ class Window:
         return sql.SQL(" AND ").join(parts), params
 
 
-@dataclass
-class BatchProgress:
-    batch: int
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a run spreads its work; every figure is a setting (README, Configuration)."""
+
+    #: Rows per provider request, capped by the embedder's own limits.
+    batch_size: int = 64
+    #: Provider requests in flight at once; None: the embedder's default.
+    concurrency: int | None = None
+    #: Rows claimed per claim transaction; None: enough for every worker twice over, and
+    #: at least 512 so that sorting by length has texts to group.
+    claim_size: int | None = None
+    row_errors: RowErrorPolicy = field(default_factory=RowErrorPolicy)
+    #: Seconds between progress reports (a report per batch would flood the event log).
+    progress_interval_seconds: float = 5.0
+    #: A run whose first this-many isolated rows were all refused, with none embedded,
+    #: stops: the provider refuses everything (a bad model or option), not these rows.
+    refuse_all_after: int = 16
+    #: How long a run tries to get its database connection back before it fails.
+    reconnect_seconds: float = 60.0
+
+    def workers(self, embedder: Embedder) -> int:
+        return max(1, self.concurrency or embedder.default_concurrency)
+
+    def request_rows(self, embedder: Embedder) -> int:
+        return max(1, min(self.batch_size, embedder.max_batch_size))
+
+    def claim_rows(self, embedder: Embedder) -> int:
+        if self.claim_size:
+            return max(1, self.claim_size)
+        return max(512, 2 * self.workers(embedder) * self.request_rows(embedder))
+
+
+@dataclass(frozen=True)
+class Progress:
     embedded: int
+    failed: int
     pending_at_start: int
     seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rows_per_second
+        left = max(0, self.pending_at_start - self.embedded - self.failed)
+        return left / rate if rate > 0 else None
+
+    def describe(self) -> str:
+        eta = self.eta_seconds
+        return (
+            f"{self.embedded}/{self.pending_at_start} embedded"
+            + (f", {self.failed} failed" if self.failed else "")
+            + f", {self.rows_per_second:.0f} rows/s, {self.seconds:.0f}s"
+            + (f", about {eta:.0f}s left" if eta is not None and self.embedded else "")
+        )
 
 
 IndexStrategy = Literal["unchanged", "incremental", "built after load"]
@@ -100,17 +165,30 @@ class SyncResult:
     embedded: int = 0
     changed_during_run: int = 0
     skipped_locked: int = 0
+    failed: int = 0
+    failed_samples: list[tuple[int, str]] = field(default_factory=list)
     empty_text_ids: list[int] = field(default_factory=list)
-    batches: int = 0
+    claims: int = 0
     provider_requests: int = 0
+    isolation_requests: int = 0
     estimated_tokens: int = 0
+    truncated: int = 0
+    retries: int = 0
+    retry_seconds: float = 0.0
+    rate_limit_seconds: float = 0.0
+    reconnects: int = 0
     index_strategy: IndexStrategy = "unchanged"
     index_seconds: float = 0.0
+    seconds_without_index: float = 0.0
     seconds: float = 0.0
 
     @property
     def skipped_up_to_date(self) -> int:
         return self.rows_in_window - self.pending_at_start
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds and self.embedded else 0.0
 
 
 def lock_namespace(spec: TableSpec) -> int:
@@ -133,7 +211,7 @@ def count_window(
             "count(*) FILTER (WHERE {model} IS DISTINCT FROM %(model_id)s "
             "AND {emb} IS NOT NULL) FROM {table} t WHERE {where}"
         ).format(
-            needs=needs_embedding_expr(spec, "t"),
+            needs=needs_embedding_expr(spec, "t", model_id=model_id),
             table=sql.Identifier(spec.table),
             model=sql.Identifier("t", spec.model_column),
             emb=sql.Identifier("t", spec.embedding_column),
@@ -173,21 +251,26 @@ def sync_embeddings(
     embedder: Embedder,
     window: Window,
     *,
-    batch_size: int,
-    on_batch: Callable[[BatchProgress], None] | None = None,
+    batch_size: int | None = None,
+    options: EngineOptions | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
     index: HnswSettings | None = None,
+    reconnect: Callable[[], psycopg.Connection] | None = None,
 ) -> SyncResult:
     """Embed every row of `window` that needs it; returns what was done.
 
-    `conn` must not be in autocommit mode; each batch is committed on its own. With
+    `conn` must not be in autocommit mode; each write is committed on its own. With
     `index`, a large load relative to the rows the HNSW index holds drops the index for
     the load and rebuilds it concurrently at the end (even when the load fails), and a
-    missing index (left by a killed bulk load) is built concurrently at the end. Raises
-    `EmbeddingError` (the failing batch writes nothing; earlier batches stay) or
-    `SchemaError` when the column cannot hold the embedder's vectors.
+    missing index (left by a killed bulk load) is built concurrently at the end. With
+    `reconnect`, a lost connection is replaced by a new one from it (closed at the end).
+    Raises `EmbeddingError` when the provider cannot embed at all (written requests stay)
+    or `SchemaError` when the column cannot hold the embedder's vectors.
     """
+    options = options or EngineOptions()
+    if batch_size is not None:
+        options = replace(options, batch_size=batch_size)
     started = time.monotonic()
-    batch_size = max(1, min(batch_size, embedder.max_batch_size))
     result = SyncResult(table=spec.table, model_id=embedder.model_id, dimension=embedder.dimension)
     check_dimension(conn, spec, embedder)
     check_model(conn, spec, embedder)
@@ -195,118 +278,470 @@ def sync_embeddings(
         conn, spec, window, embedder.model_id
     )
     conn.commit()
+    retries_before = embedder.retry_stats.retries
+    waited_before = embedder.retry_stats.seconds_waited
+    limited_before = embedder.stats.rate_limit_seconds
+    truncated_before = embedder.stats.truncated
     bulk = False
-    if result.pending_at_start:
-        bulk = index is not None and _start_bulk_load(conn, spec, index, result.pending_at_start)
-        if index is not None:
-            result.index_strategy = "built after load" if bulk else "incremental"
-        try:
-            _embed_window(conn, spec, embedder, window, batch_size, on_batch, result, started)
-        finally:
-            if bulk:
-                assert index is not None
-                result.index_seconds = _finish_bulk_load(conn, spec, index)
-    if index is not None and not bulk:
-        built = time.monotonic()
-        if _build_missing_index(conn, spec, index):
-            result.index_strategy = "built after load"
-            result.index_seconds = time.monotonic() - built
+    session = _Session(conn, reconnect, options.reconnect_seconds, result)
+    try:
+        if result.pending_at_start:
+            dropped_at = time.monotonic()
+            bulk = index is not None and _start_bulk_load(
+                session.conn, spec, index, result.pending_at_start
+            )
+            if index is not None:
+                result.index_strategy = "built after load" if bulk else "incremental"
+            try:
+                _Pipeline(session, spec, embedder, window, options, on_progress, result).run()
+            finally:
+                if bulk:
+                    assert index is not None
+                    result.index_seconds = _finish_bulk_load(session.conn, spec, index)
+                    result.seconds_without_index = time.monotonic() - dropped_at
+        if index is not None and not bulk:
+            built = time.monotonic()
+            if _build_missing_index(session.conn, spec, index):
+                result.index_strategy = "built after load"
+                result.index_seconds = time.monotonic() - built
+        row_errors.prune_obsolete(session.conn, spec)
+    finally:
+        result.retries = embedder.retry_stats.retries - retries_before
+        result.retry_seconds = embedder.retry_stats.seconds_waited - waited_before
+        result.rate_limit_seconds = embedder.stats.rate_limit_seconds - limited_before
+        result.truncated = embedder.stats.truncated - truncated_before
+        session.close()
     result.seconds = time.monotonic() - started
     return result
 
 
-def _embed_window(
-    conn: psycopg.Connection,
-    spec: TableSpec,
-    embedder: Embedder,
-    window: Window,
-    batch_size: int,
-    on_batch: Callable[[BatchProgress], None] | None,
-    result: SyncResult,
-    started: float,
-) -> None:
-    where, window_params = window.clause(spec)
-    table = sql.Identifier(spec.table)
-    id_col = sql.Identifier("t", spec.id_column)
-    claim = sql.SQL("""
-        WITH candidates AS MATERIALIZED (
-            SELECT {id} AS id FROM {table} t
-            WHERE {where} AND {id} > %(after)s AND {needs}
-            ORDER BY {id}
-            LIMIT %(limit)s
-        )
-        SELECT id, pg_try_advisory_xact_lock((%(namespace)s::bigint << 32) + (id & 4294967295))
-        FROM candidates ORDER BY id
-    """).format(id=id_col, table=table, where=where, needs=needs_embedding_expr(spec, "t"))
-    reread = sql.SQL("""
-        SELECT {id}, {text}, {hash} FROM {table} t
-        WHERE {id} = ANY(%(ids)s) AND {needs}
-        ORDER BY {id}
-    """).format(
-        id=id_col,
-        text=text_expr(spec, "t"),
-        hash=hash_expr(spec, "t"),
-        table=table,
-        needs=needs_embedding_expr(spec, "t"),
-    )
-    write = sql.SQL("""
-        UPDATE {table} t
-        SET {emb} = s.embedding, {model} = %(model_id)s, {hash_col} = s.hash,
-            {at} = clock_timestamp()
-        FROM ep_staging s
-        WHERE {id} = s.id AND {current_hash} = s.hash
-    """).format(
-        table=table,
-        emb=sql.Identifier(spec.embedding_column),
-        model=sql.Identifier(spec.model_column),
-        hash_col=sql.Identifier(spec.hash_column),
-        at=sql.Identifier(spec.embedded_at_column),
-        id=id_col,
-        current_hash=hash_expr(spec, "t"),
-    )
-    conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS ep_staging "
-        "(id bigint, hash text, embedding vector) ON COMMIT DELETE ROWS"
-    )
-    conn.commit()
+class _Session:
+    """The run's database connection: replaced when lost (bounded), closed at the end if
+    the engine opened it."""
 
-    after = -(2**63)
-    params = {
-        **window_params,
-        "model_id": embedder.model_id,
-        "namespace": lock_namespace(spec),
-        "limit": batch_size,
-    }
-    while True:
-        with conn.transaction():
-            candidates = conn.execute(claim, {**params, "after": after}).fetchall()
-            if not candidates:
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        reconnect: Callable[[], psycopg.Connection] | None,
+        reconnect_seconds: float,
+        result: SyncResult,
+    ) -> None:
+        self.conn = conn
+        self._own = False
+        self._reconnect = reconnect
+        self._reconnect_seconds = reconnect_seconds
+        self._result = result
+        self.on_reconnect: Callable[[], None] | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self.conn.closed or self.conn.broken
+
+    def run(self, op: Callable[[psycopg.Connection], object]) -> object:
+        """`op(conn)`; when the connection is lost under it, reconnect and call it again."""
+        while True:
+            try:
+                return op(self.conn)
+            except psycopg.OperationalError:
+                if not self.lost or self._reconnect is None:
+                    raise
+                self._replace()
+
+    def _replace(self) -> None:
+        assert self._reconnect is not None
+        deadline = time.monotonic() + self._reconnect_seconds
+        delay = 0.5
+        while True:
+            try:
+                fresh = self._reconnect()
                 break
-            after = candidates[-1][0]
-            # a model switch may have swapped the column since the run started; the claim's
-            # table lock keeps it from swapping again before this batch commits
-            check_model(conn, spec, embedder)
-            claimed = [rid for rid, locked in candidates if locked]
-            result.skipped_locked += len(candidates) - len(claimed)
-            if not claimed:
-                continue
-            rows = conn.execute(reread, {"ids": claimed, "model_id": embedder.model_id}).fetchall()
-            todo = [(rid, text, digest) for rid, text, digest in rows if text.strip()]
-            result.empty_text_ids.extend(rid for rid, text, _ in rows if not text.strip())
-            if todo:
-                written = _embed_and_write(conn, embedder, todo, write, result)
-                result.embedded += written
-                result.changed_during_run += len(todo) - written
-        result.batches += 1
-        if on_batch is not None:
-            on_batch(
-                BatchProgress(
-                    batch=result.batches,
-                    embedded=result.embedded,
-                    pending_at_start=result.pending_at_start,
-                    seconds=time.monotonic() - started,
-                )
+            except psycopg.OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise psycopg.OperationalError(
+                        f"lost the database connection and could not reconnect within "
+                        f"{self._reconnect_seconds:g}s: {str(exc).splitlines()[0]}"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if self._own:
+            self.conn.close()
+        self.conn, self._own = fresh, True
+        self._result.reconnects += 1
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+    def close(self) -> None:
+        if self._own:
+            self.conn.close()
+
+
+@dataclass
+class _Row:
+    id: int
+    text: str
+    source_hash: str
+    failed_before: bool
+
+
+@dataclass
+class _Request:
+    rows: list[_Row]
+
+    @property
+    def texts(self) -> list[str]:
+        return [r.text for r in self.rows]
+
+
+class _Pipeline:
+    """One run's claim → embed → write loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        session: _Session,
+        spec: TableSpec,
+        embedder: Embedder,
+        window: Window,
+        options: EngineOptions,
+        on_progress: Callable[[Progress], None] | None,
+        result: SyncResult,
+    ) -> None:
+        self.session = session
+        self.spec = spec
+        self.embedder = embedder
+        self.options = options
+        self.on_progress = on_progress
+        self.result = result
+        self.started = time.monotonic()
+        self.last_report = self.started
+        self.workers = options.workers(embedder)
+        self.request_rows = options.request_rows(embedder)
+        self.claim_rows = options.claim_rows(embedder)
+        self.queue: deque[_Request] = deque()
+        self.held: set[int] = set()
+        self.to_release: list[int] = []
+        self.after = -(2**63)
+        self.exhausted = False
+        self.fatal: BaseException | None = None
+        self.namespace = lock_namespace(spec)
+        self._statements(window)
+        session.on_reconnect = self._after_reconnect
+        self._prepare(session.conn)
+
+    def _statements(self, window: Window) -> None:
+        spec, model_id = self.spec, self.embedder.model_id
+        where, self.window_params = window.clause(spec)
+        table = sql.Identifier(spec.table)
+        id_col = sql.Identifier("t", spec.id_column)
+        needs = needs_embedding_expr(spec, "t", model_id=model_id)
+        self.claim_sql = sql.SQL("""
+            WITH candidates AS MATERIALIZED (
+                SELECT {id} AS id FROM {table} t
+                WHERE {needs} AND {where} AND {id} > %(after)s AND NOT {blocked}
+                ORDER BY {id}
+                LIMIT %(limit)s
             )
+            SELECT id, pg_try_advisory_lock((%(namespace)s::bigint << 32) + (id & 4294967295))
+            FROM candidates ORDER BY id
+        """).format(
+            id=id_col,
+            table=table,
+            needs=needs,
+            where=where,
+            blocked=row_errors.blocked_expr(spec, model_id),
+        )
+        self.reread_sql = sql.SQL("""
+            SELECT {id}, {text}, t.{source}, {failed_before} FROM {table} t
+            WHERE {id} = ANY(%(ids)s) AND {needs} AND NOT {blocked}
+        """).format(
+            id=id_col,
+            text=text_expr(spec, "t"),
+            source=sql.Identifier(spec.source_hash_column),
+            failed_before=row_errors.failed_before_expr(spec),
+            table=table,
+            needs=needs,
+            blocked=row_errors.blocked_expr(spec, model_id),
+        )
+        self.write_sql = sql.SQL("""
+            UPDATE {table} t
+            SET {emb} = s.embedding, {model} = %(model_id)s, {hash_col} = s.hash,
+                {at} = clock_timestamp()
+            FROM ep_staging s
+            WHERE {id} = s.id AND t.{source} = s.hash
+            RETURNING {id}
+        """).format(
+            table=table,
+            emb=sql.Identifier(spec.embedding_column),
+            model=sql.Identifier(spec.model_column),
+            hash_col=sql.Identifier(spec.hash_column),
+            at=sql.Identifier(spec.embedded_at_column),
+            id=id_col,
+            source=sql.Identifier(spec.source_hash_column),
+        )
+        self.release_sql = sql.SQL(
+            "SELECT count(pg_advisory_unlock((%(namespace)s::bigint << 32) + (id & 4294967295)))"
+            " FROM unnest(%(ids)s::bigint[]) AS id"
+        )
+        self.relock_sql = sql.SQL(
+            "SELECT id FROM unnest(%(ids)s::bigint[]) AS id "
+            "WHERE pg_try_advisory_lock((%(namespace)s::bigint << 32) + (id & 4294967295))"
+        )
+
+    @staticmethod
+    def _prepare(conn: psycopg.Connection) -> None:
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS ep_staging "
+            "(id bigint, hash text, embedding vector) ON COMMIT DELETE ROWS"
+        )
+        conn.commit()
+
+    def _after_reconnect(self) -> None:
+        """A new session holds none of the old one's locks: take back those still free
+        (compare-and-set keeps any row another run took meanwhile correct)."""
+        conn = self.session.conn
+        self._prepare(conn)
+        self.to_release.clear()
+        if self.held:
+            kept = conn.execute(
+                self.relock_sql, {"ids": sorted(self.held), "namespace": self.namespace}
+            ).fetchall()
+            conn.commit()
+            self.held = {int(r[0]) for r in kept}
+
+    @contextmanager
+    def _transaction(self, conn: psycopg.Connection) -> Iterator[None]:
+        """One short transaction that first releases the locks of rows committed before."""
+        with conn.transaction():
+            if self.to_release:
+                conn.execute(
+                    self.release_sql, {"ids": self.to_release, "namespace": self.namespace}
+                )
+                self.to_release = []
+            yield
+
+    # --- claim ------------------------------------------------------------------------
+
+    def _claim(self) -> list[_Row]:
+        def op(conn: psycopg.Connection) -> list[_Row]:
+            with self._transaction(conn):
+                candidates = conn.execute(
+                    self.claim_sql,
+                    {
+                        **self.window_params,
+                        "after": self.after,
+                        "limit": self.claim_rows,
+                        "namespace": self.namespace,
+                    },
+                ).fetchall()
+                if not candidates:
+                    self.exhausted = True
+                    return []
+                self.after = candidates[-1][0]
+                # a model switch may have swapped the column since the run started
+                check_model(conn, self.spec, self.embedder)
+                locked = [rid for rid, ok in candidates if ok]
+                self.result.skipped_locked += len(candidates) - len(locked)
+                self.held.update(locked)
+                rows = [
+                    _Row(int(rid), text, digest, bool(failed))
+                    for rid, text, digest, failed in conn.execute(
+                        self.reread_sql, {"ids": locked}
+                    ).fetchall()
+                ]
+            self.result.claims += 1
+            done_elsewhere = set(locked) - {r.id for r in rows}
+            self._release(done_elsewhere)
+            return rows
+
+        rows = self.session.run(op)
+        assert isinstance(rows, list)
+        return rows
+
+    def _plan(self, rows: list[_Row]) -> None:
+        """Requests for a claim: rows that failed before go alone (one bad row must not
+        take others down twice), empty texts are recorded at once, the rest sorted by
+        length so each request carries texts of similar size."""
+        empty = [r for r in rows if not r.text.strip()]
+        if empty:
+            self.result.empty_text_ids.extend(r.id for r in empty)
+            self._record_failures(
+                [RowFailure(r.id, r.source_hash, "empty_text", "the text is empty") for r in empty]
+            )
+        rest = sorted((r for r in rows if r.text.strip()), key=lambda r: len(r.text))
+        self.queue.extend(_Request([r]) for r in rest if r.failed_before)
+        fresh = [r for r in rest if not r.failed_before]
+        budgets = [self.embedder.token_bound(self.embedder.prepare(r.text)[0]) for r in fresh]
+        for start, end in plan_requests(budgets, self.request_rows, self.embedder.max_batch_tokens):
+            self.queue.append(_Request(fresh[start:end]))
+
+    # --- write ------------------------------------------------------------------------
+
+    def _write(self, request: _Request, vectors: np.ndarray) -> None:
+        def op(conn: psycopg.Connection) -> int:
+            with self._transaction(conn):
+                with conn.cursor().copy(
+                    "COPY ep_staging (id, hash, embedding) FROM STDIN WITH (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["int8", "text", "vector"])
+                    for row, vector in zip(request.rows, vectors, strict=True):
+                        copy.write_row((row.id, row.source_hash, vector))
+                # one primary-key probe per staged row at every table size: the staging
+                # table has no statistics, and a hash join would scan the whole table
+                conn.execute(
+                    "SELECT set_config('enable_hashjoin', 'off', true), "
+                    "set_config('enable_mergejoin', 'off', true)"
+                )
+                written = {
+                    int(r[0])
+                    for r in conn.execute(
+                        self.write_sql, {"model_id": self.embedder.model_id}
+                    ).fetchall()
+                }
+                retried = [r.id for r in request.rows if r.failed_before and r.id in written]
+                row_errors.clear_rows(conn, self.spec, retried)
+            return len(written)
+
+        written = self.session.run(op)
+        assert isinstance(written, int)
+        self.result.embedded += written
+        self.result.changed_during_run += len(request.rows) - written
+        self._release(r.id for r in request.rows)
+
+    def _record_failures(self, failures: list[RowFailure]) -> None:
+        def op(conn: psycopg.Connection) -> None:
+            with self._transaction(conn):
+                row_errors.record_failures(
+                    conn, self.spec, self.embedder.model_id, failures, self.options.row_errors
+                )
+
+        self.session.run(op)
+        self.result.failed += len(failures)
+        for f in failures:
+            if len(self.result.failed_samples) < 20:
+                self.result.failed_samples.append((f.row_id, f.message))
+        self._release(f.row_id for f in failures)
+
+    def _release(self, ids: Iterable[int]) -> None:
+        for rid in ids:
+            if rid in self.held:
+                self.held.discard(rid)
+                self.to_release.append(rid)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        inflight: dict[Future[np.ndarray], _Request] = {}
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="embed")
+        try:
+            while True:
+                self._top_up()
+                while self.fatal is None and self.queue and len(inflight) < self.workers:
+                    request = self.queue.popleft()
+                    inflight[pool.submit(self.embedder.embed, request.texts)] = request
+                if not inflight:
+                    if self.fatal is not None or (self.exhausted and not self.queue):
+                        break
+                    continue
+                done, _ = wait(
+                    inflight,
+                    timeout=self.options.progress_interval_seconds,
+                    return_when=FIRST_COMPLETED,
+                )
+                for future in done:
+                    self._finish(inflight.pop(future), future)
+                self._report()
+        finally:
+            for future in inflight:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._release_all()
+        self._report(final=True)
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _top_up(self) -> None:
+        """Claim more rows while the workers could run dry soon."""
+        while (
+            self.fatal is None
+            and not self.exhausted
+            and len(self.queue) < 2 * self.workers
+            and len(self.held) < 2 * self.claim_rows
+        ):
+            rows = self._claim()
+            if rows:
+                self._plan(rows)
+
+    def _finish(self, request: _Request, future: Future[np.ndarray]) -> None:
+        try:
+            vectors = future.result()
+        except InputRejectedError as exc:
+            self._refused(request, exc)
+            return
+        except EmbeddingError as exc:
+            first, last = request.rows[0].id, request.rows[-1].id
+            self.fatal = self.fatal or EmbeddingError(
+                f"{exc} (request of {len(request.rows)} rows, ids {first}..{last}: its rows "
+                f"were not written; {self.result.embedded} rows written before stay)"
+            )
+            self._release(r.id for r in request.rows)
+            return
+        self.result.provider_requests += 1
+        self.result.estimated_tokens += sum(max(1, (len(t) + 3) // 4) for t in request.texts)
+        self._write(request, vectors)
+
+    def _refused(self, request: _Request, exc: InputRejectedError) -> None:
+        """Split a refused request in halves (ahead of the queue) until the rows the
+        provider refuses are alone, then record them."""
+        self.result.isolation_requests += 1
+        if len(request.rows) > 1:
+            middle = len(request.rows) // 2
+            self.queue.appendleft(_Request(request.rows[middle:]))
+            self.queue.appendleft(_Request(request.rows[:middle]))
+            return
+        [row] = request.rows
+        self._record_failures(
+            [RowFailure(row.id, row.source_hash, f"HTTP {exc.status}", _one_line(str(exc)))]
+        )
+        if self.result.embedded == 0 and self.result.failed >= self.options.refuse_all_after:
+            self.fatal = EmbeddingError(
+                f"{self.embedder.model_id} refused each of the first {self.result.failed} "
+                f"rows tried alone and embedded none; the provider rejects every input, "
+                f"not a few rows (last answer: {_one_line(str(exc))})"
+            )
+
+    def _release_all(self) -> None:
+        """Give back every lock still held (unless the session died, which freed them)."""
+        self._release(list(self.held))
+        if not self.to_release or self.session.lost:
+            return
+        conn = self.session.conn
+        try:
+            conn.rollback()
+            conn.execute(self.release_sql, {"ids": self.to_release, "namespace": self.namespace})
+            conn.commit()
+        except psycopg.Error:
+            pass  # the locks end with the session
+        self.to_release = []
+
+    def _report(self, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.on_progress is None:
+            return
+        if not final and now - self.last_report < self.options.progress_interval_seconds:
+            return
+        self.last_report = now
+        self.on_progress(
+            Progress(
+                embedded=self.result.embedded,
+                failed=self.result.failed,
+                pending_at_start=self.result.pending_at_start,
+                seconds=now - self.started,
+            )
+        )
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit] + "…"
 
 
 def _start_bulk_load(
@@ -377,35 +812,11 @@ def _build_missing_index(conn: psycopg.Connection, spec: TableSpec, index: HnswS
         conn.autocommit = False
 
 
-def _embed_and_write(
-    conn: psycopg.Connection,
-    embedder: Embedder,
-    todo: list[tuple[int, str, str]],
-    write: sql.Composed,
-    result: SyncResult,
-) -> int:
-    texts = [text for _, text, _ in todo]
-    tokens = [estimate_tokens(t) for t in texts]
-    vectors = []
-    for start, end in plan_requests(tokens, embedder.max_batch_size, embedder.max_batch_tokens):
-        try:
-            vectors.append(embedder.embed(texts[start:end]))
-        except EmbeddingError as exc:
-            first, last = todo[start][0], todo[end - 1][0]
-            raise EmbeddingError(
-                f"{exc} (batch of ids {first}..{last}; nothing from this batch was written)"
-            ) from None
-        result.provider_requests += 1
-    result.estimated_tokens += sum(tokens)
-    with conn.cursor().copy(
-        "COPY ep_staging (id, hash, embedding) FROM STDIN WITH (FORMAT BINARY)"
-    ) as copy:
-        copy.set_types(["int8", "text", "vector"])
-        offset = 0
-        for block in vectors:
-            for vector in block:
-                row_id, _, digest = todo[offset]
-                copy.write_row((row_id, digest, vector))
-                offset += 1
-    cursor = conn.execute(write, {"model_id": embedder.model_id})
-    return max(cursor.rowcount, 0)
+__all__ = [
+    "EngineOptions",
+    "Progress",
+    "SyncResult",
+    "Window",
+    "count_window",
+    "sync_embeddings",
+]

@@ -3,20 +3,40 @@
 import dagster as dg
 from pydantic import Field
 
-from embedding_pipeline.lib.embedders import Embedder, build_embedder, expected_dimension
+from embedding_pipeline.lib.embedders import (
+    Embedder,
+    build_embedder,
+    expected_dimension,
+    expected_model_id,
+)
+from embedding_pipeline.lib.engine.ratelimit import RateLimits
+from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.settings import DEFAULT_BATCH_SIZES
 
 
 class EmbedderResource(dg.ConfigurableResource):
-    """Which model embeds: `local` (offline, default), `openai` or `ollama`."""
+    """Which model embeds: `local` (offline, default), `openai` or `ollama`, and how hard a
+    run may push it (requests in flight, retries, rate limits)."""
 
     provider: str = Field(default="local", description="local, openai or ollama")
     model_name: str | None = Field(default=None, description="provider model; None: default")
     dimensions: int | None = Field(default=None, description="vector size if not the model's")
-    batch_size: int = Field(default=64, description="rows per database batch")
+    batch_size: int | None = Field(
+        default=None, description="rows per provider request; None: the provider's default"
+    )
+    concurrency: int | None = Field(
+        default=None, description="provider requests in flight per run; None: provider default"
+    )
     openai_api_key: str | None = Field(default=None, description="from OPENAI_API_KEY")
     openai_base_url: str | None = None
     ollama_host: str = "http://127.0.0.1:11434"
-    timeout_seconds: float = 60.0
+    ollama_max_input_tokens: int | None = None
+    timeout_seconds: float = Field(default=60.0, description="one request's time limit")
+    retry_deadline_seconds: float = Field(
+        default=300.0, description="how long one request keeps retrying transient failures"
+    )
+    requests_per_minute: float | None = Field(default=None, description="client-side limit")
+    tokens_per_minute: float | None = Field(default=None, description="client-side limit")
 
     def build(self) -> Embedder:
         """A new embedder (its SDK client is created here, in the run, not at import)."""
@@ -27,9 +47,23 @@ class EmbedderResource(dg.ConfigurableResource):
             openai_api_key=self.openai_api_key,
             openai_base_url=self.openai_base_url,
             ollama_host=self.ollama_host,
+            ollama_max_input_tokens=self.ollama_max_input_tokens,
             timeout=self.timeout_seconds,
+            retry=RetryPolicy(deadline_seconds=self.retry_deadline_seconds),
+            rate_limits=RateLimits(
+                requests_per_minute=self.requests_per_minute,
+                tokens_per_minute=self.tokens_per_minute,
+            ),
         )
 
     @property
     def dimension(self) -> int:
         return expected_dimension(self.provider, self.model_name, self.dimensions)
+
+    @property
+    def model_id(self) -> str:
+        return expected_model_id(self.provider, self.model_name, self.dimensions)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size or DEFAULT_BATCH_SIZES.get(self.provider, 64)

@@ -14,6 +14,10 @@ class PostgresResource(dg.ConfigurableResource):
 
     database_url: str
 
+    def connect(self) -> psycopg.Connection:
+        """A new connection with pgvector's types (the caller closes it)."""
+        return db.connect(self.database_url)
+
     @contextmanager
     def connection(self, *, vector: bool = True) -> Iterator[psycopg.Connection]:
         conn = db.connect(self.database_url, vector=vector)

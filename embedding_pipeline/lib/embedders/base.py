@@ -1,19 +1,51 @@
 """The one embedder interface: texts in, unit-agnostic float32 vectors out.
 
 Assets and the CLI only ever see `Embedder`; provider SDKs stay inside the subclasses.
+The base class owns what every provider shares: inputs cut to the model's limit, the
+client-side rate limiter, retries of transient failures under a deadline, and the check
+that the answer holds one finite vector of the right size per text. Subclasses only
+translate one request and classify its failures into the three errors below.
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from embedding_pipeline.lib.engine.ratelimit import RateLimiter
+    from embedding_pipeline.lib.engine.retry import RetryPolicy
+
 
 class EmbeddingError(RuntimeError):
-    """A provider failed, was unreachable, or answered with unusable vectors."""
+    """The provider cannot embed right now: unreachable past the retry deadline, the key
+    or model refused, or vectors of the wrong shape. Fails the run (its committed batches
+    stay; a retried run does only the rest)."""
+
+
+class TransientEmbeddingError(EmbeddingError):
+    """A failure worth retrying: 429, 5xx, timeout, connection refused or reset, an answer
+    cut off. `retry_after` is the wait the provider asked for, if it said."""
+
+    def __init__(self, message: str, *, kind: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+class InputRejectedError(EmbeddingError):
+    """The provider refused the request's inputs (HTTP 400, 413 or 422): some text in it
+    cannot be embedded. The engine splits the request to find the rows responsible, records
+    them in the errors table, and writes the others."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -23,6 +55,17 @@ class EmbedderStats:
     calls: int = 0
     texts: int = 0
     estimated_tokens: int = 0
+    truncated: int = 0
+    rate_limit_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, texts: int, tokens: int, truncated: int, waited: float) -> None:
+        with self.lock:
+            self.calls += 1
+            self.texts += texts
+            self.estimated_tokens += tokens
+            self.truncated += truncated
+            self.rate_limit_seconds += waited
 
 
 class Embedder(abc.ABC):
@@ -34,20 +77,50 @@ class Embedder(abc.ABC):
     dimension: int
     #: Most texts a single provider request may carry.
     max_batch_size: int = 2048
-    #: Most (estimated) tokens a single provider request may carry; None means no limit.
+    #: Most tokens (by `token_bound`) a single provider request may carry; None: no limit.
     max_batch_tokens: int | None = None
+    #: Most tokens one input may have; longer inputs are cut before they are sent. None:
+    #: the embedder truncates itself (the local model's tokenizer does).
+    max_input_tokens: int | None = None
+    #: Requests in flight at once that suit this provider (a run's default concurrency).
+    default_concurrency: int = 1
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, retry: RetryPolicy | None = None, limiter: RateLimiter | None = None
+    ) -> None:
+        from embedding_pipeline.lib.engine.retry import RetryPolicy, RetryStats
+
         self.stats = EmbedderStats()
+        self.retry_policy = retry or RetryPolicy()
+        self.retry_stats = RetryStats()
+        self.limiter = limiter
 
     @abc.abstractmethod
     def _embed(self, texts: list[str]) -> np.ndarray:
-        """Return one row per text; called with at most `max_batch_size` texts."""
+        """Return one row per text; called with at most `max_batch_size` texts. Raises
+        `TransientEmbeddingError`, `InputRejectedError` or `EmbeddingError`."""
+
+    def token_bound(self, text: str) -> int:
+        """An upper bound of the tokens `text` costs: its UTF-8 bytes (no BPE token is
+        shorter than one byte), so a text cut to N bytes never exceeds N tokens without a
+        tokenizer file, which cannot be downloaded here."""
+        return max(1, len(text.encode("utf-8", "surrogatepass")))
+
+    def prepare(self, text: str) -> tuple[str, bool]:
+        """`text` cut to `max_input_tokens` (by `token_bound`), and whether it was cut."""
+        limit = self.max_input_tokens
+        if limit is None or self.token_bound(text) <= limit:
+            return text, False
+        return text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore"), True
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed `texts`, checking that the provider answered one vector per text of the
-        right dimension with finite values; raises `EmbeddingError` otherwise."""
-        batch = list(texts)
+        """Embed `texts` in one request (retried while transient failures last), checking
+        that the provider answered one vector per text of the right dimension with finite
+        values."""
+        from embedding_pipeline.lib.engine.retry import call_with_retries
+
+        prepared = [self.prepare(t) for t in texts]
+        batch = [text for text, _ in prepared]
         if not batch:
             return np.zeros((0, self.dimension), dtype=np.float32)
         if len(batch) > self.max_batch_size:
@@ -55,10 +128,27 @@ class Embedder(abc.ABC):
                 f"{len(batch)} texts exceed the {self.model_id} batch limit of "
                 f"{self.max_batch_size}"
             )
-        self.stats.calls += 1
-        self.stats.texts += len(batch)
-        self.stats.estimated_tokens += sum(estimate_tokens(t) for t in batch)
-        vectors = np.asarray(self._embed(batch), dtype=np.float32)
+        budget = sum(self.token_bound(t) for t in batch)
+        waited = 0.0
+
+        def attempt() -> np.ndarray:
+            nonlocal waited
+            if self.limiter is not None:
+                waited += self.limiter.acquire(budget)
+            try:
+                return np.asarray(self._embed(batch), dtype=np.float32)
+            except TransientEmbeddingError as exc:
+                if exc.retry_after and self.limiter is not None:
+                    self.limiter.pause(exc.retry_after)
+                raise
+
+        vectors = call_with_retries(attempt, self.retry_policy, self.retry_stats)
+        self.stats.add(
+            texts=len(batch),
+            tokens=sum(estimate_tokens(t) for t in batch),
+            truncated=sum(1 for _, cut in prepared if cut),
+            waited=waited,
+        )
         return check_vectors(
             vectors, expected_rows=len(batch), dimension=self.dimension, model_id=self.model_id
         )

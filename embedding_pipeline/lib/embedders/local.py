@@ -81,6 +81,10 @@ class LocalEmbedder(Embedder):
             for start in range(0, len(order), self._chunk_size):
                 idx = order[start : start + self._chunk_size]
                 encodings = tokenizer.encode_batch([texts[i] for i in idx])
+                cut = sum(1 for e in encodings if e.overflowing)
+                if cut:
+                    with self.stats.lock:
+                        self.stats.truncated += cut
                 ids = np.array([e.ids for e in encodings], dtype=np.int64)
                 mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
                 feeds = {

@@ -1,23 +1,39 @@
 """Embedders that call a service: OpenAI (or any server speaking its API) and Ollama.
 
-Each request carries one batch; the caller (the sync loop) keeps batches within
-`max_batch_size`. Every failure (unreachable, timed out, an HTTP error status, or an
-answer that is not a list of vectors) becomes an `EmbeddingError` that names the service
-and the reason but never the API key, even when the service echoes it back. Retries and
-rate limits are the provider-hardening issue's.
+Each request carries one batch; the caller (the engine) keeps batches within
+`max_batch_size` and `max_batch_tokens`. Every failure becomes one of the three errors of
+`base.py`, naming the service and the reason but never the API key, even when the service
+echoes it back:
+
+- transient (retried by the base class): HTTP 408, 409, 429 and 5xx, timeouts, connection
+  refused or reset, an answer cut off or not JSON;
+- the inputs refused (the engine isolates the rows): HTTP 400, 413, 422;
+- anything else fails the run: 401, 403, 404, vectors of the wrong shape.
+
+The SDKs' own retries are off (`max_retries=0`; the Ollama client has none), so one
+policy, one deadline and one set of figures cover both providers.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from embedding_pipeline.lib.embedders.base import Embedder, EmbeddingError
+from embedding_pipeline.lib.embedders.base import (
+    Embedder,
+    EmbeddingError,
+    InputRejectedError,
+    TransientEmbeddingError,
+)
+
+if TYPE_CHECKING:
+    from embedding_pipeline.lib.engine.ratelimit import RateLimiter
+    from embedding_pipeline.lib.engine.retry import RetryPolicy
 
 #: Native output dimension of well-known models; anything else needs explicit dimensions.
 KNOWN_DIMENSIONS: dict[str, dict[str, int]] = {
@@ -35,6 +51,46 @@ KNOWN_DIMENSIONS: dict[str, dict[str, int]] = {
     },
 }
 DEFAULT_MODELS = {"openai": "text-embedding-3-small", "ollama": "nomic-embed-text"}
+#: OpenAI's embedding models take at most 8,192 tokens an input; one less leaves room.
+OPENAI_MAX_INPUT_TOKENS = 8_191
+#: Ollama's default context (`num_ctx`); models with a longer one can be given more.
+OLLAMA_MAX_INPUT_TOKENS = 2_048
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+INPUT_STATUSES = frozenset({400, 413, 422})
+
+
+def classify_status(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> EmbeddingError:
+    """The error an HTTP status means for the engine (see the module docstring)."""
+    if status in TRANSIENT_STATUSES or status >= 500:
+        return TransientEmbeddingError(
+            message, kind=f"HTTP {status}", retry_after=retry_after(headers or {})
+        )
+    if status in INPUT_STATUSES:
+        return InputRejectedError(message, status=status)
+    return EmbeddingError(message)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The wait a provider asked for: `retry-after-ms`, `Retry-After` in seconds, or
+    failing both the later of OpenAI's rate-limit resets."""
+    from embedding_pipeline.lib.engine.ratelimit import parse_reset
+
+    lowered = {k.lower(): v for k, v in headers.items()}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = lowered.get(name)
+        if raw is None:
+            continue
+        try:
+            return max(0.0, float(raw) * scale)
+        except ValueError:
+            continue
+    resets = [
+        parse_reset(lowered.get(f"x-ratelimit-reset-{kind}")) for kind in ("requests", "tokens")
+    ]
+    known = [r for r in resets if r is not None]
+    return max(known) if known else None
 
 
 def _native_dimension(provider: str, model: str) -> int | None:
@@ -52,9 +108,13 @@ def resolve_dimension(provider: str, model: str, dimensions: int | None) -> int:
     return known
 
 
-def _model_id(provider: str, model: str, dimensions: int, native: int | None) -> str:
-    suffix = "" if native == dimensions else f"@{dimensions}"
-    return f"{provider}:{model}{suffix}"
+def model_id_for(provider: str, model: str, dimensions: int) -> str:
+    """The id stored next to a remote model's vectors: `provider:model`, plus `@size` when
+    the vectors are shortened from a known native size (OpenAI also marks any size it
+    cannot confirm as native, since it asks the API for that size)."""
+    native = _native_dimension(provider, model)
+    shortened = native != dimensions if provider == "openai" else native not in (None, dimensions)
+    return f"{provider}:{model}@{dimensions}" if shortened else f"{provider}:{model}"
 
 
 def _safe_url(url: str) -> str:
@@ -72,6 +132,8 @@ class OpenAIEmbedder(Embedder):
 
     max_batch_size = 2048
     max_batch_tokens = 300_000
+    max_input_tokens = OPENAI_MAX_INPUT_TOKENS
+    default_concurrency = 4
 
     def __init__(
         self,
@@ -81,13 +143,15 @@ class OpenAIEmbedder(Embedder):
         dimensions: int | None = None,
         base_url: str | None = None,
         timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(retry=retry, limiter=limiter)
         import openai
 
         native = _native_dimension("openai", model)
         self.dimension = resolve_dimension("openai", model, dimensions)
-        self.model_id = _model_id("openai", model, self.dimension, native)
+        self.model_id = model_id_for("openai", model, self.dimension)
         self._model = model
         # ask for a reduced size only where the caller chose one the model can shorten to
         self._request_dimensions = dimensions if dimensions not in (None, native) else None
@@ -101,8 +165,14 @@ class OpenAIEmbedder(Embedder):
     def __repr__(self) -> str:
         return f"OpenAIEmbedder({self.model_id!r}, at {self._where!r})"
 
+    def _where_text(self, reason: str) -> str:
+        return self._redact(f"OpenAI at {self._where} {reason}")
+
     def _fail(self, reason: str) -> EmbeddingError:
-        return EmbeddingError(self._redact(f"OpenAI at {self._where} {reason}"))
+        return EmbeddingError(self._where_text(reason))
+
+    def _transient(self, reason: str, kind: str) -> TransientEmbeddingError:
+        return TransientEmbeddingError(self._where_text(reason), kind=kind)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
@@ -119,17 +189,24 @@ class OpenAIEmbedder(Embedder):
         if self._request_dimensions is not None:
             kwargs["dimensions"] = self._request_dimensions
         try:
-            response = self._client.embeddings.create(**kwargs)
+            raw = self._client.embeddings.with_raw_response.create(**kwargs)
+            if self.limiter is not None:
+                self.limiter.observe(raw.headers)
+            response = raw.parse()
         except openai.APITimeoutError:
-            raise self._fail(f"did not answer within {self._timeout:g}s") from None
+            raise self._transient(f"did not answer within {self._timeout:g}s", "timeout") from None
         except openai.APIConnectionError as exc:
-            raise self._fail(f"is unreachable: {exc}") from None
+            raise self._transient(f"is unreachable: {exc}", "connection") from None
         except openai.APIStatusError as exc:
-            raise self._fail(
-                f"answered HTTP {exc.status_code}: {self._detail(exc.message)}"
+            raise classify_status(
+                exc.status_code,
+                self._where_text(f"answered HTTP {exc.status_code}: {self._detail(exc.message)}"),
+                exc.response.headers,
             ) from None
-        except openai.APIError as exc:
-            raise self._fail(f"gave an unusable answer: {self._detail(exc)}") from None
+        except (openai.APIError, ValueError) as exc:
+            raise self._transient(
+                f"gave an unusable answer: {self._detail(exc)}", "unusable answer"
+            ) from None
         data = getattr(response, "data", None)
         if not isinstance(data, list):
             raise self._fail(f"answered without a list of embeddings: {self._detail(response)}")
@@ -181,23 +258,33 @@ class OllamaEmbedder(Embedder):
     """
 
     max_batch_size = 512
+    max_input_tokens = OLLAMA_MAX_INPUT_TOKENS
+    #: Ollama embeds a request's inputs one after another: parallel requests help more.
+    default_concurrency = 2
 
     def __init__(
-        self, *, model: str, host: str, dimensions: int | None = None, timeout: float = 60.0
+        self,
+        *,
+        model: str,
+        host: str,
+        dimensions: int | None = None,
+        timeout: float = 60.0,
+        max_input_tokens: int | None = None,
+        retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(retry=retry, limiter=limiter)
         import ollama
+
+        if max_input_tokens is not None:
+            self.max_input_tokens = max_input_tokens
 
         native = _native_dimension("ollama", model)
         self.dimension = resolve_dimension("ollama", model, dimensions)
         self._request_dimensions = (
             self.dimension if native is not None and self.dimension != native else None
         )
-        self.model_id = (
-            f"ollama:{model}"
-            if self._request_dimensions is None
-            else f"ollama:{model}@{self.dimension}"
-        )
+        self.model_id = model_id_for("ollama", model, self.dimension)
         self._model = model
         self._host = _safe_url(host)
         self._timeout = timeout
@@ -218,13 +305,23 @@ class OllamaEmbedder(Embedder):
                 model=self._model, input=texts, dimensions=self._request_dimensions
             )
         except ollama.ResponseError as exc:
-            raise self._fail(f"answered HTTP {exc.status_code}: {_short(exc.error)}") from None
+            raise classify_status(
+                exc.status_code,
+                f"Ollama at {self._host} answered HTTP {exc.status_code}: {_short(exc.error)}",
+            ) from None
         except httpx.TimeoutException:
-            raise self._fail(f"did not answer within {self._timeout:g}s") from None
+            raise TransientEmbeddingError(
+                f"Ollama at {self._host} did not answer within {self._timeout:g}s", kind="timeout"
+            ) from None
         except (httpx.HTTPError, ConnectionError) as exc:
-            raise self._fail(f"is unreachable: {exc}") from None
+            raise TransientEmbeddingError(
+                f"Ollama at {self._host} is unreachable: {exc}", kind="connection"
+            ) from None
         except ValueError as exc:  # not JSON, or JSON without `embeddings`
-            raise self._fail(f"gave an unusable answer: {_short(exc)}") from None
+            raise TransientEmbeddingError(
+                f"Ollama at {self._host} gave an unusable answer: {_short(exc)}",
+                kind="unusable answer",
+            ) from None
         try:
             vectors = [_decode(v) for v in response.embeddings or []]
         except (TypeError, ValueError) as exc:
