@@ -67,10 +67,20 @@ def _require_schema(settings: Settings) -> str:
     return url
 
 
+def _require_api_key(settings: Settings) -> None:
+    """Runs read OPENAI_API_KEY when they start; say so before, not in a Dagster stack."""
+    if settings.embedder.provider == "openai" and not os.environ.get("OPENAI_API_KEY"):
+        raise CliError(
+            "EP_EMBEDDING_PROVIDER is openai but OPENAI_API_KEY is not set (for an "
+            "OpenAI-compatible server that wants no key, any value will do)"
+        )
+
+
 def _embedder(settings: Settings) -> Embedder:
     from embedding_pipeline.definitions import build_resources
     from embedding_pipeline.resources import EmbedderResource
 
+    _require_api_key(settings)
     resource = build_resources(settings)["embedder"]
     assert isinstance(resource, EmbedderResource)
     # resolves dg.EnvVar fields (OPENAI_API_KEY) as a run would
@@ -141,6 +151,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
     from embedding_pipeline.runner import RunFailed, materialize_all
 
+    _require_api_key(settings)
     _require_database(settings)
     started = time.monotonic()
     try:
@@ -232,6 +243,7 @@ def _print_checks(settings: Settings, tables: Sequence[str] | None) -> str:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    _require_api_key(settings)
     _require_schema(settings)
     failed = _print_checks(settings, args.table or None)
     if failed:

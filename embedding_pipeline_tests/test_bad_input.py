@@ -809,6 +809,17 @@ def test_an_unreachable_database_is_one_line_without_the_password(run_cli) -> No
     assert err.count("\n") == 1 and "s3cr3t" not in err
 
 
+@pytest.mark.parametrize("command", [["status"], ["materialize"], ["check"], ["search", "x"]])
+def test_openai_without_a_key_is_named_before_anything_runs(run_cli, command) -> None:
+    assert run_cli(
+        *command, EP_EMBEDDING_PROVIDER="openai", EP_EMBEDDING_DIMENSIONS="384", OPENAI_API_KEY=None
+    ) == (
+        2,
+        "error: EP_EMBEDDING_PROVIDER is openai but OPENAI_API_KEY is not set (for an "
+        "OpenAI-compatible server that wants no key, any value will do)\n",
+    )
+
+
 def test_a_failed_materialization_prints_the_reason_in_one_line(
     run_cli, baseline, small_data: Settings
 ) -> None:
