@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from psycopg import sql
 from embedding_pipeline import cli
 from embedding_pipeline.definitions import build_resources
 from embedding_pipeline.lib import db
+from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
 from embedding_pipeline.lib.embedders import PROVIDERS as BUILDABLE_PROVIDERS
 from embedding_pipeline.lib.model_switch import shadow_spec
-from embedding_pipeline.lib.schema import hnsw_index_name
+from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_name
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import PROVIDERS, Settings, load_settings, postgres_names
 
@@ -758,32 +759,34 @@ def test_settings_providers_are_the_buildable_ones() -> None:
     assert PROVIDERS == BUILDABLE_PROVIDERS
 
 
-def test_every_name_the_schema_creates_is_checked_by_the_settings(small_data: Settings) -> None:
-    """The catalog after `ensure_schema` holds no table, column or index name (other than
-    PostgreSQL's own `_pkey`/`_key`/`_seq`) that `postgres_names` does not check, so a
-    name derived from a long setting cannot slip past the 63-byte limit."""
-    checked = {n.name for n in postgres_names(small_data)}
-    with db.connection(small_data.effective_database_url, vector=False) as conn:
-        relations = {
-            name
-            for (name,) in conn.execute(
-                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
-                "AND relkind IN ('r', 'i')"
-            ).fetchall()
-        }
-        derived = {
-            name
-            for (name,) in conn.execute(
-                "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-                "WHERE c.relnamespace = 'public'::regnamespace AND a.attnum > 0 "
-                "AND a.attname LIKE %s",
-                ("%embedding%",),
-            ).fetchall()
-        }
-    own = {r for r in relations if r.endswith(("_pkey", "_key"))}
-    assert relations - own - {"embedding_models"} <= checked
-    assert derived - {"embedding_model", "embedding_hash"} <= checked
-    for spec in small_data.tables.values():
+def test_every_name_made_from_a_setting_is_checked_by_the_settings(
+    fresh_database_url: str,
+) -> None:
+    """Under settings with tables and embedding columns of recognisable names, every
+    relation and column `ensure_schema` creates whose name contains one of them (other
+    than PostgreSQL's own `_pkey`, `_key`) is one `postgres_names` checks: a name derived
+    from a long setting cannot slip past the 63-byte limit unnoticed."""
+    env = {"EP_EXTRACTION_TABLE": "xtr_t"}
+    for key in ("messages", "topics", "atoms"):
+        env[f"EP_{key.upper()}_TABLE"] = f"{key[:3]}_t"
+        env[f"EP_{key.upper()}_EMBEDDING_COLUMN"] = f"{key[:3]}_vec"
+    settings = replace(load_settings(env), database_url=fresh_database_url)
+    with db.connection(fresh_database_url, vector=False) as conn:
+        ensure_schema(conn, settings, LOCAL_DIMENSION)
+        names = conn.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+            "AND relkind IN ('r', 'i') UNION SELECT a.attname FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid "
+            "WHERE c.relnamespace = 'public'::regnamespace AND a.attnum > 0"
+        ).fetchall()
+    made = {
+        name
+        for (name,) in names
+        if any(part in name for part in env.values()) and not name.endswith(("_pkey", "_key"))
+    }
+    checked = {n.name for n in postgres_names(settings)}
+    assert len(made) > 15 and made <= checked
+    for spec in settings.tables.values():
         assert hnsw_index_name(shadow_spec(spec)) in checked
         assert shadow_spec(spec).embedding_column in checked
 

@@ -29,6 +29,8 @@ MAX_KEY_LENGTH = 200
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _UNIX_TIME = re.compile(r"-?\d+")
+#: A JSON string token, for the scans that locate a problem json.loads cannot place.
+_JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
 
 
 class InputFileError(ValueError):
@@ -122,13 +124,14 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _line_column(text: str, offset: int) -> str:
     line = text.count("\n", 0, offset) + 1
-    return f"line {line} column {offset - text.rfind(chr(10), 0, offset)}"
+    column = offset - text.rfind("\n", 0, offset)
+    return f"line {line} column {column}"
 
 
 def _deepest_nesting(text: str) -> tuple[int, int]:
     """(offset, depth) of the first bracket that reaches the file's deepest nesting."""
     depth, deepest, where = 0, 0, 0
-    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', text):
+    for token in re.finditer(rf"{_JSON_STRING}|[\[{{]|[\]}}]", text):
         bracket = token.group()
         if bracket in "[{":
             depth += 1
@@ -142,7 +145,7 @@ def _deepest_nesting(text: str) -> tuple[int, int]:
 def _overlong_integer(text: str) -> tuple[int, int]:
     """(offset, digits) of the first integer outside strings too long for Python to read."""
     limit = sys.get_int_max_str_digits()
-    pattern = rf'"(?:[^"\\]|\\.)*"|-?(\d{{{limit + 1},}})(?![.eE\d])'
+    pattern = rf"{_JSON_STRING}|-?(\d{{{limit + 1},}})(?![.eE\d])"
     for token in re.finditer(pattern, text):
         if token.group(1):
             return token.start(), len(token.group(1))
