@@ -12,9 +12,10 @@ from pathlib import Path
 import psycopg
 
 from embedding_pipeline.lib import db
+from embedding_pipeline.lib.conninfo import redact
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, EmbeddedServerError
-from embedding_pipeline.lib.schema import SchemaError
+from embedding_pipeline.lib.schema import SchemaError, relation_exists
 from embedding_pipeline.lib.telegram import InputFileError
 from embedding_pipeline.settings import PROJECT_ROOT, Settings, load_settings
 
@@ -34,7 +35,8 @@ def _server(settings: Settings) -> EmbeddedPostgres:
 
 
 def _require_database(settings: Settings) -> str:
-    """The database URL, starting the embedded server first when it is the default."""
+    """The database URL, starting the embedded server first when it is the default; a
+    database that cannot be reached fails here, before any work starts."""
     if settings.uses_embedded_database:
         server = _server(settings)
         if not server.status().running:
@@ -45,13 +47,40 @@ def _require_database(settings: Settings) -> str:
             )
             server.start()
         server.ensure_database(settings.embedded.database)
+    else:
+        db.connect(settings.effective_database_url, vector=False).close()
     return settings.effective_database_url
+
+
+def _require_schema(settings: Settings) -> str:
+    """`_require_database`, and the pipeline's tables and the vector extension in it."""
+    url = _require_database(settings)
+    tables = [settings.extraction_table, *(spec.table for spec in settings.tables.values())]
+    with db.connection(url, vector=False) as conn:
+        missing = [table for table in tables if not relation_exists(conn, table)]
+        vector = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if missing or vector is None:
+        what = f"no table(s) {', '.join(missing)}" if missing else "no vector extension"
+        raise CliError(
+            f"the database has {what} yet; run `embedding-pipeline schema` (or `ingest`) first"
+        )
+    return url
+
+
+def _require_api_key(settings: Settings) -> None:
+    """Runs read OPENAI_API_KEY when they start; say so before, not in a Dagster stack."""
+    if settings.embedder.provider == "openai" and not os.environ.get("OPENAI_API_KEY"):
+        raise CliError(
+            "EP_EMBEDDING_PROVIDER is openai but OPENAI_API_KEY is not set (for an "
+            "OpenAI-compatible server that wants no key, any value will do)"
+        )
 
 
 def _embedder(settings: Settings) -> Embedder:
     from embedding_pipeline.definitions import build_resources
     from embedding_pipeline.resources import EmbedderResource
 
+    _require_api_key(settings)
     resource = build_resources(settings)["embedder"]
     assert isinstance(resource, EmbedderResource)
     # resolves dg.EnvVar fields (OPENAI_API_KEY) as a run would
@@ -121,11 +150,15 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
-    from embedding_pipeline.runner import materialize_all
+    from embedding_pipeline.runner import RunFailed, materialize_all
 
+    _require_api_key(settings)
     _require_database(settings)
     started = time.monotonic()
-    results = materialize_all(settings, only=args.table or None)
+    try:
+        results = materialize_all(settings, only=args.table or None)
+    except RunFailed as exc:
+        raise CliError(str(exc)) from None
     for name, metadata in results.items():
         print(
             f"  {name:<20} embedded {metadata['rows_embedded']:>6}, up to date "
@@ -150,7 +183,7 @@ def _print_status(settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    _require_database(settings)
+    _require_schema(settings)
     _print_status(settings)
     return 0
 
@@ -172,7 +205,7 @@ def _print_search(settings: Settings, question: str, k: int, tables: Sequence[st
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    _require_database(settings)
+    _require_schema(settings)
     _print_search(settings, args.question, args.k, args.table or list(settings.tables))
     return 0
 
@@ -201,16 +234,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_checks(settings: Settings, tables: Sequence[str] | None) -> str:
     """Run the embedding assets' checks through Dagster (recorded on DAGSTER_HOME's
-    instance, so the UI shows them), print one line each; the ERROR failures, if any."""
+    instance, so the UI shows them), print one line each; the ERROR failures with their
+    reasons, if any."""
     from embedding_pipeline.checks import run_embedding_checks, summary_lines
 
     run = run_embedding_checks(settings, tables=tables)
     print("\n".join(summary_lines(run)))
-    return ", ".join(f"{o.asset}.{o.check}" for o in run.errors)
+    return "; ".join(f"{o.asset}.{o.check} ({o.description})" for o in run.errors)
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    _require_database(settings)
+    _require_api_key(settings)
+    _require_schema(settings)
     failed = _print_checks(settings, args.table or None)
     if failed:
         raise CliError(f"asset checks failed with ERROR: {failed}")
@@ -221,25 +256,18 @@ def cmd_backlog(args: argparse.Namespace, settings: Settings) -> int:
     """Per table and month partition, the rows a backfill would embed (nothing is written)."""
     import json
 
-    import psycopg
-
     from embedding_pipeline.lib.backlog import backlog, partition_range, pending
     from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 
-    url = _require_database(settings)
+    url = _require_schema(settings)
     partitions_def = monthly_partitions(settings.partition_start)
     keys = args.table or list(settings.tables)
     specs = [settings.tables[k] for k in keys]
     model_id = _embedder(settings).model_id
-    try:
-        with db.connection(url, vector=False) as conn:
-            rows = backlog(
-                conn, specs, model_id, lambda month: partition_key_for(partitions_def, month)
-            )
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
-        raise CliError(
-            f"{exc.diag.message_primary}; run `embedding-pipeline schema` first"
-        ) from None
+    with db.connection(url, vector=False) as conn:
+        rows = backlog(
+            conn, specs, model_id, lambda month: partition_key_for(partitions_def, month)
+        )
     if args.json:
         print(json.dumps([r.as_dict() for r in (rows if args.all else pending(rows))], indent=2))
         return 0
@@ -282,7 +310,7 @@ def cmd_model_status(args: argparse.Namespace, settings: Settings) -> int:
     """Each table's embedding column: size, registered model, models present, switch state."""
     from embedding_pipeline.lib.model_switch import model_status
 
-    url = _require_database(settings)
+    url = _require_schema(settings)
     with db.connection(url, vector=False) as conn:
         for spec in settings.tables.values():
             print(model_status(conn, spec).describe())
@@ -296,7 +324,7 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
     from embedding_pipeline.lib.model_switch import abort_switch, switch_models
     from embedding_pipeline.lib.sync import Progress
 
-    url = _require_database(settings)
+    url = _require_schema(settings)
     specs = list(settings.tables.values())
     if args.abort:
         with db.connection(url, vector=False) as conn:
@@ -344,6 +372,16 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedding-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -373,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="semantic search over messages, topics and atoms")
     p.add_argument("question")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=_positive, default=5, help="hits per table (default 5)")
     p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
     p.set_defaults(func=cmd_search)
 
@@ -397,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--provider", choices=["local", "openai", "ollama"])
     m.add_argument("--model", help="provider model name (default: the provider's default)")
-    m.add_argument("--dimensions", type=int, help="vector size, if not the model's own")
-    m.add_argument("--batch-size", type=int)
+    m.add_argument("--dimensions", type=_positive, help="vector size, if not the model's own")
+    m.add_argument("--batch-size", type=_positive)
     m.add_argument("--abort", action="store_true", help="discard a switch in progress")
     m.set_defaults(func=cmd_model_switch)
 
@@ -426,18 +464,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         EmbeddingError,
         ValueError,
     ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
     except psycopg.errors.LockNotAvailable as exc:
-        print(
-            f"error: a table stayed locked by other sessions ({exc}); nothing was swapped. "
-            "Run the same command again: finished work is kept and it resumes",
-            file=sys.stderr,
+        return _error(
+            f"a table stayed locked by other sessions ({exc}); nothing was swapped. "
+            "Run the same command again: finished work is kept and it resumes"
         )
-        return 2
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        return _error(
+            f"{exc.diag.message_primary}; run `embedding-pipeline schema` first, or check the "
+            "EP_*_TABLE and EP_*_COLUMN settings"
+        )
     except psycopg.OperationalError as exc:
-        print(f"error: the database is unreachable: {exc}", file=sys.stderr)
-        return 2
+        return _error(f"the database is unreachable: {exc}")
+    except psycopg.Error as exc:
+        return _error(f"the database refused: {type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+
+
+def _error(message: str, code: int = 2) -> int:
+    """Print `message` as one line, without the database password or the OpenAI key."""
+    url, key = os.environ.get("DATABASE_URL"), os.environ.get("OPENAI_API_KEY")
+    if url:
+        message = redact(message, url)
+    if key:
+        message = message.replace(key, "***")
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from psycopg import sql
 
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db
-from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
+from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
 from embedding_pipeline.lib.ingest import ingest
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.lib.schema import ensure_schema
@@ -84,14 +84,14 @@ def defs(settings: Settings, resources: dict[str, dg.ConfigurableResource]) -> d
 @pytest.fixture(scope="module")
 def schema(settings: Settings) -> Settings:
     with db.connection(settings.effective_database_url, vector=False) as conn:
-        ensure_schema(conn, settings, LOCAL_DIMENSION)
+        ensure_schema(conn, settings, LOCAL_DIMENSION, LOCAL_MODEL_ID)
     return settings
 
 
 def ingest_small_chat(settings: Settings) -> Settings:
     """The schema, then the small test chat and its extraction as one extraction."""
     with db.connection(settings.effective_database_url, vector=False) as conn:
-        ensure_schema(conn, settings, LOCAL_DIMENSION)
+        ensure_schema(conn, settings, LOCAL_DIMENSION, LOCAL_MODEL_ID)
     with db.connection(settings.effective_database_url) as conn:
         ingest(
             conn,

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import quote
 
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
+from embedding_pipeline.lib.conninfo import redact
+from embedding_pipeline.lib.conninfo import redact_url as redact_url
 from embedding_pipeline.settings import TableSpec
 
 
@@ -45,32 +44,6 @@ def connection(
         yield conn
     finally:
         conn.close()
-
-
-def _passwords(url: str) -> list[str]:
-    """The password of a connection URL or keyword string, raw and percent-encoded."""
-    try:
-        password = conninfo_to_dict(url).get("password")
-    except psycopg.Error:
-        match = re.search(r"://[^/@]*?:(.*)@", url)
-        password = match.group(1) if match else None
-    if not password:
-        return []
-    return sorted({str(password), quote(str(password), safe="")}, key=len, reverse=True)
-
-
-def redact(text: str, url: str) -> str:
-    """`text` with the password of `url` replaced by ***."""
-    for password in _passwords(url):
-        text = text.replace(password, "***")
-    return text
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs, errors and metadata."""
-    redacted = redact(url, url)
-    redacted = re.sub(r"(password=)[^&\s]*", r"\1***", redacted)
-    return re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", redacted)
 
 
 def text_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:

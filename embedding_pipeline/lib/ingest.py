@@ -3,7 +3,8 @@
 This is what the application does when its LLM step finishes: upsert messages, topics and
 atoms, link them, and record an `extractions` row. Rows whose embedded text is new or
 changed carry the new extraction's id, which is how sensors find work. Everything happens
-in one transaction: a bad file leaves the database as it was.
+in one transaction, and references to messages and topics are checked before the first
+write: a bad file leaves the database as it was, its id sequences included.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.telegram import ChatExport, ExtractionFile, InputFileError
+from embedding_pipeline.lib.telegram import (
+    AtomRecord,
+    ChatExport,
+    ExtractionFile,
+    InputFileError,
+    TopicRecord,
+)
 from embedding_pipeline.settings import Settings
 
 
@@ -64,6 +71,8 @@ def ingest(
     )
     try:
         with conn.transaction():
+            if extraction is not None:
+                _check_references(conn, settings, export, extraction)
             extraction_id = _insert_extraction(conn, settings, export, extraction)
             message_ids = _upsert_messages(conn, settings, export, extraction_id, report)
             if extraction is not None:
@@ -92,6 +101,51 @@ def ingest(
 
 class _NothingChanged(Exception):
     """Rolls the transaction back when an ingest brought nothing new."""
+
+
+def _check_references(
+    conn: psycopg.Connection, settings: Settings, export: ChatExport, extraction: ExtractionFile
+) -> None:
+    """Refuse, before anything is written, an extraction naming a message or a topic that
+    is neither in these files nor in the database."""
+    records: list[TopicRecord | AtomRecord] = [*extraction.topics, *extraction.atoms]
+    known = {m.telegram_id for m in export.messages}
+    wanted = {t for record in records for t in record.message_ids} - known
+    if wanted:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT telegram_message_id FROM {} WHERE chat_id = %s "
+                "AND telegram_message_id = ANY(%s)"
+            ).format(sql.Identifier(settings.tables["messages"].table)),
+            (export.chat_id, sorted(wanted)),
+        ).fetchall()
+        known.update(int(telegram_id) for (telegram_id,) in rows)
+    for record in records:
+        for i, telegram_id in enumerate(record.message_ids):
+            if telegram_id not in known:
+                raise InputFileError(
+                    extraction.path,
+                    f"{record.position}.message_ids[{i}]",
+                    f"message {telegram_id} is not in the export or the database "
+                    "(service messages and messages without text are not stored)",
+                )
+    topic_keys = {t.key for t in extraction.topics}
+    unknown = {a.topic for a in extraction.atoms if a.topic and a.topic not in topic_keys}
+    if unknown:
+        rows = conn.execute(
+            sql.SQL("SELECT key FROM {} WHERE key = ANY(%s)").format(
+                sql.Identifier(settings.tables["topics"].table)
+            ),
+            (sorted(unknown),),
+        ).fetchall()
+        unknown -= {str(key) for (key,) in rows}
+    for atom in extraction.atoms:
+        if atom.topic in unknown:
+            raise InputFileError(
+                extraction.path,
+                f"{atom.position}.topic",
+                f"unknown topic key {atom.topic!r}: not in this file or the database",
+            )
 
 
 def _insert_extraction(
@@ -201,20 +255,6 @@ def _upsert_topics(
     return {str(key): int(row_id) for key, row_id in rows}
 
 
-def _resolve(
-    path: object, where: str, telegram_ids: tuple[int, ...], message_ids: dict[int, int]
-) -> list[int]:
-    missing = [t for t in telegram_ids if t not in message_ids]
-    if missing:
-        raise InputFileError(
-            str(path),
-            f"{where}.message_ids",
-            f"message id(s) {', '.join(map(str, missing[:10]))} are not in the export or the "
-            "database (service or empty messages are not stored)",
-        )
-    return [message_ids[t] for t in telegram_ids]
-
-
 def _assign_topics(
     conn: psycopg.Connection,
     settings: Settings,
@@ -229,7 +269,7 @@ def _assign_topics(
     ).format(sql.Identifier(spec.table), sql.Identifier(spec.id_column))
     changed = 0
     for topic in extraction.topics:
-        rows = _resolve(extraction.path, topic.position, topic.message_ids, message_ids)
+        rows = [message_ids[t] for t in topic.message_ids]
         if rows:
             topic_id = topic_ids[topic.key]
             changed += max(conn.execute(statement, (topic_id, rows, topic_id)).rowcount, 0)
@@ -269,11 +309,7 @@ def _upsert_atoms(
         sql.Identifier(spec.id_column), sql.Identifier(spec.table)
     )
     for atom in extraction.atoms:
-        if atom.topic is not None and atom.topic not in topic_ids:
-            raise InputFileError(
-                str(extraction.path), f"{atom.position}.topic", f"unknown topic key {atom.topic!r}"
-            )
-        sources = _resolve(extraction.path, atom.position, atom.message_ids, message_ids)
+        sources = [message_ids[t] for t in atom.message_ids]
         row = conn.execute(
             statement,
             (

@@ -37,9 +37,8 @@ from embedding_pipeline.lib.schema import (
     vector_column_dimension,
 )
 from embedding_pipeline.lib.sync import Progress, SyncResult, Window, sync_embeddings
-from embedding_pipeline.settings import HnswSettings, TableSpec
+from embedding_pipeline.settings import SHADOW_SUFFIX, HnswSettings, TableSpec
 
-SHADOW_SUFFIX = "_next"
 #: How long the swap waits for its table lock before giving up (the command then says to
 #: run it again; the filled shadow columns are kept).
 SWAP_LOCK_TIMEOUT = "10s"
