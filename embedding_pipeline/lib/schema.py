@@ -174,6 +174,7 @@ def ensure_schema(conn: psycopg.Connection, settings: Settings, dimension: int) 
                 report.created_tables.append(table)
         for spec in settings.tables.values():
             _ensure_embedding_columns(conn, settings, spec, dimension, report)
+            ensure_text_search(conn, spec, settings.search.text_language, report)
     conn.commit()
     return report
 
@@ -354,3 +355,69 @@ def registered_model(conn: psycopg.Connection, spec: TableSpec) -> str | None:
         (spec.table, spec.embedding_column),
     ).fetchone()
     return str(row[0]) if row else None
+
+
+def _tsv_definition(spec: TableSpec, language: str) -> sql.Composed:
+    """The generated column's expression: each text column's `to_tsvector` (the first one,
+    a title or name, weighted A; the others B). Built with `||`, not `concat_ws` (only
+    STABLE), because a generated column needs an IMMUTABLE expression."""
+    config = sql.SQL("{}::regconfig").format(sql.Literal(language))
+    parts = [
+        sql.SQL("setweight(to_tsvector({}, coalesce({}, '')), {})").format(
+            config, sql.Identifier(column), sql.Literal("A" if i == 0 else "B")
+        )
+        for i, column in enumerate(spec.text_columns)
+    ]
+    return sql.SQL(" || ").join(parts)
+
+
+def _tsv_marker(spec: TableSpec, language: str) -> str:
+    """Recorded as the column's comment: what the generated column was built from."""
+    return f"embedding_pipeline search_tsv: {language}: {','.join(spec.text_columns)}"
+
+
+def ensure_text_search(
+    conn: psycopg.Connection, spec: TableSpec, language: str, report: SchemaReport
+) -> None:
+    """The generated `tsvector` column of the text columns and its GIN index. A column
+    built for another language or other text columns is derived data: it is dropped and
+    built again (adding a stored generated column rewrites the table once)."""
+    table, column = sql.Identifier(spec.table), sql.Identifier(spec.tsv_column)
+    known = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_ts_config WHERE cfgname = %s)",
+        (language.rpartition(".")[2],),
+    ).fetchone()
+    if not (known and known[0]):
+        raise SchemaError(
+            f"EP_SEARCH_TEXT_LANGUAGE {language!r} is not a text search configuration of "  # noqa: S608
+            "this database (SELECT cfgname FROM pg_ts_config lists them)"
+        )
+    marker = _tsv_marker(spec, language)
+    if spec.tsv_column in _columns(conn, spec.table):
+        row = conn.execute(
+            "SELECT col_description(a.attrelid, a.attnum) FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
+            (_qualified(spec.table), spec.tsv_column),
+        ).fetchone()
+        if row and row[0] == marker:
+            marker = ""
+        else:
+            conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, column))
+    if marker:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN {} tsvector GENERATED ALWAYS AS ({}) STORED").format(
+                table, column, _tsv_definition(spec, language)
+            )
+        )
+        conn.execute(
+            sql.SQL("COMMENT ON COLUMN {}.{} IS {}").format(table, column, sql.Literal(marker))
+        )
+        report.added_columns.append(f"{spec.table}.{spec.tsv_column}")
+    if _ensure_index(
+        conn, spec.table, tsv_index_name(spec), sql.SQL("USING gin ({})").format(column)
+    ):
+        report.created_indexes.append(tsv_index_name(spec))
+
+
+def tsv_index_name(spec: TableSpec) -> str:
+    return f"{spec.table}_{spec.tsv_column}_gin_idx"[:63]
