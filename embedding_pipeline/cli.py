@@ -219,10 +219,13 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """The search API over HTTP (FastAPI on uvicorn); docs at /docs."""
+    import logging
+
     import uvicorn
 
     from embedding_pipeline.search.http import create_app
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
     _require_database(settings)
     print(f"search API on http://{args.host}:{args.port} (OpenAPI docs at /docs)", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")

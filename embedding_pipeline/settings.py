@@ -140,6 +140,9 @@ class SearchSettings:
     iterative_scan: str = "relaxed_order"
     #: Most index tuples an iterative scan visits before it gives up (pgvector's default).
     max_scan_tuples: int = 20_000
+    #: Filters the planner expects to keep fewer rows than this are answered by an exact
+    #: scan of those rows instead of the HNSW index (faster and exact when few remain).
+    exact_below_rows: int = 2_000
 
     def __post_init__(self) -> None:
         if self.iterative_scan not in ITERATIVE_SCAN_MODES:
@@ -150,6 +153,8 @@ class SearchSettings:
         for name in ("rrf_k", "hybrid_candidates", "max_scan_tuples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EP_SEARCH_{name.upper()} must be at least 1")
+        if self.exact_below_rows < 0:
+            raise ValueError("EP_SEARCH_EXACT_BELOW_ROWS must not be negative")
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,7 @@ def _search_from_env(env: Mapping[str, str]) -> SearchSettings:
         hybrid_candidates=_int(env, "EP_SEARCH_HYBRID_CANDIDATES", d.hybrid_candidates),
         iterative_scan=(env.get("EP_SEARCH_ITERATIVE_SCAN") or d.iterative_scan).lower(),
         max_scan_tuples=_int(env, "EP_SEARCH_MAX_SCAN_TUPLES", d.max_scan_tuples),
+        exact_below_rows=_int(env, "EP_SEARCH_EXACT_BELOW_ROWS", d.exact_below_rows),
     )
 
 

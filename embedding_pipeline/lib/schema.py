@@ -174,7 +174,7 @@ def ensure_schema(conn: psycopg.Connection, settings: Settings, dimension: int) 
                 report.created_tables.append(table)
         for spec in settings.tables.values():
             _ensure_embedding_columns(conn, settings, spec, dimension, report)
-            ensure_text_search(conn, spec, settings.search.text_language, report)
+            ensure_search_columns(conn, spec, settings.search.text_language, report)
     conn.commit()
     return report
 
@@ -376,12 +376,24 @@ def _tsv_marker(spec: TableSpec, language: str) -> str:
     return f"embedding_pipeline search_tsv: {language}: {','.join(spec.text_columns)}"
 
 
-def ensure_text_search(
+#: Columns the search API filters on, B-tree indexed where a table has them, so that a
+#: selective filter is answered by an exact scan of the few matching rows.
+SEARCH_FILTER_COLUMNS = ("author_id", "topic_id", "kind")
+
+
+def ensure_search_columns(
     conn: psycopg.Connection, spec: TableSpec, language: str, report: SchemaReport
 ) -> None:
-    """The generated `tsvector` column of the text columns and its GIN index. A column
-    built for another language or other text columns is derived data: it is dropped and
-    built again (adding a stored generated column rewrites the table once)."""
+    """What search needs besides the vectors: the generated `tsvector` column of the text
+    columns with its GIN index, and B-tree indexes on the filter columns. A `tsvector`
+    column built for another language or other text columns is derived data: it is
+    dropped and built again (adding a stored generated column rewrites the table once)."""
+    existing = _columns(conn, spec.table)
+    for filtered in SEARCH_FILTER_COLUMNS:
+        name = f"{spec.table}_{filtered}_idx"[:63]
+        definition = sql.SQL("({})").format(sql.Identifier(filtered))
+        if filtered in existing and _ensure_index(conn, spec.table, name, definition):
+            report.created_indexes.append(name)
     table, column = sql.Identifier(spec.table), sql.Identifier(spec.tsv_column)
     known = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_ts_config WHERE cfgname = %s)",
@@ -393,7 +405,7 @@ def ensure_text_search(
             "this database (SELECT cfgname FROM pg_ts_config lists them)"
         )
     marker = _tsv_marker(spec, language)
-    if spec.tsv_column in _columns(conn, spec.table):
+    if spec.tsv_column in existing:
         row = conn.execute(
             "SELECT col_description(a.attrelid, a.attnum) FROM pg_attribute a "
             "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",

@@ -18,7 +18,7 @@ once from the environment (`default_searcher`).
 
 Modes: `vector` (cosine distance through the HNSW index; score = cosine similarity),
 `text` (PostgreSQL full text on the generated `search_tsv` column; any of the query's
-words, ranked by `ts_rank_cd`), `hybrid` (reciprocal rank fusion of both rankings; score
+words, ranked by `ts_rank`), `hybrid` (reciprocal rank fusion of both rankings; score
 = sum of 1 / (rrf_k + rank)).
 """
 
@@ -162,6 +162,12 @@ class _Explain(sa.Executable, sa.ClauseElement):
     def __init__(self, statement: sa.Select[Any], *, analyze: bool) -> None:
         self.statement = statement
         self.analyze = analyze
+
+
+def _plan(rows: Sequence[sa.RowMapping]) -> Any:
+    """The JSON plan an `_Explain` answered (its one column, by position: SQLAlchemy names
+    result columns after the explained statement's)."""
+    return next(iter(rows[0].values()))
 
 
 @compiles(_Explain)
@@ -375,8 +381,18 @@ class Searcher:
                 "`embedding-pipeline model status` shows it)"
             )
 
+    def _exact(self, key: str, filters: Filters) -> Steps[bool]:
+        """Whether the filters keep so few rows (by the planner's estimate) that scanning
+        them exactly beats the HNSW index; never without filters."""
+        if not filters.used:
+            return False
+        statement = self.sql.filtered_rows(key, filter_shape(filters))
+        rows = yield _Explain(statement, analyze=False), filter_params(filters)
+        estimate = float(_plan(rows)[0]["Plan"]["Plan Rows"])
+        return estimate < self.settings.search.exact_below_rows
+
     def _search_step(
-        self, request: _Request, vector: np.ndarray | None
+        self, request: _Request, vector: np.ndarray | None, exact: bool
     ) -> tuple[sa.Select[Any], dict[str, Any]]:
         params: dict[str, Any] = {"k": request.k, **filter_params(request.filters)}
         if request.mode != "text":
@@ -386,22 +402,29 @@ class Searcher:
         if request.mode == "hybrid":
             params["candidates"] = max(request.k, self.settings.search.hybrid_candidates)
         shape = filter_shape(request.filters)
-        return self.sql.search(request.key, request.mode, shape), params
+        return self.sql.search(request.key, request.mode, shape, exact=exact), params
 
-    def _search_steps(self, request: _Request, vector: np.ndarray | None) -> Steps[list[Hit]]:
+    def _prepared_search(
+        self, request: _Request, vector: np.ndarray | None
+    ) -> Steps[tuple[sa.Select[Any], dict[str, Any]]]:
+        """The model check and index settings (vector modes), the exact-or-index choice,
+        then the search statement and its parameters."""
+        exact = False
         if vector is not None:
             yield from self._column_model(request.key)
-        rows = yield self._search_step(request, vector)
+            exact = yield from self._exact(request.key, request.filters)
+        return self._search_step(request, vector, exact)
+
+    def _search_steps(self, request: _Request, vector: np.ndarray | None) -> Steps[list[Hit]]:
+        rows = yield (yield from self._prepared_search(request, vector))
         return self._hits(request.key, rows, rank=_OWN_RANK[request.mode])
 
     def _explain_steps(
         self, request: _Request, vector: np.ndarray | None, analyze: bool
     ) -> Steps[Any]:
-        if vector is not None:
-            yield from self._column_model(request.key)
-        statement, params = self._search_step(request, vector)
+        statement, params = yield from self._prepared_search(request, vector)
         rows = yield _Explain(statement, analyze=analyze), params
-        return rows[0]["QUERY PLAN"]
+        return _plan(rows)
 
     def _similar_steps(self, key: str, row_id: int, k: int, filters: Filters) -> Steps[list[Hit]]:
         check_applicable(key, filters)
@@ -411,7 +434,8 @@ class Searcher:
         if rows[0]["model"] is None:
             raise NotFound(f"{key} row {row_id} has no embedding yet")
         params = {"row_id": row_id, "model_id": rows[0]["model"], "k": k}
-        statement = self.sql.similar(key, filter_shape(filters))
+        exact = yield from self._exact(key, filters)
+        statement = self.sql.similar(key, filter_shape(filters), exact=exact)
         ranked = yield statement, {**params, **filter_params(filters)}
         return self._hits(key, ranked, rank="vector_rank")
 

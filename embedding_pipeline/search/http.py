@@ -138,7 +138,7 @@ def _error_route(scrub: Callable[[str], str]) -> type[APIRoute]:
                 except ModelMismatch as exc:
                     return _error(409, str(exc))
                 except EmbeddingError as exc:
-                    log.warning("embedding provider unavailable: %s", scrub(str(exc)))
+                    log.warning("embedding provider unavailable: %s", scrub(_first_line(exc)))
                     return _error(503, "the embedding provider is unavailable; try again later")
                 except sa.exc.DBAPIError as exc:
                     return _database_error(exc, scrub)
@@ -151,8 +151,13 @@ def _error_route(scrub: Callable[[str], str]) -> type[APIRoute]:
     return SearchRoute
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _database_error(exc: sa.exc.DBAPIError, scrub: Callable[[str], str]) -> JSONResponse:
-    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    reason = _first_line(exc.orig or exc)
     code = getattr(exc.orig, "sqlstate", None) or ""
     if isinstance(exc, _UNAVAILABLE) or exc.connection_invalidated or code.startswith("08"):
         log.warning("database unavailable: %s", scrub(reason))
@@ -250,7 +255,9 @@ def build_router(
             with engine.connect() as conn:
                 conn.execute(sa.select(1))
         except sa.exc.DBAPIError as exc:
-            log.warning("health check: database unreachable: %s", scrub(str(exc.orig)))
+            log.warning(
+                "health check: database unreachable: %s", scrub(_first_line(exc.orig or exc))
+            )
             body = Health(status="unavailable", database="unreachable", model=searcher.model_id)
             return JSONResponse(status_code=503, content=body.model_dump())
         return Health(status="ok", database="ok", model=searcher.model_id)

@@ -110,8 +110,19 @@ class Statements:
 
     # -- the searches -----------------------------------------------------------------------
 
-    def search(self, key: str, mode: str, shape: Shape) -> sa.Select[Any]:
-        """`k` hits of `key` by `mode`, filtered by `shape`."""
+    def filtered_rows(self, key: str, shape: Shape) -> sa.Select[Any]:
+        """The rows a filter shape keeps: EXPLAINed for the planner's estimate of how many
+        (an exact scan of them beats the HNSW index when they are few)."""
+
+        def build() -> sa.Select[Any]:
+            conditions = filter_clauses(self.tables, key, shape)
+            return sa.select(sa.literal(1)).select_from(self.tables[key]).where(*conditions)
+
+        return self._cached(("filtered_rows", key, shape), build)
+
+    def search(self, key: str, mode: str, shape: Shape, *, exact: bool) -> sa.Select[Any]:
+        """`k` hits of `key` by `mode`, filtered by `shape`; `exact`: the vector ranking by
+        a scan of the filtered rows instead of the HNSW index."""
 
         def build() -> sa.Select[Any]:
             query = sa.bindparam("query_vector", type_=Vector())
@@ -119,14 +130,14 @@ class Statements:
                 matches = self._text_matches(key, shape, "k")
                 return self._ranked(key, matches, matches.c.rank.desc(), matches.c.rank)
             if mode == "vector":
-                nearest = self._nearest(key, query, shape, "k")
+                nearest = self._nearest(key, query, shape, "k", exact=exact)
                 return self._ranked(key, nearest, nearest.c.distance, 1 - nearest.c.distance)
-            nearest = self._nearest(key, query, shape, "candidates")
+            nearest = self._nearest(key, query, shape, "candidates", exact=exact)
             return self._fused(key, nearest, self._text_matches(key, shape, "candidates"))
 
-        return self._cached(("search", key, mode, shape), build)
+        return self._cached(("search", key, mode, shape, exact), build)
 
-    def similar(self, key: str, shape: Shape) -> sa.Select[Any]:
+    def similar(self, key: str, shape: Shape, *, exact: bool) -> sa.Select[Any]:
         """`k` rows nearest to row `row_id` (itself excluded), among its model's vectors."""
 
         def build() -> sa.Select[Any]:
@@ -134,10 +145,11 @@ class Statements:
             stored = sa.bindparam("row_id", type_=sa.BigInteger())
             embedding = self.tables.column(key, "embedding_column")
             query = sa.select(embedding).where(row_id == stored).scalar_subquery()
-            nearest = self._nearest(key, query, shape, "k", exclude=row_id != stored)
+            exclude = row_id != stored
+            nearest = self._nearest(key, query, shape, "k", exact=exact, exclude=exclude)
             return self._ranked(key, nearest, nearest.c.distance, 1 - nearest.c.distance)
 
-        return self._cached(("similar", key, shape), build)
+        return self._cached(("similar", key, shape, exact), build)
 
     def atoms_for_message(self) -> sa.Select[Any]:
         def build() -> sa.Select[Any]:
@@ -191,13 +203,16 @@ class Statements:
         shape: Shape,
         limit: str,
         *,
+        exact: bool = False,
         exclude: sa.ColumnElement[bool] | None = None,
     ) -> sa.CTE:
         """The rows nearest to `query` through the HNSW index (`ORDER BY embedding <=> q
         LIMIT n`, the form the index serves), among vectors of `model_id`, filters applied
         inside so an iterative scan keeps going until enough rows pass. MATERIALIZED, as
         pgvector advises: with relaxed ordering rows may come slightly out of order, and
-        the caller sorts them again."""
+        the caller sorts them again. `exact` orders by `distance + 0`, which the index
+        cannot serve: the planner then reads the filtered rows (through the filter
+        columns' B-tree indexes) and sorts them, the exact answer."""
         row_id = self.tables.id(key)
         embedding = self.tables.column(key, "embedding_column")
         model = self.tables.column(key, "model_column")
@@ -212,7 +227,7 @@ class Statements:
         return (
             sa.select(row_id.label("id"), distance)
             .where(*conditions)
-            .order_by(distance)
+            .order_by(distance + 0 if exact else distance)
             .limit(_rendered(limit))
             .cte("nearest")
             .prefix_with("MATERIALIZED")
@@ -221,7 +236,9 @@ class Statements:
     def _text_query(self) -> sa.ColumnElement[Any]:
         """Any of the words of `query_text`: `plainto_tsquery` (stemmed, stop words dropped)
         with its ANDs turned into ORs, so a question matches rows holding some of its
-        words; `ts_rank_cd` then puts rows with more of them, closer together, first."""
+        words; `ts_rank` then puts rows with more of them (a title's count more) first.
+        Not `ts_rank_cd`: it ranked 5,374 matches in 42 ms where `ts_rank` took 17
+        (docs/benchmarks.md), and it was no better on the labelled questions."""
         language: sa.BindParameter[str] = sa.bindparam(
             "text_language", self.settings.search.text_language, literal_execute=True
         )
@@ -233,7 +250,7 @@ class Statements:
         row_id = self.tables.id(key)
         document = self.tables.column(key, "tsv_column")
         query = self._text_query()
-        rank = sa.func.ts_rank_cd(document, query).label("rank")
+        rank = sa.func.ts_rank(document, query).label("rank")
         return (
             sa.select(row_id.label("id"), rank)
             .where(document.bool_op("@@")(query), *filter_clauses(self.tables, key, shape))
