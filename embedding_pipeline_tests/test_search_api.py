@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from pgvector.psycopg import register_vector
+from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -26,7 +27,11 @@ from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LocalEmbedder
 from embedding_pipeline.lib.model_switch import switch_models
 from embedding_pipeline.lib.quality import index_scans
-from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_name
+from embedding_pipeline.lib.schema import (
+    build_hnsw_index_concurrently,
+    ensure_schema,
+    hnsw_index_name,
+)
 from embedding_pipeline.lib.sync import Window, sync_embeddings
 from embedding_pipeline.search import (
     InvalidQuery,
@@ -323,9 +328,17 @@ def _synthetic_messages(url: str, settings: Settings, rows: int, model_id: str) 
     B-tree index on the author. Returns the query vector."""
     rng = np.random.default_rng(7)
     query, far = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 384)))
+    spec = settings.tables["messages"]
     with psycopg.connect(url) as conn:
         ensure_schema(conn, settings, 384)
         register_vector(conn)
+        # loaded first, indexed after: quicker than inserting into the graph row by row;
+        # without the author index the planner reads the few rare rows through it itself
+        conn.execute(
+            sql.SQL("DROP INDEX {}, messages_author_id_idx").format(
+                sql.Identifier(hnsw_index_name(spec))
+            )
+        )
         columns = (
             "chat_id, telegram_message_id, author_id, sent_at, content, embedding, embedding_model"
         )
@@ -347,10 +360,10 @@ def _synthetic_messages(url: str, settings: Settings, rows: int, model_id: str) 
                         model_id,
                     ]
                 )
-        # without it the planner reads the few rare rows through this index itself
-        conn.execute("DROP INDEX messages_author_id_idx")
-        conn.execute("ANALYZE messages")
         conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        build_hnsw_index_concurrently(conn, spec, settings.hnsw)
+        conn.execute("ANALYZE messages")
     return query
 
 
