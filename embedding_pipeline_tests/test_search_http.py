@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pytest_httpserver import HTTPServer
 
 from embedding_pipeline.lib.pgserver import free_port
 from embedding_pipeline.settings import Settings
@@ -138,6 +139,29 @@ def test_bad_input_gets_a_422_naming_the_field(api, path, body, field):
     error = answer.json()
     assert error["field"] == field
     assert error["detail"].startswith(f"{field}: ") and "\n" not in error["detail"]
+
+
+def test_a_column_of_another_model_answers_409(sample, httpserver: HTTPServer, tmp_path: Path):
+    """A server configured for an Ollama model (a real local server speaking its protocol)
+    over columns the local model filled: vector search is refused, text search works."""
+    httpserver.expect_request("/api/embed", method="POST").respond_with_json(
+        {"model": "all-minilm", "embeddings": [[0.05] * 384]}
+    )
+    env = {
+        "DATABASE_URL": sample.effective_database_url,
+        "EP_EMBEDDING_PROVIDER": "ollama",
+        "EP_EMBEDDING_MODEL": "all-minilm",
+        "OLLAMA_HOST": httpserver.url_for("").rstrip("/"),
+    }
+    with serve(env, tmp_path) as (base, _), httpx.Client(base_url=base) as client:
+        refused = client.post(SEARCH, json={"query": "deploy", "mode": "hybrid"})
+        text = client.post(SEARCH, json={"query": "deploy", "mode": "text"})
+    assert refused.status_code == 409
+    assert refused.json()["detail"].startswith(
+        "messages.embedding holds vectors of local:all-MiniLM-L6-v2-int8 (stored with its "
+        "vectors) but queries would be embedded with ollama:all-minilm"
+    )
+    assert text.status_code == 200 and text.json()["results"]
 
 
 def test_outages_answer_503_without_traceback_url_password_or_key(tmp_path: Path):
