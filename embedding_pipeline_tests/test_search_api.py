@@ -28,6 +28,7 @@ from embedding_pipeline.lib.embedders import LocalEmbedder
 from embedding_pipeline.lib.model_switch import switch_models
 from embedding_pipeline.lib.quality import index_scans
 from embedding_pipeline.lib.schema import (
+    SchemaError,
     build_hnsw_index_concurrently,
     ensure_schema,
     hnsw_index_name,
@@ -42,7 +43,7 @@ from embedding_pipeline.search import (
     engine_for,
 )
 from embedding_pipeline.search.evaluation import evaluate, load_questions
-from embedding_pipeline.settings import SearchSettings, Settings
+from embedding_pipeline.settings import SearchSettings, Settings, load_settings
 from embedding_pipeline_tests.conftest import ingest_small_chat
 from embedding_pipeline_tests.incremental_helpers import HashEmbedder
 from embedding_pipeline_tests.search_helpers import sample_settings
@@ -445,3 +446,57 @@ def test_the_quality_table_in_the_docs_is_what_the_questions_measure(searcher, c
     }
     assert documented == {m: (round(r, 3), round(q, 3)) for m, (r, q) in measured.items()}
     assert measured["hybrid"][0] >= max(measured["vector"][0], measured["text"][0])
+
+
+def test_search_settings_come_from_the_environment():
+    env = {
+        "EP_SEARCH_TEXT_LANGUAGE": "simple",
+        "EP_SEARCH_RRF_K": "30",
+        "EP_SEARCH_HYBRID_CANDIDATES": "80",
+        "EP_SEARCH_ITERATIVE_SCAN": "STRICT_ORDER",
+        "EP_SEARCH_MAX_SCAN_TUPLES": "5000",
+        "EP_SEARCH_EXACT_BELOW_ROWS": "0",
+    }
+    assert load_settings(env).search == SearchSettings(
+        text_language="simple",
+        rrf_k=30,
+        hybrid_candidates=80,
+        iterative_scan="strict_order",
+        max_scan_tuples=5000,
+        exact_below_rows=0,
+    )
+    assert load_settings({}).search == SearchSettings()
+    with pytest.raises(ValueError, match="EP_SEARCH_ITERATIVE_SCAN must be one of off"):
+        load_settings({"EP_SEARCH_ITERATIVE_SCAN": "sometimes"})
+    with pytest.raises(ValueError, match="EP_SEARCH_RRF_K must be an integer"):
+        load_settings({"EP_SEARCH_RRF_K": "sixty"})
+
+
+def test_the_search_columns_follow_the_language_setting(fresh_database_url):
+    settings = ingest_small_chat(Settings(database_url=fresh_database_url))
+    lexemes = "SELECT tsvector_to_array(search_tsv) FROM atoms ORDER BY id LIMIT 1"
+    with db.connection(fresh_database_url, vector=False) as conn:
+        indexes = {
+            r[0]
+            for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
+        }
+        assert {
+            "messages_search_tsv_gin_idx",
+            "messages_author_id_idx",
+            "messages_topic_id_idx",
+            "atoms_kind_idx",
+            "atoms_topic_id_idx",
+        } <= indexes
+        english = set(conn.execute(lexemes).fetchone()[0])
+        assert ensure_schema(conn, settings, 384).added_columns == []
+        simple = replace(settings, search=SearchSettings(text_language="simple"))
+        report = ensure_schema(conn, simple, 384)
+        assert {"messages.search_tsv", "topics.search_tsv", "atoms.search_tsv"} <= set(
+            report.added_columns
+        )
+        plain = set(conn.execute(lexemes).fetchone()[0])
+        assert plain != english and {"the", "and"} & plain and not {"the", "and"} & english
+        with pytest.raises(SchemaError, match="'klingon' is not a text search configuration"):
+            ensure_schema(
+                conn, replace(settings, search=SearchSettings(text_language="klingon")), 384
+            )
