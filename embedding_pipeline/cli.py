@@ -8,8 +8,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
+import sqlalchemy.exc
 
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.conninfo import redact
@@ -17,7 +19,12 @@ from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, EmbeddedServerError
 from embedding_pipeline.lib.schema import SchemaError, relation_exists
 from embedding_pipeline.lib.telegram import InputFileError
+from embedding_pipeline.search.errors import SearchError
+from embedding_pipeline.search.filters import FILTER_NAMES
 from embedding_pipeline.settings import PROJECT_ROOT, Settings, load_settings
+
+if TYPE_CHECKING:
+    from embedding_pipeline.search import Hit
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 DEMO_QUESTION = "Why did the deployment fail on Friday?"
@@ -34,9 +41,9 @@ def _server(settings: Settings) -> EmbeddedPostgres:
     return EmbeddedPostgres(e.data_dir, e.port, host=e.host)
 
 
-def _require_database(settings: Settings) -> str:
-    """The database URL, starting the embedded server first when it is the default; a
-    database that cannot be reached fails here, before any work starts."""
+def _require_database(settings: Settings, *, probe: bool = True) -> str:
+    """The database URL, starting the embedded server first when it is the default; with
+    `probe`, another database that cannot be reached fails here, before any work starts."""
     if settings.uses_embedded_database:
         server = _server(settings)
         if not server.status().running:
@@ -47,7 +54,7 @@ def _require_database(settings: Settings) -> str:
             )
             server.start()
         server.ensure_database(settings.embedded.database)
-    else:
+    elif probe:
         db.connect(settings.effective_database_url, vector=False).close()
     return settings.effective_database_url
 
@@ -188,25 +195,75 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _print_search(settings: Settings, question: str, k: int, tables: Sequence[str]) -> None:
-    from embedding_pipeline.lib.search import search_table
+def _search(
+    settings: Settings,
+    question: str,
+    k: int,
+    tables: Sequence[str] | None,
+    *,
+    mode: str = "hybrid",
+    filters: dict[str, object] | None = None,
+) -> dict[str, list[Hit]]:
+    """Hits per table through the search API (`embedding_pipeline.search`). Without
+    `tables`, every table the filters apply to."""
+    from embedding_pipeline.search import Searcher
+    from embedding_pipeline.search.api import engine_for
+    from embedding_pipeline.search.filters import APPLICABLE
 
-    embedder = _embedder(settings)
-    query = embedder.embed([question])[0]
-    print(f'search: "{question}"')
-    with db.connection(settings.effective_database_url) as conn:
-        for key in tables:
-            spec = settings.tables[key]
-            hits = search_table(conn, spec, query, k=k, ef_search=settings.hnsw.ef_search)
-            print(f"  {spec.table}:")
-            for hit in hits:
-                text = " ".join(hit.text.split())
-                print(f"    {hit.similarity:.3f}  #{hit.id}  {text[:110]}")
+    searcher = Searcher(settings)
+    used = [name for name, value in (filters or {}).items() if value is not None]
+    keys = tables or [key for key, names in APPLICABLE.items() if set(used) <= names]
+    engine = engine_for(settings.effective_database_url)
+    try:
+        with engine.connect() as conn:
+            return {
+                key: searcher.search(conn, question, table=key, k=k, filters=filters, mode=mode)
+                for key in keys
+            }
+    finally:
+        engine.dispose()
+
+
+def _print_search(question: str, mode: str, results: dict[str, list[Hit]]) -> None:
+    print(f'search ({mode}): "{question}"')
+    for key, hits in results.items():
+        print(f"  {key}:")
+        for hit in hits:
+            text = " ".join(hit.text.split())
+            print(f"    {hit.score or 0.0:.3f}  #{hit.id}  {text[:110]}")
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    _require_api_key(settings)
     _require_schema(settings)
-    _print_search(settings, args.question, args.k, args.table or list(settings.tables))
+    filters = {name: getattr(args, name) for name in FILTER_NAMES}
+    results = _search(settings, args.question, args.k, args.table, mode=args.mode, filters=filters)
+    if args.json:
+        payload = {
+            "query": args.question,
+            "mode": args.mode,
+            "results": {key: [h.as_dict() for h in hits] for key, hits in results.items()},
+        }
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        _print_search(args.question, args.mode, results)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """The search API over HTTP (FastAPI on uvicorn); docs at /docs."""
+    import logging
+
+    import uvicorn
+
+    from embedding_pipeline.search.http import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
+    _require_database(settings, probe=False)  # it answers 503 until the database is back
+    print(f"search API on http://{args.host}:{args.port} (OpenAPI docs at /docs)", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -221,7 +278,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print()
     remaining = _print_status(settings)
     print()
-    _print_search(settings, args.question, 3, list(settings.tables))
+    _print_search(args.question, "hybrid", _search(settings, args.question, 3, None))
     print()
     failed_checks = _print_checks(settings, None)
     print(f"\ndemo finished in {time.monotonic() - started:.1f}s")
@@ -411,9 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="semantic search over messages, topics and atoms")
     p.add_argument("question")
-    p.add_argument("-k", type=_positive, default=5, help="hits per table (default 5)")
+    p.add_argument("-k", type=_positive, default=5, help="results per table (1 to 100)")
     p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+    p.add_argument("--mode", choices=["vector", "text", "hybrid"], default="vector")
+    p.add_argument("--since", help="rows at or after this ISO date/time")
+    p.add_argument("--until", help="rows before this ISO date/time")
+    p.add_argument("--author", help="author (Telegram from_id)")
+    p.add_argument("--topic", help="topic id or key")
+    p.add_argument("--extraction", type=int, help="extraction id")
+    p.add_argument("--kind", help="atom kind (atoms only)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="the search API over HTTP (docs at /docs)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "backlog",
@@ -462,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         EmbeddedServerError,
         SchemaError,
         EmbeddingError,
+        SearchError,
         ValueError,
     ) as exc:
         return _error(str(exc))
@@ -475,8 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{exc.diag.message_primary}; run `embedding-pipeline schema` first, or check the "
             "EP_*_TABLE and EP_*_COLUMN settings"
         )
-    except psycopg.OperationalError as exc:
-        return _error(f"the database is unreachable: {exc}")
+    except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:
+        reason = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+        return _error(f"the database is unreachable: {reason}")
     except psycopg.Error as exc:
         return _error(f"the database refused: {type(exc).__name__}: {exc}")
     except KeyboardInterrupt:

@@ -53,6 +53,8 @@ class TableSpec:
     #: When the row last started to need an embedding (inserted, text changed, vector
     #: removed); kept by the same trigger, read by the freshness check.
     pending_since_column: str = "embedding_pending_since"
+    #: Generated tsvector of the text columns (full-text and hybrid search).
+    tsv_column: str = "search_tsv"
 
     @property
     def asset_name(self) -> str:
@@ -131,6 +133,42 @@ class CheckSettings:
     schedule_cron: str = "0 * * * *"
 
 
+#: hnsw.iterative_scan values (pgvector 0.8): off, or keep scanning the index until enough
+#: rows pass the filters, in exact (strict) or approximate (relaxed) distance order.
+ITERATIVE_SCAN_MODES = ("off", "relaxed_order", "strict_order")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The search API (`embedding_pipeline.search`): full-text language, hybrid ranking and
+    how filtered vector queries walk the HNSW index (`hnsw.ef_search` is `HnswSettings`')."""
+
+    #: PostgreSQL text search configuration of the `search_tsv` columns and of queries.
+    text_language: str = "english"
+    #: The constant k of reciprocal rank fusion: score = sum of 1 / (k + rank).
+    rrf_k: int = 60
+    #: Rows each ranking (vector, text) contributes to a hybrid fusion, at least the limit.
+    hybrid_candidates: int = 50
+    iterative_scan: str = "relaxed_order"
+    #: Most index tuples an iterative scan visits before it gives up (pgvector's default).
+    max_scan_tuples: int = 20_000
+    #: Filters the planner expects to keep fewer rows than this are answered by an exact
+    #: scan of those rows instead of the HNSW index (faster and exact when few remain).
+    exact_below_rows: int = 2_000
+
+    def __post_init__(self) -> None:
+        if self.iterative_scan not in ITERATIVE_SCAN_MODES:
+            raise ValueError(
+                f"EP_SEARCH_ITERATIVE_SCAN must be one of {', '.join(ITERATIVE_SCAN_MODES)}, "
+                f"got {self.iterative_scan!r}"
+            )
+        for name in ("rrf_k", "hybrid_candidates", "max_scan_tuples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EP_SEARCH_{name.upper()} must be at least 1")
+        if self.exact_below_rows < 0:
+            raise ValueError("EP_SEARCH_EXACT_BELOW_ROWS must not be negative")
+
+
 @dataclass(frozen=True)
 class EmbeddedDatabaseSettings:
     """The PostgreSQL+pgvector server the CLI starts when no DATABASE_URL is given."""
@@ -196,6 +234,7 @@ class Settings:
     sensor: SensorSettings = field(default_factory=SensorSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
     partition_start: str = "2024-01-01"
     extraction_table: str = "extractions"
 
@@ -248,6 +287,25 @@ def _checks_from_env(env: Mapping[str, str]) -> CheckSettings:
         dimension_sample_size=_int(env, "EP_CHECK_DIMENSION_SAMPLE_SIZE", d.dimension_sample_size),
         schedule_cron=env.get("EP_CHECK_SCHEDULE", d.schedule_cron),
     )
+
+
+def _search_from_env(env: Mapping[str, str]) -> SearchSettings:
+    d = SearchSettings()
+    return SearchSettings(
+        text_language=env.get("EP_SEARCH_TEXT_LANGUAGE") or d.text_language,
+        rrf_k=_int(env, "EP_SEARCH_RRF_K", d.rrf_k),
+        hybrid_candidates=_int(env, "EP_SEARCH_HYBRID_CANDIDATES", d.hybrid_candidates),
+        iterative_scan=(env.get("EP_SEARCH_ITERATIVE_SCAN") or d.iterative_scan).lower(),
+        max_scan_tuples=_int(env, "EP_SEARCH_MAX_SCAN_TUPLES", d.max_scan_tuples),
+        exact_below_rows=_int(env, "EP_SEARCH_EXACT_BELOW_ROWS", d.exact_below_rows),
+    )
+
+
+def openai_api_key(env: Mapping[str, str] | None = None) -> str | None:
+    """OPENAI_API_KEY, read when a client is built and never kept in `Settings` (Dagster
+    runs get it through `dg.EnvVar` instead)."""
+    env = os.environ if env is None else env
+    return env.get("OPENAI_API_KEY") or None
 
 
 def _table_from_env(env: Mapping[str, str], key: str, spec: TableSpec) -> TableSpec:
@@ -337,6 +395,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         checks=_checks_from_env(env),
         engine=engine,
+        search=_search_from_env(env),
         partition_start=env.get("EP_PARTITION_START", Settings.partition_start),
         extraction_table=env.get("EP_EXTRACTION_TABLE", Settings.extraction_table),
     )
@@ -354,6 +413,9 @@ MAX_IDENTIFIER_BYTES = 63
 MAX_INDEXED_DIMENSIONS = 2000
 #: Appended to the embedding columns while `model switch` fills their replacements.
 SHADOW_SUFFIX = "_next"
+#: Columns the search API filters on, B-tree indexed where a table has them (lib/schema.py),
+#: so that a selective filter is answered by an exact scan of the few matching rows.
+SEARCH_FILTER_COLUMNS = ("author_id", "topic_id", "kind")
 
 
 def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | None]]:
@@ -492,6 +554,11 @@ def postgres_names(settings: Settings) -> list[PostgresName]:
                 "index",
             ),
             PostgresName(table, f"{spec.table}_embedding_tracking", "trigger function"),
+            PostgresName(table, f"{spec.table}_{spec.tsv_column}_gin_idx", "index"),
+            *(
+                PostgresName(table, f"{spec.table}_{column}_idx", "index")
+                for column in SEARCH_FILTER_COLUMNS
+            ),
         ]
         if key == "atoms":
             names.append(PostgresName(table, f"{spec.table}_messages", "link table"))

@@ -32,10 +32,11 @@ from embedding_pipeline.lib.schema import (
     hnsw_index_name,
     index_state,
 )
-from embedding_pipeline.lib.search import search_table
 from embedding_pipeline.lib.telegram import load_export, load_extraction
 from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 from embedding_pipeline.resources import PostgresResource
+from embedding_pipeline.search import Searcher
+from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import HnswSettings, Settings
 from embedding_pipeline_tests import incremental_helpers as helpers
@@ -413,10 +414,11 @@ def hash_resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]
 
 def test_a_deleted_message_leaves_no_vector_behind(small_data, conn, settings):
     row = conn.execute(
-        "SELECT m.id, m.embedding FROM messages m JOIN atoms_messages l ON l.message_id = m.id "
+        "SELECT m.id, m.embedding, m.embedding_model FROM messages m "
+        "JOIN atoms_messages l ON l.message_id = m.id "
         "WHERE m.embedding IS NOT NULL ORDER BY m.id LIMIT 1"
     ).fetchone()
-    message_id, vector = row
+    message_id, vector, model_id = row
     conn.execute("DELETE FROM messages WHERE id = %s", (message_id,))
     conn.commit()
     assert (
@@ -425,7 +427,12 @@ def test_a_deleted_message_leaves_no_vector_behind(small_data, conn, settings):
         ).fetchone()[0]
         == 0
     )
-    hits = search_table(conn, settings.tables["messages"], vector.to_numpy(), k=50)
+    searcher = Searcher(settings, embedder=helpers.HashEmbedder(model_id=model_id))
+    engine = engine_for(settings.effective_database_url)
+    with engine.connect() as search_conn:
+        hits = searcher.search(search_conn, "a deleted message", k=50, vector=vector.to_numpy())
+    engine.dispose()
+    assert hits
     assert message_id not in {h.id for h in hits}
     vector_columns = conn.execute(
         "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "

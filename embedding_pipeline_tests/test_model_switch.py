@@ -24,15 +24,17 @@ from embedding_pipeline.lib.model_switch import (
     shadow_spec,
     switch_models,
 )
+from embedding_pipeline.lib.quality import index_scans
 from embedding_pipeline.lib.schema import (
     SchemaError,
     hnsw_index_name,
     index_state,
     vector_column_dimension,
 )
-from embedding_pipeline.lib.search import nearest_query, search_table
 from embedding_pipeline.lib.sync import Window, sync_embeddings
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.search import Searcher
+from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import ingest_small_chat
 from embedding_pipeline_tests.incremental_helpers import (
@@ -108,11 +110,16 @@ def test_cli_switch_from_local_to_a_768_dimension_ollama_model(
             ).fetchall()
             assert models == [(f"ollama:{OLLAMA_MODEL}", rows[spec.table])]
             assert model_status(conn, spec).registered_model == f"ollama:{OLLAMA_MODEL}"
-        query = OllamaEmbedder(model=OLLAMA_MODEL, host=httpserver.url_for("")).embed(
-            ["The nightly backup job failed again with a disk full error."]
-        )[0]
-        hits = search_table(conn, populated.tables["messages"], query, k=1)
-        assert hits[0].text.startswith("The nightly backup job failed")
+    searcher = Searcher(
+        populated, embedder=OllamaEmbedder(model=OLLAMA_MODEL, host=httpserver.url_for(""))
+    )
+    engine = engine_for(url)
+    with engine.connect() as conn:
+        hits = searcher.search(
+            conn, "The nightly backup job failed again with a disk full error.", k=1
+        )
+    engine.dispose()
+    assert hits[0].text.startswith("The nightly backup job failed")
 
     old_config = build_definitions(populated)
     result = dg.materialize(
@@ -147,27 +154,24 @@ def test_cli_switch_from_local_to_a_768_dimension_ollama_model(
 def test_search_stays_on_the_old_vectors_until_the_swap(populated):
     url = populated.effective_database_url
     spec = populated.tables["messages"]
-    query = LocalEmbedder().embed(["disk full backup"])[0]
-    with db.connection(url) as conn:
-        before = search_table(conn, spec, query, k=3)
+    searcher = Searcher(populated, embedder=LocalEmbedder())
+    engine = engine_for(url)
+    with engine.connect() as search_conn:
+        before = searcher.search(search_conn, "disk full backup", k=3)
     with db.connection(url, vector=False) as conn:
         prepare_shadow(conn, spec, 768)
-    with db.connection(url) as conn:
+    with db.connection(url) as conn, engine.connect() as search_conn:
         fill_shadow(conn, spec, HashEmbedder(model_id="test:hash-768", dimension=768), batch_size=2)
-        assert search_table(conn, spec, query, k=3) == before
-        conn.execute("SET enable_seqscan = off")
-        plan = "\n".join(
-            r[0]
-            for r in conn.execute(
-                b"EXPLAIN " + nearest_query(spec).as_bytes(conn), {"query": query, "k": 3}
-            )
-        )
-        conn.rollback()
-        assert hnsw_index_name(spec) in plan
+        assert searcher.search(search_conn, "disk full backup", k=3) == before
+        search_conn.exec_driver_sql("SET enable_seqscan = off")
+        plan = searcher.explain(search_conn, "disk full backup", k=3)
+        search_conn.rollback()
+        assert hnsw_index_name(spec) in index_scans(plan)
         assert model_status(conn, spec).shadow_filled == counts(url)["messages"]
         assert abort_switch(conn, spec)
         assert vector_column_dimension(conn, shadow_spec(spec)) is None
-        assert search_table(conn, spec, query, k=3) == before
+        assert searcher.search(search_conn, "disk full backup", k=3) == before
+    engine.dispose()
 
 
 def test_runs_configured_for_the_old_model_are_refused_after_a_same_size_switch(populated):

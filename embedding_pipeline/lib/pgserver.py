@@ -16,7 +16,10 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,3 +302,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def temporary_server(prefix: str, *, keep: bool = False) -> Iterator[EmbeddedPostgres]:
+    """A server with its data in a new temporary folder, on a free port (benchmarks);
+    stopped and removed afterwards unless `keep`."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    server = EmbeddedPostgres(base / "pg", free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        if not keep:
+            server.drop_data()
+            shutil.rmtree(base, ignore_errors=True)

@@ -24,15 +24,14 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr
+from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr, text_expr
 from embedding_pipeline.lib.engine.errors import blocked_expr
 from embedding_pipeline.lib.schema import vector_column_dimension
-from embedding_pipeline.lib.search import nearest_query, set_ef_search
 from embedding_pipeline.lib.sync import Window
 from embedding_pipeline.settings import TableSpec
 
 #: The operator class that serves `ORDER BY embedding <=> q` (cosine distance), the order
-#: `search.nearest_query` uses; an HNSW index built with another class cannot serve search.
+#: `nearest_query` and the search API use; an HNSW index of another class cannot serve them.
 EXPECTED_OPCLASS = "vector_cosine_ops"
 #: pgvector's defaults, in effect when an index was built without WITH (...).
 PGVECTOR_HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}
@@ -53,6 +52,28 @@ def _own_transaction(conn: psycopg.Connection, *, repeatable_read: bool = False)
         if repeatable_read:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         yield
+
+
+def nearest_query(spec: TableSpec) -> sql.Composed:
+    """The nearest-neighbour statement the checks measure: `ORDER BY embedding <=> $1
+    LIMIT k` (cosine distance), the form the HNSW index serves and the search API's
+    vector mode runs (`embedding_pipeline/search/statements.py`). Parameters:
+    %(query)s (vector), %(k)s."""
+    emb = sql.Identifier(spec.embedding_column)
+    return sql.SQL(
+        "SELECT {id}, 1 - ({emb} <=> %(query)s) AS similarity, {text} FROM {table} "
+        "ORDER BY {emb} <=> %(query)s LIMIT %(k)s"
+    ).format(
+        id=sql.Identifier(spec.id_column),
+        emb=emb,
+        text=text_expr(spec),
+        table=sql.Identifier(spec.table),
+    )
+
+
+def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
+    """`hnsw.ef_search` for the current transaction (candidates kept while searching)."""
+    _set_local(conn, "hnsw.ef_search", str(int(ef_search)))
 
 
 def _set_local(conn: psycopg.Connection, name: str, value: str) -> None:

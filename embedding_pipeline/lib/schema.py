@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr
-from embedding_pipeline.settings import HnswSettings, Settings, TableSpec
+from embedding_pipeline.settings import SEARCH_FILTER_COLUMNS, HnswSettings, Settings, TableSpec
 
 # Advisory lock key held while the schema changes, so concurrent runs do not race.
 SCHEMA_LOCK_KEY = 7_318_004_211
@@ -52,7 +52,7 @@ class SchemaReport:
 
 
 def hnsw_index_name(spec: TableSpec) -> str:
-    return f"{spec.table}_{spec.embedding_column}_hnsw_idx"[:63]
+    return f"{spec.table}_{spec.embedding_column}_hnsw_idx"
 
 
 def pending_index_name(spec: TableSpec, model_id: str) -> str:
@@ -227,6 +227,7 @@ def ensure_schema(
                 report.created_triggers.append(tracking_function_name(spec))
             if model_id is not None and ensure_pending_index(conn, spec, model_id):
                 report.created_indexes.append(pending_index_name(spec, model_id))
+            ensure_search_columns(conn, spec, settings.search.text_language, report)
     conn.commit()
     return report
 
@@ -282,11 +283,11 @@ def _ensure_embedding_columns(
         )
     indexes = [
         (
-            f"{spec.table}_{spec.partition_column}_idx"[:63],
+            f"{spec.table}_{spec.partition_column}_idx",
             sql.SQL("({})").format(sql.Identifier(spec.partition_column)),
         ),
         (
-            f"{spec.table}_{spec.extraction_column}_idx"[:63],
+            f"{spec.table}_{spec.extraction_column}_idx",
             sql.SQL("({})").format(sql.Identifier(spec.extraction_column)),
         ),
     ]
@@ -579,3 +580,76 @@ def _optional_ddl(conn: psycopg.Connection, statements: list[sql.Composed]) -> b
     finally:
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,))
     return True
+
+
+def _tsv_definition(spec: TableSpec, language: str) -> sql.Composed:
+    """The generated column's expression: each text column's `to_tsvector` (the first one,
+    a title or name, weighted A; the others B). Built with `||`, not `concat_ws` (only
+    STABLE), because a generated column needs an IMMUTABLE expression."""
+    config = sql.SQL("{}::regconfig").format(sql.Literal(language))
+    parts = [
+        sql.SQL("setweight(to_tsvector({}, coalesce({}, '')), {})").format(
+            config, sql.Identifier(column), sql.Literal("A" if i == 0 else "B")
+        )
+        for i, column in enumerate(spec.text_columns)
+    ]
+    return sql.SQL(" || ").join(parts)
+
+
+def _tsv_marker(spec: TableSpec, language: str) -> str:
+    """Recorded as the column's comment: what the generated column was built from."""
+    return f"embedding_pipeline search_tsv: {language}: {','.join(spec.text_columns)}"
+
+
+def ensure_search_columns(
+    conn: psycopg.Connection, spec: TableSpec, language: str, report: SchemaReport
+) -> None:
+    """What search needs besides the vectors: the generated `tsvector` column of the text
+    columns with its GIN index, and B-tree indexes on the filter columns. A `tsvector`
+    column built for another language or other text columns is derived data: it is
+    dropped and built again (adding a stored generated column rewrites the table once)."""
+    existing = _columns(conn, spec.table)
+    for filtered in SEARCH_FILTER_COLUMNS:
+        name = f"{spec.table}_{filtered}_idx"
+        definition = sql.SQL("({})").format(sql.Identifier(filtered))
+        if filtered in existing and _ensure_index(conn, spec.table, name, definition):
+            report.created_indexes.append(name)
+    table, column = sql.Identifier(spec.table), sql.Identifier(spec.tsv_column)
+    known = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_ts_config WHERE cfgname = %s)",
+        (language.rpartition(".")[2],),
+    ).fetchone()
+    if not (known and known[0]):
+        raise SchemaError(
+            f"EP_SEARCH_TEXT_LANGUAGE {language!r} is not a text search configuration of "  # noqa: S608
+            "this database (SELECT cfgname FROM pg_ts_config lists them)"
+        )
+    marker = _tsv_marker(spec, language)
+    if spec.tsv_column in existing:
+        row = conn.execute(
+            "SELECT col_description(a.attrelid, a.attnum) FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
+            (_qualified(spec.table), spec.tsv_column),
+        ).fetchone()
+        if row and row[0] == marker:
+            marker = ""
+        else:
+            conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, column))
+    if marker:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN {} tsvector GENERATED ALWAYS AS ({}) STORED").format(
+                table, column, _tsv_definition(spec, language)
+            )
+        )
+        conn.execute(
+            sql.SQL("COMMENT ON COLUMN {}.{} IS {}").format(table, column, sql.Literal(marker))
+        )
+        report.added_columns.append(f"{spec.table}.{spec.tsv_column}")
+    if _ensure_index(
+        conn, spec.table, tsv_index_name(spec), sql.SQL("USING gin ({})").format(column)
+    ):
+        report.created_indexes.append(tsv_index_name(spec))
+
+
+def tsv_index_name(spec: TableSpec) -> str:
+    return f"{spec.table}_{spec.tsv_column}_gin_idx"

@@ -1,0 +1,538 @@
+"""The search API the application imports: typed queries over messages, topics and atoms.
+
+Built on SQLAlchemy 2 Core and `pgvector.sqlalchemy`, so it runs on the application's own
+`Connection` or `Session`, and (the `*_async` variants) on an `AsyncConnection` or
+`AsyncSession`. Each call runs in a savepoint of the caller's transaction, or in a short
+transaction of its own when none is open, and rolls it back at the end: the
+`SET LOCAL`-style settings it makes (`hnsw.ef_search`, `hnsw.iterative_scan`,
+`hnsw.max_scan_tuples`) never outlive the call, and nothing is written.
+
+    searcher = Searcher(load_settings())
+    with engine.connect() as conn:
+        hits = searcher.search(conn, "why did the deploy fail?", table="messages", k=5,
+                               filters={"since": "2025-10-01"}, mode="hybrid")
+
+The module-level functions (`search`, `similar`, `atoms_for_message`,
+`messages_for_topic` and their `*_async` twins) are the same methods of a searcher built
+once from the environment (`default_searcher`).
+
+Modes: `vector` (cosine distance through the HNSW index; score = cosine similarity),
+`text` (PostgreSQL full text on the generated `search_tsv` column; any of the query's
+words, ranked by `ts_rank`), `hybrid` (reciprocal rank fusion of both rankings; score
+= sum of 1 / (rrf_k + rank)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from functools import cache, update_wrapper
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.embedders import Embedder, build_embedder
+from embedding_pipeline.lib.engine.ratelimit import RateLimits
+from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.search.errors import InvalidQuery, ModelMismatch, NotFound
+from embedding_pipeline.search.filters import (
+    Filters,
+    check_applicable,
+    filter_params,
+    filter_shape,
+    parse_filters,
+)
+from embedding_pipeline.search.statements import Statements
+from embedding_pipeline.search.tables import FIELD_COLUMNS, TABLE_KEYS, SearchTables
+from embedding_pipeline.settings import Settings, load_settings, openai_api_key
+
+#: How long a query's embedding may retry transient provider failures (a person waits).
+QUERY_RETRY_SECONDS = 2.0
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+Mode = Literal["vector", "text", "hybrid"]
+MODES: tuple[str, ...] = get_args(Mode)
+#: The most results one call returns.
+MAX_LIMIT = 100
+
+T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
+#: A query as a generator: it yields statements with their parameters, receives their
+#: rows, and returns its result. The same steps run on a sync connection and, through
+#: `run_sync`, on an async one.
+Step = tuple[sa.Executable, dict[str, Any]]
+Steps = Generator[Step, Sequence[sa.RowMapping], T]
+SyncConnection = sa.Connection | Session
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result. `score` is the mode's (cosine similarity, text rank or fused score;
+    None for plain lookups); `vector_rank` / `text_rank` say where the row stood in each
+    ranking (1 = first); fields a table does not have are None."""
+
+    table: str
+    id: int
+    score: float | None
+    text: str
+    time: datetime | None = None
+    author: str | None = None
+    author_id: str | None = None
+    topic_id: int | None = None
+    topic: str | None = None
+    kind: str | None = None
+    title: str | None = None
+    key: str | None = None
+    vector_rank: int | None = None
+    text_rank: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the time as ISO 8601."""
+        out = asdict(self)
+        out["time"] = self.time.isoformat() if self.time else None
+        return out
+
+
+@dataclass(frozen=True)
+class _Request:
+    key: str
+    text: str
+    k: int
+    filters: Filters
+    mode: str
+
+
+def check_table(table: str) -> str:
+    if table not in TABLE_KEYS:
+        raise InvalidQuery("table", f"unknown table {table!r}; one of {', '.join(TABLE_KEYS)}")
+    return table
+
+
+def check_limit(k: object, field: str = "k") -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_LIMIT:
+        raise InvalidQuery(field, f"must be a whole number from 1 to {MAX_LIMIT}, got {k!r}")
+    return k
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise InvalidQuery("mode", f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    return mode
+
+
+@contextmanager
+def _scope(conn: SyncConnection) -> Iterator[None]:
+    """A savepoint inside the caller's transaction, or a transaction of our own; always
+    rolled back (search writes nothing), which also ends every transaction-local setting."""
+    transaction = conn.begin_nested() if conn.in_transaction() else conn.begin()
+    try:
+        yield
+    finally:
+        with suppress(sa.exc.DBAPIError):
+            transaction.rollback()
+
+
+def _run(conn: SyncConnection, steps: Steps[T]) -> T:
+    with _scope(conn):
+        statement, params = next(steps)
+        while True:
+            rows = conn.execute(statement, params).mappings().all()
+            try:
+                statement, params = steps.send(rows)
+            except StopIteration as done:
+                return done.value
+
+
+#: Which rank a single-ranking mode's position is.
+_OWN_RANK: dict[str, str | None] = {"vector": "vector_rank", "text": "text_rank", "hybrid": None}
+
+
+class _Explain(sa.Executable, sa.ClauseElement):
+    """`EXPLAIN (FORMAT JSON[, ANALYZE]) <statement>` as an executable construct."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: sa.Select[Any], *, analyze: bool) -> None:
+        self.statement = statement
+        self.analyze = analyze
+
+
+def _plan(rows: Sequence[sa.RowMapping]) -> Any:
+    """The JSON plan an `_Explain` answered (its one column, by position: SQLAlchemy names
+    result columns after the explained statement's)."""
+    return next(iter(rows[0].values()))
+
+
+@compiles(_Explain)
+def _compile_explain(element: _Explain, compiler: SQLCompiler, **kw: Any) -> str:
+    options = "ANALYZE, FORMAT JSON" if element.analyze else "FORMAT JSON"
+    return f"EXPLAIN ({options}) {compiler.process(element.statement, **kw)}"
+
+
+class Searcher:
+    """Search over the configured tables with the configured model. Thread-safe; build one
+    per process. `embedder` defaults to the one `settings` describe (built on first use)."""
+
+    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self.tables = SearchTables.from_specs(settings.tables)
+        self.sql = Statements(self.tables, settings)
+        self._embedder = embedder
+        self._lock = threading.Lock()
+
+    @property
+    def embedder(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                e = self.settings.embedder
+                self._embedder = build_embedder(
+                    e.provider,
+                    model=e.model,
+                    dimensions=e.dimensions,
+                    openai_api_key=openai_api_key(),
+                    openai_base_url=e.openai_base_url,
+                    ollama_host=e.ollama_host,
+                    ollama_max_input_tokens=e.ollama_max_input_tokens,
+                    timeout=e.timeout_seconds,
+                    # someone is waiting for the answer: a short retry, then a clear 503
+                    retry=RetryPolicy(
+                        deadline_seconds=min(QUERY_RETRY_SECONDS, e.retry_deadline_seconds),
+                        base_seconds=0.1,
+                    ),
+                    rate_limits=RateLimits(
+                        requests_per_minute=e.requests_per_minute,
+                        tokens_per_minute=e.tokens_per_minute,
+                    ),
+                )
+            return self._embedder
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """The query's vector from the configured model (`EmbeddingError` on failure)."""
+        return self.embedder.embed([text])[0]
+
+    # -- public queries (sync) -------------------------------------------------------------
+
+    def search(
+        self,
+        conn: SyncConnection,
+        query: str,
+        *,
+        table: str = "messages",
+        k: int = 10,
+        filters: Filters | Mapping[str, Any] | None = None,
+        mode: str = "vector",
+        vector: np.ndarray | Sequence[float] | None = None,
+    ) -> list[Hit]:
+        """The `k` best rows of `table` for `query`. `vector`, when given, is used instead
+        of embedding `query` (it must come from the configured model). Raises
+        `InvalidQuery`, `ModelMismatch`, `EmbeddingError` or SQLAlchemy's `DBAPIError`."""
+        request = self._request(query, table, k, filters, mode)
+        return _run(conn, self._search_steps(request, self._query_vector(request, vector)))
+
+    def explain(
+        self, conn: SyncConnection, query: str, *, analyze: bool = False, **options: Any
+    ) -> Any:
+        """`EXPLAIN (FORMAT JSON)` of the statement `search(conn, query, **options)` would
+        run, with the same settings in force (with `analyze`, it runs it too): is the HNSW
+        index used, how many rows did the filters remove?"""
+        vector = options.pop("vector", None)
+        request = self._request(query, **options)
+        query_vector = self._query_vector(request, vector)
+        return _run(conn, self._explain_steps(request, query_vector, analyze))
+
+    def similar(
+        self,
+        conn: SyncConnection,
+        table: str,
+        id: int,
+        *,
+        k: int = 10,
+        filters: Filters | Mapping[str, Any] | None = None,
+    ) -> list[Hit]:
+        """The `k` rows of `table` nearest to the stored row `id` (itself excluded); no
+        query is embedded. Raises `NotFound` when the row is missing or not embedded."""
+        key, parsed = check_table(table), parse_filters(filters)
+        return _run(conn, self._similar_steps(key, id, check_limit(k), parsed))
+
+    def atoms_for_message(self, conn: SyncConnection, message_id: int) -> list[Hit]:
+        """The atoms extracted from a message, oldest first."""
+        return _run(conn, self._atoms_for_message_steps(message_id))
+
+    def messages_for_topic(
+        self,
+        conn: SyncConnection,
+        topic: int | str,
+        *,
+        limit: int = MAX_LIMIT,
+        filters: Filters | Mapping[str, Any] | None = None,
+    ) -> list[Hit]:
+        """The messages of a topic (id or key), oldest first, at most `limit`."""
+        parsed = parse_filters(filters)
+        return _run(
+            conn, self._messages_for_topic_steps(topic, check_limit(limit, "limit"), parsed)
+        )
+
+    # -- public queries (async: the same steps through run_sync) ---------------------------
+
+    async def search_async(
+        self,
+        conn: AsyncConnection | AsyncSession,
+        query: str,
+        *,
+        table: str = "messages",
+        k: int = 10,
+        filters: Filters | Mapping[str, Any] | None = None,
+        mode: str = "vector",
+        vector: np.ndarray | Sequence[float] | None = None,
+    ) -> list[Hit]:
+        """`search` on an `AsyncConnection` or `AsyncSession`; the query is embedded in a
+        worker thread so the event loop keeps running."""
+        request = self._request(query, table, k, filters, mode)
+        query_vector = await asyncio.to_thread(self._query_vector, request, vector)
+        steps = self._search_steps(request, query_vector)
+        return await conn.run_sync(_run, steps)
+
+    async def similar_async(
+        self,
+        conn: AsyncConnection | AsyncSession,
+        table: str,
+        id: int,
+        *,
+        k: int = 10,
+        filters: Filters | Mapping[str, Any] | None = None,
+    ) -> list[Hit]:
+        key, parsed = check_table(table), parse_filters(filters)
+        return await conn.run_sync(_run, self._similar_steps(key, id, check_limit(k), parsed))
+
+    async def atoms_for_message_async(
+        self, conn: AsyncConnection | AsyncSession, message_id: int
+    ) -> list[Hit]:
+        return await conn.run_sync(_run, self._atoms_for_message_steps(message_id))
+
+    async def messages_for_topic_async(
+        self,
+        conn: AsyncConnection | AsyncSession,
+        topic: int | str,
+        *,
+        limit: int = MAX_LIMIT,
+        filters: Filters | Mapping[str, Any] | None = None,
+    ) -> list[Hit]:
+        steps = self._messages_for_topic_steps(
+            topic, check_limit(limit, "limit"), parse_filters(filters)
+        )
+        return await conn.run_sync(_run, steps)
+
+    # -- request checking ------------------------------------------------------------------
+
+    def _request(
+        self,
+        query: str,
+        table: str = "messages",
+        k: int = 10,
+        filters: Filters | Mapping[str, Any] | None = None,
+        mode: str = "vector",
+    ) -> _Request:
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidQuery("query", "must not be empty")
+        request = _Request(
+            key=check_table(table),
+            text=query.strip(),
+            k=check_limit(k),
+            filters=parse_filters(filters),
+            mode=_check_mode(mode),
+        )
+        check_applicable(request.key, request.filters)
+        return request
+
+    def _query_vector(
+        self, request: _Request, vector: np.ndarray | Sequence[float] | None
+    ) -> np.ndarray | None:
+        if request.mode == "text":
+            return None
+        if vector is None:
+            return self.embed_query(request.text)
+        array = np.asarray(vector, dtype=np.float32)
+        if array.shape != (self.embedder.dimension,):
+            raise InvalidQuery(
+                "vector", f"expected {self.embedder.dimension} numbers, got shape {array.shape}"
+            )
+        return array
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _column_model(self, key: str) -> Steps[None]:
+        """Sets the index options, then refuses when the column's model (registered by
+        `model switch`, else the one stored with its vectors) is not the configured one."""
+        rows = yield self.sql.vector_prelude(key), {}
+        registered = None
+        if rows[0]["has_registry"]:
+            found = yield self.sql.registered_model(key), {}
+            registered = found[0]["model_id"] if found else None
+        column_model = registered or rows[0]["stored"]
+        if column_model is not None and column_model != self.model_id:
+            spec = self.settings.tables[key]
+            source = "registered by `model switch`" if registered else "stored with its vectors"
+            raise ModelMismatch(
+                f"{spec.table}.{spec.embedding_column} holds vectors of {column_model} "
+                f"({source}) but queries would be embedded with {self.model_id}; searching "
+                "would compare two models' vectors. Configure the column's model "
+                "(EP_EMBEDDING_PROVIDER / EP_EMBEDDING_MODEL / EP_EMBEDDING_DIMENSIONS; "
+                "`embedding-pipeline model status` shows it)"
+            )
+
+    def _exact(self, key: str, filters: Filters) -> Steps[bool]:
+        """Whether the filters keep so few rows (by the planner's estimate) that scanning
+        them exactly beats the HNSW index; never without filters."""
+        if not filters.used:
+            return False
+        statement = self.sql.filtered_rows(key, filter_shape(filters))
+        rows = yield _Explain(statement, analyze=False), filter_params(filters)
+        estimate = float(_plan(rows)[0]["Plan"]["Plan Rows"])
+        return estimate < self.settings.search.exact_below_rows
+
+    def _search_step(
+        self, request: _Request, vector: np.ndarray | None, exact: bool
+    ) -> tuple[sa.Select[Any], dict[str, Any]]:
+        params: dict[str, Any] = {"k": request.k, **filter_params(request.filters)}
+        if request.mode != "text":
+            params.update(query_vector=vector, model_id=self.model_id)
+        if request.mode != "vector":
+            params["query_text"] = request.text
+        if request.mode == "hybrid":
+            params["candidates"] = max(request.k, self.settings.search.hybrid_candidates)
+        shape = filter_shape(request.filters)
+        return self.sql.search(request.key, request.mode, shape, exact=exact), params
+
+    def _prepared_search(
+        self, request: _Request, vector: np.ndarray | None
+    ) -> Steps[tuple[sa.Select[Any], dict[str, Any]]]:
+        """The model check and index settings (vector modes), the exact-or-index choice,
+        then the search statement and its parameters."""
+        exact = False
+        if vector is not None:
+            yield from self._column_model(request.key)
+            exact = yield from self._exact(request.key, request.filters)
+        return self._search_step(request, vector, exact)
+
+    def _search_steps(self, request: _Request, vector: np.ndarray | None) -> Steps[list[Hit]]:
+        rows = yield (yield from self._prepared_search(request, vector))
+        return self._hits(request.key, rows, rank=_OWN_RANK[request.mode])
+
+    def _explain_steps(
+        self, request: _Request, vector: np.ndarray | None, analyze: bool
+    ) -> Steps[Any]:
+        statement, params = yield from self._prepared_search(request, vector)
+        rows = yield _Explain(statement, analyze=analyze), params
+        return _plan(rows)
+
+    def _similar_steps(self, key: str, row_id: int, k: int, filters: Filters) -> Steps[list[Hit]]:
+        check_applicable(key, filters)
+        rows = yield self.sql.similar_prelude(key), {"row_id": row_id}
+        if not rows[0]["found"]:
+            raise NotFound(f"{key} has no row with id {row_id}")
+        if rows[0]["model"] is None:
+            raise NotFound(f"{key} row {row_id} has no embedding yet")
+        params = {"row_id": row_id, "model_id": rows[0]["model"], "k": k}
+        exact = yield from self._exact(key, filters)
+        statement = self.sql.similar(key, filter_shape(filters), exact=exact)
+        ranked = yield statement, {**params, **filter_params(filters)}
+        return self._hits(key, ranked, rank="vector_rank")
+
+    def _atoms_for_message_steps(self, message_id: int) -> Steps[list[Hit]]:
+        rows = yield self.sql.atoms_for_message(), {"message_id": message_id}
+        if not rows:
+            yield from self._require("messages", message_id)
+        return self._hits("atoms", rows)
+
+    def _messages_for_topic_steps(
+        self, topic: int | str, limit: int, filters: Filters
+    ) -> Steps[list[Hit]]:
+        check_applicable("messages", filters)
+        by_key = isinstance(topic, str)
+        statement = self.sql.messages_for_topic(by_key, filter_shape(filters))
+        rows = yield statement, {"topic": topic, "k": limit, **filter_params(filters)}
+        if not rows:
+            yield from self._require("topics", topic)
+        return self._hits("messages", rows)
+
+    def _require(self, key: str, row_id: int | str) -> Steps[None]:
+        rows = yield self.sql.exists(key, by_key=isinstance(row_id, str)), {"row_id": row_id}
+        if not rows[0]["found"]:
+            raise NotFound(f"{key} has no row {row_id!r}")
+
+    def _hits(
+        self, key: str, rows: Sequence[sa.RowMapping], *, rank: str | None = None
+    ) -> list[Hit]:
+        hits = []
+        for position, row in enumerate(rows, start=1):
+            fields: dict[str, Any] = {f: row[f] for f in (*FIELD_COLUMNS[key], "topic") if f in row}
+            if key == "topics":
+                fields.update(topic_id=row["id"], topic=row["key"])
+            if rank:
+                fields[rank] = position
+            fields.update({r: row[r] for r in ("vector_rank", "text_rank") if r in row})
+            score = row.get("score")
+            hits.append(
+                Hit(
+                    table=key,
+                    id=int(row["id"]),
+                    score=None if score is None else float(score),
+                    text=row["text"],
+                    time=row["time"],
+                    **fields,
+                )
+            )
+        return hits
+
+
+def engine_for(url: str, **options: Any) -> sa.Engine:
+    """A pooled SQLAlchemy engine (psycopg 3) on `url` (a URL or a libpq keyword string).
+    Connections are opened by `lib.db.connect`, so a failure never shows the password;
+    `pool_pre_ping` replaces connections a database restart broke."""
+    return sa.create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: db.connect(url, vector=False),
+        pool_pre_ping=True,
+        **options,
+    )
+
+
+@cache
+def default_searcher() -> Searcher:
+    """A searcher for the environment's settings (`load_settings`), built once."""
+    return Searcher(load_settings())
+
+
+def _with_default(method: Callable[Concatenate[Searcher, P], R]) -> Callable[P, R]:
+    """`method` of the default searcher, as a module-level function."""
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        return method(default_searcher(), *args, **kwargs)
+
+    return update_wrapper(call, method)
+
+
+search = _with_default(Searcher.search)
+similar = _with_default(Searcher.similar)
+atoms_for_message = _with_default(Searcher.atoms_for_message)
+messages_for_topic = _with_default(Searcher.messages_for_topic)
+search_async = _with_default(Searcher.search_async)
+similar_async = _with_default(Searcher.similar_async)
+atoms_for_message_async = _with_default(Searcher.atoms_for_message_async)
+messages_for_topic_async = _with_default(Searcher.messages_for_topic_async)
