@@ -236,6 +236,7 @@ def _swap_table(conn: psycopg.Connection, spec: TableSpec, embedder: Embedder) -
             sql.Identifier(hnsw_index_name(shadow)), sql.Identifier(hnsw_index_name(spec))
         )
     )
+
     conn.execute(
         sql.SQL("""
         INSERT INTO {} (table_name, column_name, model_id, dimension, switched_at)

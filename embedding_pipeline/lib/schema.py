@@ -23,7 +23,7 @@ MODEL_REGISTRY_TABLE = "embedding_models"
 #: (lib/engine/errors.py).
 ERRORS_TABLE = "embedding_errors"
 #: Bumped when the tracking trigger's body changes, so `ensure_schema` replaces it.
-TRACKING_VERSION = 1
+TRACKING_VERSION = 2
 
 
 class SchemaError(RuntimeError):
@@ -223,11 +223,15 @@ def ensure_schema(
                 report.created_tables.append(table)
         for spec in settings.tables.values():
             _ensure_embedding_columns(conn, settings, spec, dimension, report)
-            if ensure_tracking(conn, spec):
+            language = settings.search.text_language
+            ensure_search_columns(conn, spec, language, report)
+            if ensure_tracking(conn, spec, language):
                 report.created_triggers.append(tracking_function_name(spec))
+            gin = sql.SQL("USING gin ({})").format(sql.Identifier(spec.tsv_column))
+            if _ensure_index(conn, spec.table, tsv_index_name(spec), gin):
+                report.created_indexes.append(tsv_index_name(spec))
             if model_id is not None and ensure_pending_index(conn, spec, model_id):
                 report.created_indexes.append(pending_index_name(spec, model_id))
-            ensure_search_columns(conn, spec, settings.search.text_language, report)
     conn.commit()
     return report
 
@@ -412,30 +416,49 @@ def registered_model(conn: psycopg.Connection, spec: TableSpec) -> str | None:
     return str(row[0]) if row else None
 
 
-def _tracking_fingerprint(spec: TableSpec) -> str:
-    """Names everything the trigger body depends on; a change means a new body and new
-    source hashes."""
+def _tracking_fingerprint(spec: TableSpec, language: str) -> str:
+    """Names everything the trigger body depends on; a change means a new body, and new
+    source hashes and text vectors for every row."""
     parts = [
         str(TRACKING_VERSION),
         ",".join(spec.text_columns),
         spec.embedding_column,
         spec.source_hash_column,
         spec.pending_since_column,
+        spec.tsv_column,
+        language,
     ]
     return "embedding_pipeline tracking " + "|".join(parts)
 
 
-def _tracking_body(spec: TableSpec) -> sql.Composed:
-    new = [sql.Identifier("new", c) for c in spec.text_columns]
-    old = [sql.Identifier("old", c) for c in spec.text_columns]
+def tsv_expr(spec: TableSpec, language: str, alias: str | None = None) -> sql.Composed:
+    """The row's full-text vector: each text column's `to_tsvector` (the first one, a title
+    or name, weighted A; the others B)."""
+    config = sql.SQL("{}::regconfig").format(sql.Literal(language))
+    parts = [
+        sql.SQL("setweight(to_tsvector({}, coalesce({}, '')), {})").format(
+            config,
+            sql.Identifier(alias, column) if alias else sql.Identifier(column),
+            sql.Literal("A" if i == 0 else "B"),
+        )
+        for i, column in enumerate(spec.text_columns)
+    ]
+    return sql.SQL(" || ").join(parts)
+
+
+def _tracking_function(spec: TableSpec, language: str) -> sql.Composed:
+    """The body: on insert, or on an update that changed the text (or touched the source
+    hash), set the source hash, the text vector and the time the row started to need an
+    embedding; on an update that cleared the vector, that time alone. Any other update (the
+    pipeline's own vector writes) returns after comparing the text columns."""
     unchanged = sql.SQL(" AND ").join(
-        sql.SQL("{} IS NOT DISTINCT FROM {}").format(n, o) for n, o in zip(new, old, strict=True)
+        sql.SQL("new.{c} IS NOT DISTINCT FROM old.{c}").format(c=sql.Identifier(c))
+        for c in spec.text_columns
     )
-    source = sql.Identifier(spec.source_hash_column)
-    since = sql.Identifier(spec.pending_since_column)
-    emb = sql.Identifier(spec.embedding_column)
     return sql.SQL("""
         CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $body$
+        DECLARE
+            digest text;
         BEGIN
             IF TG_OP = 'UPDATE' AND {unchanged}
                AND new.{source} IS NOT DISTINCT FROM old.{source} THEN
@@ -444,34 +467,53 @@ def _tracking_body(spec: TableSpec) -> sql.Composed:
                 END IF;
                 RETURN new;
             END IF;
-            new.{source} := {hash};
-            IF TG_OP = 'INSERT' OR new.{source} IS DISTINCT FROM old.{source} THEN
+            digest := {hash};
+            IF TG_OP = 'INSERT' OR digest IS DISTINCT FROM old.{source} THEN
+                new.{tsv} := {tsv_expr};
                 new.{since} := now();
             END IF;
+            new.{source} := digest;
             RETURN new;
         END
         $body$""").format(
         fn=sql.Identifier(tracking_function_name(spec)),
         unchanged=unchanged,
-        source=source,
-        since=since,
-        emb=emb,
         hash=hash_expr(spec, "new"),
+        source=sql.Identifier(spec.source_hash_column),
+        tsv=sql.Identifier(spec.tsv_column),
+        tsv_expr=tsv_expr(spec, language, "new"),
+        since=sql.Identifier(spec.pending_since_column),
+        emb=sql.Identifier(spec.embedding_column),
     )
 
 
-def ensure_tracking(conn: psycopg.Connection, spec: TableSpec) -> bool:
-    """Install (or bring up to date) the trigger that keeps each row's source hash and
-    pending-since time, and fill both for rows written before it existed; True if it
-    changed anything.
+def create_tracking_trigger(conn: psycopg.Connection, spec: TableSpec) -> None:
+    """(Re)create the trigger that calls the tracking function on every insert and update.
+    It names no column (no event column list, no WHEN clause), so the application can
+    alter or drop its columns, and a model switch its embedding columns, without meeting
+    it."""
+    name = sql.Identifier(tracking_function_name(spec))
+    table = sql.Identifier(spec.table)
+    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table))
+    conn.execute(
+        sql.SQL(
+            "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {t} "
+            "FOR EACH ROW EXECUTE FUNCTION {name}()"
+        ).format(name=name, t=table)
+    )
 
-    The trigger fires on every INSERT and UPDATE of the table, whoever writes it (the
-    application, `ingest`, a hand-written SQL fix), and hashes the text only when a text
-    column changed. It names no columns in its event list, so columns can be dropped or
-    renamed (a model switch does) without touching it.
+
+def ensure_tracking(conn: psycopg.Connection, spec: TableSpec, language: str) -> bool:
+    """Install (or bring up to date) the triggers that keep each row's source hash, text
+    vector and pending-since time; True if they changed.
+
+    They fire on the application's writes as on `ingest`'s and on hand-written SQL fixes,
+    and hash the text only when it changed. When the function is new or its inputs changed
+    (other text columns, another language), every row's hash and text vector are computed
+    again here, once.
     """
     name = tracking_function_name(spec)
-    fingerprint = _tracking_fingerprint(spec)
+    fingerprint = _tracking_fingerprint(spec, language)
     row = conn.execute(
         "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p "
         "WHERE p.proname = %s AND p.pronamespace = current_schema()::regnamespace",
@@ -481,34 +523,31 @@ def ensure_tracking(conn: psycopg.Connection, spec: TableSpec) -> bool:
         "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s",
         (_qualified(spec.table), name),
     ).fetchone()
-    if row is not None and row[0] == fingerprint and trigger is not None:
+    current = row is not None and row[0] == fingerprint
+    if current and trigger is not None:
         return False
-    table = sql.Identifier(spec.table)
-    source = sql.Identifier(spec.source_hash_column)
-    conn.execute(
-        sql.SQL(
-            "UPDATE {t} SET {source} = {hash}, {since} = coalesce({since}, now()) "
-            "WHERE {source} IS DISTINCT FROM {hash}"
-        ).format(
-            t=table,
-            source=source,
-            since=sql.Identifier(spec.pending_since_column),
-            hash=hash_expr(spec),
-        )
-    )
-    conn.execute(_tracking_body(spec))
-    conn.execute(
-        sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
-            sql.Identifier(name), sql.Literal(fingerprint)
-        )
-    )
-    if trigger is None:
+    if not current:
+        table = sql.Identifier(spec.table)
         conn.execute(
             sql.SQL(
-                "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {t} "
-                "FOR EACH ROW EXECUTE FUNCTION {name}()"
-            ).format(name=sql.Identifier(name), t=table)
+                "UPDATE {t} SET {source} = {hash}, {tsv} = {tsv_expr}, "
+                "{since} = coalesce({since}, now())"
+            ).format(
+                t=table,
+                source=sql.Identifier(spec.source_hash_column),
+                hash=hash_expr(spec),
+                tsv=sql.Identifier(spec.tsv_column),
+                tsv_expr=tsv_expr(spec, language),
+                since=sql.Identifier(spec.pending_since_column),
+            )
         )
+        conn.execute(_tracking_function(spec, language))
+        conn.execute(
+            sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
+                sql.Identifier(name), sql.Literal(fingerprint)
+            )
+        )
+    create_tracking_trigger(conn, spec)
     return True
 
 
@@ -582,39 +621,18 @@ def _optional_ddl(conn: psycopg.Connection, statements: list[sql.Composed]) -> b
     return True
 
 
-def _tsv_definition(spec: TableSpec, language: str) -> sql.Composed:
-    """The generated column's expression: each text column's `to_tsvector` (the first one,
-    a title or name, weighted A; the others B). Built with `||`, not `concat_ws` (only
-    STABLE), because a generated column needs an IMMUTABLE expression."""
-    config = sql.SQL("{}::regconfig").format(sql.Literal(language))
-    parts = [
-        sql.SQL("setweight(to_tsvector({}, coalesce({}, '')), {})").format(
-            config, sql.Identifier(column), sql.Literal("A" if i == 0 else "B")
-        )
-        for i, column in enumerate(spec.text_columns)
-    ]
-    return sql.SQL(" || ").join(parts)
-
-
-def _tsv_marker(spec: TableSpec, language: str) -> str:
-    """Recorded as the column's comment: what the generated column was built from."""
-    return f"embedding_pipeline search_tsv: {language}: {','.join(spec.text_columns)}"
-
-
 def ensure_search_columns(
     conn: psycopg.Connection, spec: TableSpec, language: str, report: SchemaReport
 ) -> None:
-    """What search needs besides the vectors: the generated `tsvector` column of the text
-    columns with its GIN index, and B-tree indexes on the filter columns. A `tsvector`
-    column built for another language or other text columns is derived data: it is
-    dropped and built again (adding a stored generated column rewrites the table once)."""
+    """What search needs besides the vectors: the `tsvector` column of the text columns
+    (kept by the tracking trigger, so writing a vector never recomputes it) with its GIN
+    index, and B-tree indexes on the filter columns."""
     existing = _columns(conn, spec.table)
     for filtered in SEARCH_FILTER_COLUMNS:
         name = f"{spec.table}_{filtered}_idx"
         definition = sql.SQL("({})").format(sql.Identifier(filtered))
         if filtered in existing and _ensure_index(conn, spec.table, name, definition):
             report.created_indexes.append(name)
-    table, column = sql.Identifier(spec.table), sql.Identifier(spec.tsv_column)
     known = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_ts_config WHERE cfgname = %s)",
         (language.rpartition(".")[2],),
@@ -624,31 +642,19 @@ def ensure_search_columns(
             f"EP_SEARCH_TEXT_LANGUAGE {language!r} is not a text search configuration of "  # noqa: S608
             "this database (SELECT cfgname FROM pg_ts_config lists them)"
         )
-    marker = _tsv_marker(spec, language)
-    if spec.tsv_column in existing:
-        row = conn.execute(
-            "SELECT col_description(a.attrelid, a.attnum) FROM pg_attribute a "
-            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
-            (_qualified(spec.table), spec.tsv_column),
-        ).fetchone()
-        if row and row[0] == marker:
-            marker = ""
-        else:
-            conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, column))
-    if marker:
-        conn.execute(
-            sql.SQL("ALTER TABLE {} ADD COLUMN {} tsvector GENERATED ALWAYS AS ({}) STORED").format(
-                table, column, _tsv_definition(spec, language)
-            )
-        )
-        conn.execute(
-            sql.SQL("COMMENT ON COLUMN {}.{} IS {}").format(table, column, sql.Literal(marker))
-        )
+    table, column = sql.Identifier(spec.table), sql.Identifier(spec.tsv_column)
+    generated = conn.execute(
+        "SELECT attgenerated <> '' FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+        "AND attname = %s AND NOT attisdropped",
+        (_qualified(spec.table), spec.tsv_column),
+    ).fetchone()
+    if generated is not None and generated[0]:
+        # an earlier layout computed it on every write; the trigger keeps it now
+        conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, column))
+        generated = None
+    if generated is None:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} tsvector").format(table, column))
         report.added_columns.append(f"{spec.table}.{spec.tsv_column}")
-    if _ensure_index(
-        conn, spec.table, tsv_index_name(spec), sql.SQL("USING gin ({})").format(column)
-    ):
-        report.created_indexes.append(tsv_index_name(spec))
 
 
 def tsv_index_name(spec: TableSpec) -> str:

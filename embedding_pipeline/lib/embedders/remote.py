@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -192,7 +193,8 @@ class OpenAIEmbedder(Embedder):
             raw = self._client.embeddings.with_raw_response.create(**kwargs)
             if self.limiter is not None:
                 self.limiter.observe(raw.headers)
-            response = raw.parse()
+            # the JSON read directly: the SDK's typed models cost more than the request
+            response = json.loads(raw.content)
         except openai.APITimeoutError:
             raise self._transient(f"did not answer within {self._timeout:g}s", "timeout") from None
         except openai.APIConnectionError as exc:
@@ -207,14 +209,14 @@ class OpenAIEmbedder(Embedder):
             raise self._transient(
                 f"gave an unusable answer: {self._detail(exc)}", "unusable answer"
             ) from None
-        data = getattr(response, "data", None)
+        data = response.get("data") if isinstance(response, dict) else None
         if not isinstance(data, list):
             raise self._fail(f"answered without a list of embeddings: {self._detail(response)}")
         try:
-            rows = sorted(data, key=lambda item: item.index)
-            indices = [item.index for item in rows]
-            vectors = [_decode(item.embedding) for item in rows]
-        except (AttributeError, TypeError, ValueError, binascii.Error) as exc:
+            rows = sorted(data, key=lambda item: item["index"])
+            indices = [item["index"] for item in rows]
+            vectors = [_decode(item["embedding"]) for item in rows]
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise self._fail(f"answered malformed embeddings: {self._detail(exc)}") from None
         if indices != list(range(len(rows))):
             raise self._fail(
