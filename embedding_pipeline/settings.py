@@ -90,17 +90,28 @@ def default_tables() -> dict[str, TableSpec]:
 
 @dataclass(frozen=True)
 class HnswSettings:
-    """HNSW index parameters, and when a run builds the index after loading instead.
+    """HNSW index parameters, how it is built, and when a run builds it after loading
+    instead of inserting into it row by row.
 
-    A run with at least `bulk_load_min_rows` pending rows, more than the index already
-    holds, loads without the index and builds it at the end (measurements in
-    docs/operations.md).
+    A run loads without the index and builds it at the end when it has at least
+    `bulk_load_min_rows` pending rows, those are at least `rebuild_fraction` of the rows
+    the index will hold, and the index holds fewer than `bulk_load_max_indexed_rows` (above
+    that, search without an index for the length of a load costs more than the inserts
+    save). The rule and the measurements behind it are in docs/operations.md.
     """
 
     m: int = 16
     ef_construction: int = 64
     ef_search: int = 40
     bulk_load_min_rows: int = 2_000
+    rebuild_fraction: float = 0.3
+    bulk_load_max_indexed_rows: int = 250_000
+    #: Most memory an index build may take (`maintenance_work_mem`), in MB; a build takes
+    #: what the graph needs up to this (a graph that does not fit builds several times
+    #: slower). Parallel builds use shared memory: give a containerised server enough.
+    build_memory_mb: int = 1024
+    #: Parallel workers of an index build; None: the server's max_parallel_maintenance_workers.
+    build_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -384,6 +395,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             bulk_load_min_rows=_int(
                 env, "EP_HNSW_BULK_LOAD_MIN_ROWS", HnswSettings.bulk_load_min_rows
             ),
+            rebuild_fraction=_float(env, "EP_HNSW_REBUILD_FRACTION", HnswSettings.rebuild_fraction),
+            bulk_load_max_indexed_rows=_int(
+                env,
+                "EP_HNSW_BULK_LOAD_MAX_INDEXED_ROWS",
+                HnswSettings.bulk_load_max_indexed_rows,
+            ),
+            build_memory_mb=_int(env, "EP_HNSW_BUILD_MEMORY_MB", HnswSettings.build_memory_mb),
+            build_workers=(
+                _int(env, "EP_HNSW_BUILD_WORKERS", 0) if env.get("EP_HNSW_BUILD_WORKERS") else None
+            ),
         ),
         sensor=SensorSettings(
             interval_seconds=_int(
@@ -432,6 +453,9 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
         ("EP_HNSW_EF_CONSTRUCTION", s.hnsw.ef_construction, max(4, 2 * s.hnsw.m), 1000),
         ("EP_HNSW_EF_SEARCH", s.hnsw.ef_search, 1, 1000),
         ("EP_HNSW_BULK_LOAD_MIN_ROWS", s.hnsw.bulk_load_min_rows, 0, None),
+        ("EP_HNSW_BULK_LOAD_MAX_INDEXED_ROWS", s.hnsw.bulk_load_max_indexed_rows, 0, None),
+        ("EP_HNSW_BUILD_MEMORY_MB", s.hnsw.build_memory_mb, 1, None),
+        ("EP_HNSW_BUILD_WORKERS", s.hnsw.build_workers, 0, 64),
         ("EP_SENSOR_INTERVAL_SECONDS", s.sensor.interval_seconds, 1, None),
         ("EP_SENSOR_MAX_EXTRACTIONS", s.sensor.max_extractions_per_tick, 1, None),
         ("EP_CHECK_RECALL_SAMPLE_SIZE", s.checks.recall_sample_size, 1, None),
@@ -466,6 +490,7 @@ def _positive_ranges(s: Settings) -> list[tuple[str, float, float | None]]:
             if value is not None
         ),
         ("EP_CHECK_RECALL_THRESHOLD", s.checks.recall_threshold, 1.0),
+        ("EP_HNSW_REBUILD_FRACTION", s.hnsw.rebuild_fraction, 1.0),
         ("EP_CHECK_LATENCY_WARN_MS", s.checks.latency_warn_ms, None),
     ]
 

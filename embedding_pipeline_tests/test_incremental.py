@@ -32,6 +32,7 @@ from embedding_pipeline.lib.schema import (
     hnsw_index_name,
     index_state,
 )
+from embedding_pipeline.lib.sync import bulk_load_wanted
 from embedding_pipeline.lib.telegram import load_export, load_extraction
 from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 from embedding_pipeline.resources import PostgresResource
@@ -450,7 +451,8 @@ def test_a_deleted_message_leaves_no_vector_behind(small_data, conn, settings):
 
 def test_a_large_load_builds_the_index_after_and_small_ones_keep_it(fresh_database_url, instance):
     settings = replace(
-        Settings(database_url=fresh_database_url), hnsw=HnswSettings(bulk_load_min_rows=30)
+        Settings(database_url=fresh_database_url),
+        hnsw=HnswSettings(bulk_load_min_rows=30, rebuild_fraction=0.5),
     )
     resources = hash_resources_for(settings)
     defs = build_definitions(settings, resources)
@@ -540,3 +542,17 @@ def test_nulls_set_in_sql_are_cleared_by_a_cli_backfill(fresh_database_url, tmp_
         runs = recorded.get_runs()
         assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.SUCCESS
         assert runs[0].tags["dagster/asset_partition_range_start"] == "2025-09-01"
+
+
+@pytest.mark.parametrize(
+    ("pending", "indexed", "wanted"),
+    [
+        (1_999, 0, False),  # too few rows to be worth a drop
+        (2_000, 0, True),  # a first load: nothing to lose
+        (30_000, 70_000, True),  # 30% of the final index: one build beats 30,000 inserts
+        (29_000, 71_000, False),
+        (200_000, 250_000, False),  # a large index stays: search must not fall back to scans
+    ],
+)
+def test_a_load_builds_after_when_that_is_cheaper(pending, indexed, wanted):
+    assert bulk_load_wanted(pending, indexed, HnswSettings()) is wanted

@@ -44,6 +44,7 @@ def test_creates_tables_columns_and_hnsw_indexes(fresh_database_url):
             "atoms",
             "atoms_messages",
             "embedding_errors",
+            "embedding_pipeline_state",
         }
         for table in ("messages", "topics", "atoms"):
             assert set(_columns(conn, table)) >= EXPECTED_COLUMNS

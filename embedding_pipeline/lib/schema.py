@@ -22,6 +22,8 @@ MODEL_REGISTRY_TABLE = "embedding_models"
 #: Rows a provider refused to embed, with the reason and when they are tried again
 #: (lib/engine/errors.py).
 ERRORS_TABLE = "embedding_errors"
+#: Small facts the pipeline keeps between runs (key, value, when), e.g. a failed bulk load.
+STATE_TABLE = "embedding_pipeline_state"
 #: Bumped when the tracking trigger's body changes, so `ensure_schema` replaces it.
 TRACKING_VERSION = 2
 
@@ -201,6 +203,39 @@ def _errors_table() -> sql.Composed:
         )""").format(sql.Identifier(ERRORS_TABLE))
 
 
+def _state_table() -> sql.Composed:
+    return sql.SQL("""
+        CREATE TABLE IF NOT EXISTS {} (
+            key text PRIMARY KEY,
+            value text NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""").format(sql.Identifier(STATE_TABLE))
+
+
+def state_age_seconds(conn: psycopg.Connection, key: str) -> float | None:
+    """Seconds since `key` was last set in the state table; None if never (or no table)."""
+    if not relation_exists(conn, STATE_TABLE):
+        return None
+    row = conn.execute(
+        sql.SQL("SELECT extract(epoch FROM now() - updated_at) FROM {} WHERE key = %s").format(
+            sql.Identifier(STATE_TABLE)
+        ),
+        (key,),
+    ).fetchone()
+    return float(row[0]) if row else None
+
+
+def set_state(conn: psycopg.Connection, key: str, value: str) -> None:
+    """Set `key` (in the caller's transaction; the table must exist)."""
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+            "SET value = excluded.value, updated_at = now()"
+        ).format(sql.Identifier(STATE_TABLE)),
+        (key, value),
+    )
+
+
 def ensure_schema(
     conn: psycopg.Connection, settings: Settings, dimension: int, model_id: str | None = None
 ) -> SchemaReport:
@@ -217,7 +252,11 @@ def ensure_schema(
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        for table, statement in [*_base_tables(settings), (ERRORS_TABLE, _errors_table())]:
+        for table, statement in [
+            *_base_tables(settings),
+            (ERRORS_TABLE, _errors_table()),
+            (STATE_TABLE, _state_table()),
+        ]:
             if not relation_exists(conn, table):
                 conn.execute(statement)
                 report.created_tables.append(table)
@@ -370,22 +409,62 @@ def ensure_hnsw_index(conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSetti
     return _ensure_index(conn, spec.table, hnsw_index_name(spec), hnsw_index_definition(spec, hnsw))
 
 
+def hnsw_build_memory_mb(rows: int, dimension: int, hnsw: HnswSettings) -> int:
+    """`maintenance_work_mem` (MB) for an HNSW build over `rows` vectors: the graph's size
+    (the vector, its neighbour lists on every layer, pgvector's element overhead; about
+    2.3 kB a row at 384 dimensions and m = 16, as pgvector's "no longer fits" notice
+    confirms), a quarter more for slack, capped by `hnsw.build_memory_mb`."""
+    per_row = 4 * dimension + 40 * hnsw.m + 200
+    needed = int(rows * per_row * 1.25 / 2**20) + 16
+    return max(64, min(needed, hnsw.build_memory_mb))
+
+
+def _build_session(conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSettings) -> None:
+    """Size this session's `maintenance_work_mem` to the graph about to be built (never
+    below the server's setting) and set the parallel workers when configured."""
+    row = conn.execute(
+        sql.SQL("SELECT count({}) FROM {}").format(
+            sql.Identifier(spec.embedding_column), sql.Identifier(spec.table)
+        )
+    ).fetchone()
+    rows = int(row[0]) if row else 0
+    memory = hnsw_build_memory_mb(rows, vector_column_dimension(conn, spec) or 0, hnsw)
+    current = conn.execute(
+        "SELECT setting::bigint * 1024 / 1048576 FROM pg_settings "
+        "WHERE name = 'maintenance_work_mem'"
+    ).fetchone()
+    if current is None or memory > int(current[0]):
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{memory}MB",))
+    if hnsw.build_workers is not None:
+        conn.execute(
+            "SELECT set_config('max_parallel_maintenance_workers', %s, false)",
+            (str(hnsw.build_workers),),
+        )
+
+
 def build_hnsw_index_concurrently(
     conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSettings, name: str | None = None
 ) -> bool:
-    """CREATE INDEX CONCURRENTLY (writers are not blocked); `conn` must be in autocommit
-    mode. An invalid leftover of an earlier attempt is dropped first. True if built."""
+    """CREATE INDEX CONCURRENTLY (writers are not blocked), with the memory the graph needs
+    and the server's parallel maintenance workers; `conn` must be in autocommit mode. An
+    invalid leftover of an earlier attempt is dropped first. True if built."""
     name = name or hnsw_index_name(spec)
     state = index_state(conn, name)
     if state == "valid":
         return False
     if state == "invalid":
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
-    conn.execute(
-        sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
-            sql.Identifier(name), sql.Identifier(spec.table), hnsw_index_definition(spec, hnsw)
+    _build_session(conn, spec, hnsw)
+    try:
+        conn.execute(
+            sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
+                sql.Identifier(name), sql.Identifier(spec.table), hnsw_index_definition(spec, hnsw)
+            )
         )
-    )
+    finally:
+        if not (conn.closed or conn.broken):
+            conn.execute("RESET maintenance_work_mem")
+            conn.execute("RESET max_parallel_maintenance_workers")
     return True
 
 

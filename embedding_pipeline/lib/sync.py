@@ -58,6 +58,8 @@ from embedding_pipeline.lib.schema import (
     hnsw_index_name,
     index_state,
     registered_model,
+    set_state,
+    state_age_seconds,
     vector_column_dimension,
 )
 from embedding_pipeline.lib.text import plan_requests
@@ -294,6 +296,13 @@ def sync_embeddings(
                 result.index_strategy = "built after load" if bulk else "incremental"
             try:
                 _Pipeline(session, spec, embedder, window, options, on_progress, result).run()
+            except BaseException:
+                if bulk and not session.lost:
+                    # the retried run inserts into the rebuilt index instead of dropping it
+                    # again: an error storm must not cost a rebuild per attempt
+                    with session.conn.transaction():
+                        set_state(session.conn, _bulk_failed_key(spec), "failed")
+                raise
             finally:
                 if bulk:
                     assert index is not None
@@ -744,12 +753,32 @@ def _one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "…"
 
 
+#: After a bulk load failed, runs of the next this-many seconds insert into the index.
+BULK_LOAD_FAILURE_HOLD_SECONDS = 3600.0
+
+
+def _bulk_failed_key(spec: TableSpec) -> str:
+    return f"bulk_load_failed:{spec.table}.{spec.embedding_column}"
+
+
+def bulk_load_wanted(pending: int, indexed: int, index: HnswSettings) -> bool:
+    """Whether loading `pending` rows is cheaper without the HNSW index (then built once
+    at the end) than with it (each row inserted into the graph): enough rows, a large
+    enough share of the final index, and an index small enough that searching without it
+    for the length of the load stays tolerable (docs/operations.md has the figures)."""
+    return (
+        pending >= index.bulk_load_min_rows
+        and indexed < index.bulk_load_max_indexed_rows
+        and pending >= index.rebuild_fraction * (indexed + pending)
+    )
+
+
 def _start_bulk_load(
     conn: psycopg.Connection, spec: TableSpec, index: HnswSettings, pending: int
 ) -> bool:
-    """Decide whether this run loads without the HNSW index; if so, hold the bulk-load
-    lock and drop the index. The index must hold fewer vectors than the load brings, so
-    search loses little while it is gone (it falls back to an exact scan)."""
+    """Decide whether this run loads without the HNSW index (`bulk_load_wanted`, and no
+    bulk load of this column failed within the hour); if so, hold the bulk-load lock and
+    drop the index. Search falls back to an exact scan meanwhile."""
     if pending < index.bulk_load_min_rows:
         return False
     row = conn.execute(
@@ -757,8 +786,11 @@ def _start_bulk_load(
             sql.Identifier(spec.embedding_column), sql.Identifier(spec.table)
         )
     ).fetchone()
+    failed_ago = state_age_seconds(conn, _bulk_failed_key(spec))
     conn.commit()
-    if row is None or int(row[0]) >= pending:
+    if row is None or not bulk_load_wanted(pending, int(row[0]), index):
+        return False
+    if failed_ago is not None and failed_ago < BULK_LOAD_FAILURE_HOLD_SECONDS:
         return False
     locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (bulk_load_lock_key(spec),)).fetchone()
     conn.commit()
