@@ -233,6 +233,10 @@ class EngineSettings:
     progress_interval_seconds: float = 5.0
     #: Rows claimed per claim transaction; None: derived from batch size and concurrency.
     claim_size: int | None = None
+    #: A backfill's partitions per run; None: one run for the whole range. With a number,
+    #: a backfill fans out over that many partitions a run, which the run queue and the
+    #: run launcher spread over workers (docs/deployment.md).
+    backfill_partitions_per_run: int | None = None
 
 
 @dataclass(frozen=True)
@@ -381,6 +385,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "EP_PROGRESS_INTERVAL_SECONDS", EngineSettings.progress_interval_seconds
         ),
         claim_size=_optional_int(env, "EP_CLAIM_SIZE"),
+        backfill_partitions_per_run=_optional_int(env, "EP_BACKFILL_PARTITIONS_PER_RUN"),
     )
     tables = {key: _table_from_env(env, key, spec) for key, spec in default_tables().items()}
     settings = Settings(
@@ -449,6 +454,7 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
         ("EP_OLLAMA_MAX_INPUT_TOKENS", s.embedder.ollama_max_input_tokens, 1, None),
         ("EP_ROW_MAX_ATTEMPTS", s.engine.row_max_attempts, 1, None),
         ("EP_CLAIM_SIZE", s.engine.claim_size, 1, None),
+        ("EP_BACKFILL_PARTITIONS_PER_RUN", s.engine.backfill_partitions_per_run, 1, None),
         ("EP_HNSW_M", s.hnsw.m, 2, 100),
         ("EP_HNSW_EF_CONSTRUCTION", s.hnsw.ef_construction, max(4, 2 * s.hnsw.m), 1000),
         ("EP_HNSW_EF_SEARCH", s.hnsw.ef_search, 1, 1000),

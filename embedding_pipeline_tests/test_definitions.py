@@ -141,3 +141,24 @@ def test_connection_errors_never_quote_the_password(url):
     with pytest.raises(psycopg.Error) as raised:
         db.connect(url)
     assert "secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "per_run", "pool"),
+    [
+        ({}, None, "embeddings_local"),
+        (
+            {"EP_BACKFILL_PARTITIONS_PER_RUN": "6", "EP_EMBEDDING_PROVIDER": "ollama"},
+            6,
+            "embeddings_ollama",
+        ),
+    ],
+)
+def test_backfills_fan_out_when_asked_and_runs_share_the_provider_pool(env, per_run, pool):
+    from embedding_pipeline.definitions import build_definitions
+
+    embeddings = build_definitions(load_settings(env)).get_assets_def("message_embeddings")
+    policy = embeddings.backfill_policy
+    assert policy is not None
+    assert policy.max_partitions_per_run == per_run
+    assert embeddings.node_def.pools == {pool}

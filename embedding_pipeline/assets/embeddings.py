@@ -21,12 +21,18 @@ from embedding_pipeline.partitions import window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec
 
-#: A backfill is one run over its whole partition range: one process start, one model
-#: load, one pass in id order. Fault isolation comes from the committed batches (a failed
-#: run keeps its finished work and a re-run does only the rest), not from splitting the
-#: range into runs; and `dg launch --partition-range` (which runs in-process) accepts only
-#: single-run assets. The reasoning and the alternatives are in docs/operations.md.
-BACKFILL_POLICY = dg.BackfillPolicy.single_run()
+
+def backfill_policy(settings: Settings) -> dg.BackfillPolicy:
+    """By default a backfill is one run over its whole partition range: one process
+    start, one model load, one pass in id order; fault isolation comes from the committed
+    requests, not from splitting the range, and `dg launch --partition-range` (in-process)
+    accepts only single-run assets. With EP_BACKFILL_PARTITIONS_PER_RUN, a backfill fans
+    out over several runs that the run queue spreads over workers; the per-row claims keep
+    overlapping runs from embedding a row twice (docs/operations.md, docs/deployment.md)."""
+    per_run = settings.engine.backfill_partitions_per_run
+    if per_run is None:
+        return dg.BackfillPolicy.single_run()
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=per_run)
 
 
 def engine_options(settings: Settings, embedder: EmbedderResource) -> EngineOptions:
@@ -92,7 +98,7 @@ def build_embedding_asset(
         name=spec.asset_name,
         deps=[dg.AssetKey(source)],
         partitions_def=partitions_def,
-        backfill_policy=BACKFILL_POLICY,
+        backfill_policy=backfill_policy(settings),
         pool=provider_pool(settings),
         group_name="embeddings",
         kinds={"postgres", "pgvector"},

@@ -225,6 +225,23 @@ def count_window(
     return int(row[0]), int(row[1]), int(row[2])
 
 
+def analyze_if_stale(conn: psycopg.Connection, spec: TableSpec) -> bool:
+    """ANALYZE the table when a fifth of it (and at least 1,000 rows) changed since its last
+    statistics: rows loaded a moment ago (an ingest, a restore) would otherwise be planned
+    from an empty table's statistics until autovacuum catches up. True if analyzed."""
+    row = conn.execute(
+        "SELECT n_mod_since_analyze, n_live_tup FROM pg_stat_user_tables WHERE relid = "
+        "to_regclass(%s)",
+        (sql.Identifier(spec.table).as_string(),),
+    ).fetchone()
+    conn.commit()
+    if row is None or row[0] < max(1_000, 0.2 * row[1]):
+        return False
+    conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(spec.table)))
+    conn.commit()
+    return True
+
+
 def check_dimension(conn: psycopg.Connection, spec: TableSpec, embedder: Embedder) -> None:
     declared = vector_column_dimension(conn, spec)
     if declared != embedder.dimension:
@@ -274,6 +291,7 @@ def sync_embeddings(
         options = replace(options, batch_size=batch_size)
     started = time.monotonic()
     result = SyncResult(table=spec.table, model_id=embedder.model_id, dimension=embedder.dimension)
+    analyze_if_stale(conn, spec)
     check_dimension(conn, spec, embedder)
     check_model(conn, spec, embedder)
     result.rows_in_window, result.pending_at_start, result.stale_model_at_start = count_window(

@@ -1,0 +1,584 @@
+"""Throughput, side by side in one run: the pipeline against the provider called directly.
+
+Every case runs on a throw-away PostgreSQL+pgvector (the project's embedded server, in a
+temporary folder, on a free port) and on the same texts: the sample chat's messages,
+repeated and varied (a neighbour's text appended to every third one, a number to each)
+up to `--rows`. Providers:
+
+- **openai, instant**: `benchmarks/fake_openai.py` in its own process, answering at once;
+- **openai, 200 ms**: the same server sleeping 200 ms per request;
+- **local**: all-MiniLM-L6-v2 (int8 ONNX) in this process.
+
+Cases (one line each in the table):
+
+1. `raw`: the provider alone, the same requests the pipeline makes (OpenAI: the `openai`
+   SDK, batches of the pipeline's size, as many in flight as the pipeline; local: today's
+   embedder called directly on id-order batches of 64), nothing written.
+2. `pipeline`: `sync_embeddings` as a run calls it (claims, requests in flight, writes,
+   the HNSW index built after the load): rows/s of embed-and-write, the index build
+   reported on its own line against one plain `CREATE INDEX` on the final data.
+3. `materialize`: `embedding-pipeline materialize --table messages` as a new process,
+   wall clock (imports, Dagster, the run, the checks).
+4. `first run after a load`: the pipeline right after 20,000 rows arrive by COPY (no
+   ANALYZE yet), against the same after `ANALYZE`.
+5. `no-op`: `materialize` over every partition of 100,000 up-to-date rows, against the
+   start of a process that imports the pipeline, and the provider requests it made (0).
+6. `write path`: writing precomputed vectors through the pipeline's path (claims, COPY,
+   one UPDATE by primary key) against a loop of single-row UPDATEs committed every 64
+   rows, at 5,000 and 20,000 rows.
+7. `peak RSS`: a process running the pipeline over 20,000 and 100,000 rows.
+
+    .venv/bin/python benchmarks/throughput.py                     # everything, ~12 min
+    .venv/bin/python benchmarks/throughput.py --cases openai,noop --rows 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.embedders import Embedder, LocalEmbedder, build_embedder
+from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port, temporary_server
+from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_definition, hnsw_index_name
+from embedding_pipeline.lib.sync import EngineOptions, SyncResult, Window, sync_embeddings
+from embedding_pipeline.lib.telegram import load_export
+from embedding_pipeline.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "embedding_pipeline" / "sample_data" / "result.json"
+BIN = Path(sys.executable).parent
+CASES = ("openai", "latency", "local", "first-run", "noop", "write", "rss")
+START = datetime(2024, 1, 1, tzinfo=UTC)
+TWO_YEARS_MINUTES = 2 * 365 * 24 * 60
+
+
+@dataclass
+class Line:
+    case: str
+    what: str
+    figure: str
+    note: str = ""
+
+
+def texts(count: int) -> list[str]:
+    """Chat-like texts of mixed length: the sample chat's messages, varied."""
+    base = [m.text for m in load_export(SAMPLE).messages if m.text.strip()]
+    out = []
+    for i in range(count):
+        text = base[i % len(base)]
+        if i % 3 == 0:
+            text += " " + base[(i * 7 + 1) % len(base)]
+        out.append(f"{text} ({i})")
+    return out
+
+
+# -- the database ----------------------------------------------------------------------------
+
+
+def fresh_database(pg: EmbeddedPostgres, name: str, dimension: int, model_id: str) -> str:
+    with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = pg.url(name)
+    with db.connection(url, vector=False) as conn:
+        ensure_schema(conn, Settings(database_url=url), dimension, model_id)
+    return url
+
+
+def load_messages(url: str, contents: list[str], vectors: np.ndarray | None = None, model=""):
+    """COPY `contents` in as messages over 24 months (with `vectors`: already embedded)."""
+    with db.connection(url) as conn:
+        columns = "chat_id, telegram_message_id, author, author_id, sent_at, content"
+        if vectors is not None:
+            columns += ", embedding, embedding_model, embedding_hash, embedded_at"
+        with conn.cursor().copy(f"COPY messages ({columns}) FROM STDIN") as copy:
+            for i, content in enumerate(contents):
+                row: tuple[object, ...] = (
+                    1,
+                    i,
+                    f"user{i % 7}",
+                    str(i % 7),
+                    START + timedelta(minutes=i * TWO_YEARS_MINUTES // max(len(contents), 1)),
+                    content,
+                )
+                if vectors is not None:
+                    digest = hashlib.sha256(content.encode()).hexdigest()
+                    row += (vectors[i % len(vectors)], model, digest, START)
+                copy.write_row(row)
+        conn.commit()
+
+
+def reset(url: str) -> None:
+    """Every message without a vector again (and no HNSW index)."""
+    with db.connection(url, autocommit=True) as conn:
+        conn.execute("UPDATE messages SET embedding = NULL, embedding_model = NULL")
+        conn.execute(
+            sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier("messages_embedding_hnsw_idx"))
+        )
+        conn.execute("VACUUM ANALYZE messages")
+
+
+def plain_index_seconds(url: str, settings: Settings) -> float:
+    """One plain CREATE INDEX on the final data, server defaults, timed."""
+    spec = settings.tables["messages"]
+    with db.connection(url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(hnsw_index_name(spec)))
+        )
+        started = time.monotonic()
+        conn.execute(
+            sql.SQL("CREATE INDEX {} ON messages {}").format(
+                sql.Identifier(hnsw_index_name(spec)), hnsw_index_definition(spec, settings.hnsw)
+            )
+        )
+        return time.monotonic() - started
+
+
+def run_pipeline(
+    url: str, embedder: Embedder, options: EngineOptions, settings: Settings
+) -> SyncResult:
+    with db.connection(url) as conn:
+        return sync_embeddings(
+            conn,
+            settings.tables["messages"],
+            embedder,
+            Window(),
+            options=options,
+            index=settings.hnsw,
+        )
+
+
+# -- providers -------------------------------------------------------------------------------
+
+
+@contextmanager
+def fake_openai(dimensions: int, latency: float = 0.0) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "fake_openai.py"),
+            "--port",
+            str(port),
+            "--dimensions",
+            str(dimensions),
+            "--latency",
+            str(latency),
+        ],
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/stats", timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def provider_requests(base: str) -> int:
+    return int(httpx.get(base + "/stats").json()["requests"])
+
+
+def openai_embedder(base: str, dimensions: int) -> Embedder:
+    return build_embedder(
+        "openai",
+        openai_api_key="benchmark",
+        openai_base_url=base + "/v1",
+        dimensions=dimensions if dimensions != 1536 else None,
+        retry=RetryPolicy(deadline_seconds=0),
+    )
+
+
+def raw_openai(base: str, contents: list[str], batch: int, in_flight: int) -> float:
+    """rows/s of the SDK alone: the same batches, as many in flight, answers decoded."""
+    import base64
+
+    import openai
+
+    client = openai.OpenAI(api_key="benchmark", base_url=base + "/v1", max_retries=0)
+    batches = [contents[i : i + batch] for i in range(0, len(contents), batch)]
+
+    def call(chunk: list[str]) -> int:
+        response = client.embeddings.create(
+            model="text-embedding-3-small", input=chunk, encoding_format="base64"
+        )
+        vectors = [np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in response.data]
+        return len(vectors)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(in_flight) as pool:
+        done = sum(pool.map(call, batches))
+    return done / (time.monotonic() - started)
+
+
+def materialize_process(url: str, env: dict[str, str], home: Path) -> tuple[float, str]:
+    started = time.monotonic()
+    process = subprocess.run(
+        [str(BIN / "embedding-pipeline"), "materialize", "--table", "messages"],
+        env={**os.environ, **env, "DATABASE_URL": url, "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+    )
+    wall = time.monotonic() - started
+    if process.returncode:
+        raise RuntimeError(process.stderr[-2000:])
+    return wall, process.stdout
+
+
+def import_seconds() -> float:
+    """Wall clock of a process that only imports what `materialize` imports."""
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c", "import embedding_pipeline.cli, embedding_pipeline.runner"],
+        check=True,
+    )
+    return time.monotonic() - started
+
+
+# -- the cases --------------------------------------------------------------------------------
+
+
+def case_openai(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    contents = texts(args.rows)
+    dim = args.dimensions
+    with fake_openai(dim) as base:
+        embedder = openai_embedder(base, dim)
+        settings = Settings()
+        url = fresh_database(pg, "tp_openai", embedder.dimension, embedder.model_id)
+        load_messages(url, contents)
+        options = EngineOptions(
+            batch_size=settings.embedder.__class__(provider="openai").effective_batch_size
+        )
+        workers = options.workers(embedder)
+        raw = raw_openai(base, contents, options.batch_size, workers)
+        result = run_pipeline(url, embedder, options, Settings(database_url=url))
+        loop = result.seconds - result.index_seconds
+        rate = result.embedded / loop
+        out.append(
+            Line("openai instant", f"raw SDK, {workers} in flight, batch 256", f"{raw:,.0f} rows/s")
+        )
+        out.append(
+            Line(
+                "openai instant",
+                f"pipeline embed+write, {dim}-d",
+                f"{rate:,.0f} rows/s",
+                f"{rate / raw:.2f}x raw; index {result.index_strategy}",
+            )
+        )
+        plain = plain_index_seconds(url, Settings(database_url=url))
+        out.append(
+            Line(
+                "openai instant",
+                f"index build after load ({result.embedded:,} rows)",
+                f"{result.index_seconds:.1f} s",
+                f"{result.index_seconds / plain:.2f}x one plain CREATE INDEX ({plain:.1f} s)",
+            )
+        )
+        reset(url)
+        with tempfile.TemporaryDirectory() as home:
+            env = {
+                "EP_EMBEDDING_PROVIDER": "openai",
+                "OPENAI_BASE_URL": base + "/v1",
+                "OPENAI_API_KEY": "benchmark",
+                **({"EP_EMBEDDING_DIMENSIONS": str(dim)} if dim != 1536 else {}),
+            }
+            wall, _ = materialize_process(url, env, Path(home))
+        out.append(
+            Line(
+                "openai instant",
+                "`materialize` end to end, new process",
+                f"{len(contents) / wall:,.0f} rows/s",
+                f"{wall:.1f} s wall, index build and checks included",
+            )
+        )
+
+
+def case_latency(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    contents = texts(args.latency_rows)
+    with fake_openai(args.dimensions, latency=0.2) as base:
+        embedder = openai_embedder(base, args.dimensions)
+        url = fresh_database(pg, "tp_latency", embedder.dimension, embedder.model_id)
+        load_messages(url, contents)
+        rates = {}
+        for workers in (1, embedder.default_concurrency):
+            reset(url)
+            result = run_pipeline(
+                url,
+                embedder,
+                EngineOptions(batch_size=256, concurrency=workers),
+                Settings(database_url=url),
+            )
+            rates[workers] = result.embedded / (result.seconds - result.index_seconds)
+        default = embedder.default_concurrency
+        out.append(
+            Line("openai 200 ms", "pipeline, 1 request in flight", f"{rates[1]:,.0f} rows/s")
+        )
+        out.append(
+            Line(
+                "openai 200 ms",
+                f"pipeline, {default} in flight (default)",
+                f"{rates[default]:,.0f} rows/s",
+                f"{rates[default] / rates[1]:.2f}x one in flight",
+            )
+        )
+
+
+def case_local(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    contents = texts(args.local_rows)
+    raw_embedder = LocalEmbedder()
+    raw_embedder.embed(contents[:64])  # the model loads outside the clock, for both sides
+    started = time.monotonic()
+    for i in range(0, len(contents), 64):
+        raw_embedder.embed(contents[i : i + 64])
+    raw = len(contents) / (time.monotonic() - started)
+    embedder = LocalEmbedder()
+    url = fresh_database(pg, "tp_local", embedder.dimension, embedder.model_id)
+    load_messages(url, contents)
+    settings = Settings(database_url=url)
+    result = run_pipeline(url, embedder, EngineOptions(batch_size=64), settings)
+    whole = result.embedded / result.seconds
+    out.append(Line("local", "raw embedder, id-order batches of 64", f"{raw:,.1f} rows/s"))
+    out.append(
+        Line(
+            "local",
+            "pipeline end to end (writes and index build included)",
+            f"{whole:,.1f} rows/s",
+            f"{whole / raw:.2f}x raw",
+        )
+    )
+
+
+def case_first_run(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    contents = texts(args.rows)
+    with fake_openai(args.dimensions) as base:
+        embedder = openai_embedder(base, args.dimensions)
+        rates = []
+        for analyzed in (False, True):
+            url = fresh_database(pg, "tp_first", embedder.dimension, embedder.model_id)
+            load_messages(url, contents)
+            if analyzed:
+                with db.connection(url, autocommit=True) as conn:
+                    conn.execute("ANALYZE messages")
+            result = run_pipeline(
+                url, embedder, EngineOptions(batch_size=256), Settings(database_url=url)
+            )
+            rates.append(result.embedded / (result.seconds - result.index_seconds))
+        out.append(
+            Line(
+                "first run after a load", "right after COPY, no ANALYZE", f"{rates[0]:,.0f} rows/s"
+            )
+        )
+        out.append(
+            Line(
+                "first run after a load",
+                "after ANALYZE",
+                f"{rates[1]:,.0f} rows/s",
+                f"unanalyzed / analyzed {rates[0] / rates[1]:.2f}",
+            )
+        )
+
+
+def case_noop(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    dim = 384
+    with fake_openai(dim) as base:
+        embedder = openai_embedder(base, dim)
+        url = fresh_database(pg, "tp_noop", dim, embedder.model_id)
+        vectors = np.random.default_rng(1).standard_normal((1000, dim)).astype(np.float32)
+        load_messages(url, texts(args.noop_rows), vectors, embedder.model_id)
+        with db.connection(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE messages")
+        env = {
+            "EP_EMBEDDING_PROVIDER": "openai",
+            "OPENAI_BASE_URL": base + "/v1",
+            "OPENAI_API_KEY": "benchmark",
+            "EP_EMBEDDING_DIMENSIONS": str(dim),
+        }
+        with tempfile.TemporaryDirectory() as home:
+            materialize_process(url, env, Path(home))  # builds the index, records the runs
+            before = provider_requests(base)
+            walls = [materialize_process(url, env, Path(home))[0] for _ in range(3)]
+            requests = provider_requests(base) - before
+        start = min(import_seconds() for _ in range(3))
+        wall = min(walls)
+        out.append(
+            Line(
+                "no-op",
+                f"`materialize` over every partition, {args.noop_rows:,} rows up to date",
+                f"{wall - start:.2f} s beyond process start",
+                f"{wall:.2f} s wall, process start {start:.2f} s, {requests} provider requests",
+            )
+        )
+
+
+class _Instant(Embedder):
+    """Precomputed vectors, no provider: what is left is the pipeline's own work."""
+
+    model_id = "benchmark:instant"
+    dimension = 384
+    max_batch_size = 2048
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool = np.random.default_rng(2).standard_normal((997, 384)).astype(np.float32)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        return self._pool[[hash(t) % 997 for t in texts]]
+
+
+def case_write(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    embedder = _Instant()
+    for rows in (5_000, 20_000):
+        url = fresh_database(pg, f"tp_write_{rows}", 384, embedder.model_id)
+        load_messages(url, texts(rows))
+        reset(url)
+        settings = Settings(database_url=url)
+        result = run_pipeline(url, embedder, EngineOptions(batch_size=64), settings)
+        pipeline = result.embedded / (result.seconds - result.index_seconds)
+        reset(url)
+        naive = naive_updates(url, embedder)
+        out.append(
+            Line(
+                "write path",
+                f"{rows:,} rows: pipeline (claim, COPY, UPDATE by key)",
+                f"{pipeline:,.0f} rows/s",
+                f"{pipeline / naive:.2f}x single-row UPDATEs ({naive:,.0f} rows/s)",
+            )
+        )
+
+
+def naive_updates(url: str, embedder: Embedder) -> float:
+    """One UPDATE per row, committed every 64 rows: the write a hand-rolled worker does."""
+    with db.connection(url) as conn:
+        rows = conn.execute("SELECT id, content FROM messages ORDER BY id").fetchall()
+        conn.commit()
+        vectors = embedder.embed([content for _, content in rows[:1]])
+        started = time.monotonic()
+        for i, (row_id, content) in enumerate(rows):
+            conn.execute(
+                "UPDATE messages SET embedding = %s, embedding_model = %s, embedding_hash = %s, "
+                "embedded_at = now() WHERE id = %s",
+                (
+                    vectors[0],
+                    embedder.model_id,
+                    hashlib.sha256(content.encode()).hexdigest(),
+                    row_id,
+                ),
+            )
+            if i % 64 == 63:
+                conn.commit()
+        conn.commit()
+        return len(rows) / (time.monotonic() - started)
+
+
+def case_rss(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    with fake_openai(args.dimensions) as base:
+        for rows in (20_000, args.rss_rows):
+            embedder = openai_embedder(base, args.dimensions)
+            url = fresh_database(pg, f"tp_rss_{rows}", embedder.dimension, embedder.model_id)
+            load_messages(url, texts(rows))
+            peak = _peak_rss_mb(url, base, args.dimensions)
+            out.append(Line("peak RSS", f"pipeline process, {rows:,} rows", f"{peak:.0f} MB"))
+
+
+def _peak_rss_mb(url: str, base: str, dimensions: int) -> float:
+    """Peak RSS of a process that runs the pipeline over every row of `url`."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--rss-worker", url, base, str(dimensions)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def rss_worker(url: str, base: str, dimensions: int) -> None:
+    """The pipeline over `url` (without the index: the server's work, not this process's),
+    then this process's peak RSS in kB (VmHWM: `ru_maxrss` would carry the parent's peak
+    over from before the exec)."""
+    reset(url)
+    with db.connection(url) as conn:
+        sync_embeddings(
+            conn,
+            Settings().tables["messages"],
+            openai_embedder(base, dimensions),
+            Window(),
+            options=EngineOptions(batch_size=256),
+        )
+    status = Path("/proc/self/status").read_text().splitlines()
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+
+RUNNERS: dict[str, Callable[[EmbeddedPostgres, argparse.Namespace, list[Line]], None]] = {
+    "openai": case_openai,
+    "latency": case_latency,
+    "local": case_local,
+    "first-run": case_first_run,
+    "noop": case_noop,
+    "write": case_write,
+    "rss": case_rss,
+}
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--rss-worker"]:
+        rss_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated of {CASES}")
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--latency-rows", type=int, default=20_000)
+    parser.add_argument("--local-rows", type=int, default=20_000)
+    parser.add_argument("--noop-rows", type=int, default=100_000)
+    parser.add_argument("--rss-rows", type=int, default=100_000)
+    parser.add_argument("--dimensions", type=int, default=1536)
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    out: list[Line] = []
+    with temporary_server("ep-bench-throughput-") as pg:
+        for case in args.cases.split(","):
+            started = time.monotonic()
+            RUNNERS[case](pg, args, out)
+            print(
+                f"[{case} done in {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True
+            )
+    end = os.getloadavg()[0]
+    print(f"\nload average at start {load:.2f}, at end {end:.2f}; {os.cpu_count()} cores")
+    print("| case | what | figure | note |\n|---|---|---:|---|")
+    for line in out:
+        print(f"| {line.case} | {line.what} | {line.figure} | {line.note} |")
+    print(json.dumps([line.__dict__ for line in out]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
