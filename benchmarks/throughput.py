@@ -1,9 +1,8 @@
 """Throughput, side by side in one run: the pipeline against the provider called directly.
 
 Every case runs on a throw-away PostgreSQL+pgvector (the project's embedded server, in a
-temporary folder, on a free port) and on the same texts: the sample chat's messages,
-repeated and varied (a neighbour's text appended to every third one, a number to each)
-up to `--rows`. Providers:
+temporary folder, on a free port) and on the same texts: the sample chat's messages in
+their order, repeated up to `--rows`, each pass marked with its number. Providers:
 
 - **openai, instant**: `benchmarks/fake_openai.py` in its own process, answering at once;
 - **openai, 200 ms**: the same server sleeping 200 ms per request;
@@ -80,15 +79,10 @@ class Line:
 
 
 def texts(count: int) -> list[str]:
-    """Chat-like texts of mixed length: the sample chat's messages, varied."""
+    """Chat-like texts of mixed length: the sample chat's messages in their order, again
+    and again, each pass marked (so no two texts are equal)."""
     base = [m.text for m in load_export(SAMPLE).messages if m.text.strip()]
-    out = []
-    for i in range(count):
-        text = base[i % len(base)]
-        if i % 3 == 0:
-            text += " " + base[(i * 7 + 1) % len(base)]
-        out.append(f"{text} ({i})")
-    return out
+    return [f"{base[i % len(base)]} (#{i // len(base)})" for i in range(count)]
 
 
 # -- the database ----------------------------------------------------------------------------

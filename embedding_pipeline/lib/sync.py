@@ -103,7 +103,8 @@ class EngineOptions:
     #: Provider requests in flight at once; None: the embedder's default.
     concurrency: int | None = None
     #: Rows claimed per claim transaction; None: enough for every worker twice over, and
-    #: at least 512 so that sorting by length has texts to group.
+    #: at least the embedder's `default_claim_rows`, so that sorting by length has texts
+    #: to group.
     claim_size: int | None = None
     row_errors: RowErrorPolicy = field(default_factory=RowErrorPolicy)
     #: Seconds between progress reports (a report per batch would flood the event log).
@@ -123,7 +124,9 @@ class EngineOptions:
     def claim_rows(self, embedder: Embedder) -> int:
         if self.claim_size:
             return max(1, self.claim_size)
-        return max(512, 2 * self.workers(embedder) * self.request_rows(embedder))
+        return max(
+            embedder.default_claim_rows, 2 * self.workers(embedder) * self.request_rows(embedder)
+        )
 
 
 @dataclass(frozen=True)

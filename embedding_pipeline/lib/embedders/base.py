@@ -84,6 +84,10 @@ class Embedder(abc.ABC):
     max_input_tokens: int | None = None
     #: Requests in flight at once that suit this provider (a run's default concurrency).
     default_concurrency: int = 1
+    #: Rows a run claims at once, at least: the engine sorts a claim by length before it
+    #: splits it into requests, so a model that pads to the longest text in a batch (the
+    #: local one) wastes less the more rows it can sort.
+    default_claim_rows: int = 512
 
     def __init__(
         self, *, retry: RetryPolicy | None = None, limiter: RateLimiter | None = None

@@ -65,6 +65,9 @@ class LocalEmbedder(Embedder):
     model_id = LOCAL_MODEL_ID
     dimension = LOCAL_DIMENSION
     max_batch_size = 256
+    #: On the sample chat, sorting 2,048 rows by length pads 1.48x fewer tokens than
+    #: id-order batches of 64 do (512 rows: 1.29x).
+    default_claim_rows = 2048
 
     def __init__(self, *, threads: int | None = None, chunk_size: int = 32) -> None:
         super().__init__()
