@@ -10,6 +10,11 @@ committed. Three strategies are timed on the same random unit vectors:
 - ``build-after-concurrently``: no index during the load, then
   ``CREATE INDEX CONCURRENTLY`` (writers are not blocked while it builds).
 
+With ``--indexed N`` the table already holds N vectors before the load (a top-up, as a
+backlog run on a used table sees): ``incremental`` starts from an index over them (built
+outside the clock), ``build-after`` rebuilds over all N + rows at the end. That is the
+trade-off `EP_HNSW_REBUILD_FRACTION` settles (docs/operations.md).
+
 Run: ``.venv/bin/python benchmarks/index_build.py --rows 50000`` (starts a throwaway
 embedded server unless ``--database-url`` is given). Random vectors have no cluster
 structure, which makes HNSW work a little harder than real embeddings do.
@@ -79,7 +84,7 @@ def create_index(
     return time.perf_counter() - started
 
 
-def load(url: str, vectors: np.ndarray, batch_size: int) -> float:
+def load(url: str, vectors: np.ndarray, batch_size: int, first_id: int = 1) -> float:
     started = time.perf_counter()
     with psycopg.connect(url) as conn:
         register_vector(conn)
@@ -97,7 +102,7 @@ def load(url: str, vectors: np.ndarray, batch_size: int) -> float:
             ) as copy:
                 copy.set_types(["int8", "vector"])
                 for offset, vector in enumerate(block):
-                    copy.write_row((start + offset + 1, vector))
+                    copy.write_row((first_id + start + offset, vector))
             conn.execute(update)
             conn.commit()
     return time.perf_counter() - started
@@ -106,17 +111,21 @@ def load(url: str, vectors: np.ndarray, batch_size: int) -> float:
 def run_strategy(
     url: str, strategy: str, vectors: np.ndarray, args: argparse.Namespace
 ) -> dict[str, object]:
-    prepare(url, len(vectors), vectors.shape[1])
+    indexed = unit_vectors(args.indexed, vectors.shape[1], seed=11)
+    prepare(url, len(indexed) + len(vectors), vectors.shape[1])
     index_seconds = 0.0
+    if len(indexed):
+        load(url, indexed, args.batch_size)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(args.maintenance_work_mem))
         )
         if strategy == "incremental":
-            index_seconds = create_index(
+            prebuilt = create_index(
                 conn, concurrently=False, m=args.m, ef_construction=args.ef_construction
             )
-        load_seconds = load(url, vectors, args.batch_size)
+            index_seconds = 0.0 if len(indexed) else prebuilt
+        load_seconds = load(url, vectors, args.batch_size, first_id=len(indexed) + 1)
         if strategy != "incremental":
             index_seconds = create_index(
                 conn,
@@ -129,6 +138,7 @@ def run_strategy(
     return {
         "strategy": strategy,
         "rows": len(vectors),
+        "indexed_before": len(indexed),
         "dimension": vectors.shape[1],
         "load_seconds": round(load_seconds, 2),
         "index_seconds": round(index_seconds, 2),
@@ -141,6 +151,7 @@ def run_strategy(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--indexed", type=int, default=0, help="vectors in place before")
     parser.add_argument("--dimension", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--m", type=int, default=16)
@@ -176,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
         else:
             print(
-                f"{result['strategy']:<26} load {result['load_seconds']:>7.2f}s  index "
+                f"{result['strategy']:<26} +{result['rows']} on {result['indexed_before']}: "
+                f"load {result['load_seconds']:>7.2f}s  index "
                 f"{result['index_seconds']:>7.2f}s  total {result['total_seconds']:>7.2f}s  "
                 f"{result['rows_per_second']:>8.1f} rows/s  index {result['index_mb']} MB"
             )
