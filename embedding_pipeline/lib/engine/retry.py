@@ -8,6 +8,7 @@ without waiting.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,17 +36,18 @@ class RetryPolicy:
 
 @dataclass
 class RetryStats:
-    """What retrying cost, summed over requests (thread-safe enough: updated under the
-    GIL by single statements; reported, not used for decisions)."""
+    """What retrying cost, summed over the requests of every worker thread."""
 
     retries: int = 0
     seconds_waited: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def note(self, reason: str, waited: float) -> None:
-        self.retries += 1
-        self.seconds_waited += waited
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        with self.lock:
+            self.retries += 1
+            self.seconds_waited += waited
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
 def call_with_retries(
