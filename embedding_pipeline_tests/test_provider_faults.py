@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -17,55 +17,29 @@ import numpy as np
 import pytest
 
 from embedding_pipeline import cli
-from embedding_pipeline.assets import build_embedding_asset
 from embedding_pipeline.checks import NO_FAILED, run_embedding_checks
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, build_embedder
 from embedding_pipeline.lib.engine import errors as row_errors
 from embedding_pipeline.lib.engine.retry import RetryPolicy
-from embedding_pipeline.lib.schema import ensure_schema
-from embedding_pipeline.partitions import monthly_partitions
-from embedding_pipeline.resources import EmbedderResource, PostgresResource
-from embedding_pipeline.settings import EngineSettings, Settings
-from embedding_pipeline_tests.fault_server import Faults, FaultServer, fake_vector
-from embedding_pipeline_tests.incremental_helpers import insert_messages, materialization_metadata
+from embedding_pipeline.resources import PostgresResource
+from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.fault_helpers import (
+    OLLAMA_ID,
+    OPENAI_ID,
+    SECRET,
+    assert_embedded,
+    materialize,
+    metadata,
+    model_id,
+    month_rows,
+    resource,
+    schema_for,
+    stored,
+)
+from embedding_pipeline_tests.fault_server import FaultServer, fake_vector
 from embedding_pipeline_tests.test_providers import event_log_text
-from embedding_pipeline_tests.test_providers import materialize as materialize_asset
-
-SECRET = "sk-test-FAULTS-7f3a9"
-OPENAI_ID = "openai:text-embedding-3-small@384"
-OLLAMA_ID = "ollama:all-minilm"
-#: Retries fall due at once, so that consecutive runs each try a refused row again.
-ENGINE = EngineSettings(row_retry_base_seconds=0, progress_interval_seconds=1)
-
-
-def resource(provider: str, server: FaultServer, **options: Any) -> EmbedderResource:
-    """The embedder resource of `provider` pointing at `server` (384 dimensions)."""
-    options.setdefault("timeout_seconds", 5.0)
-    options.setdefault("retry_deadline_seconds", 60.0)
-    if provider == "openai":
-        return EmbedderResource(
-            provider="openai",
-            dimensions=LOCAL_DIMENSION,
-            openai_api_key=SECRET,
-            openai_base_url=server.openai_base_url,
-            **options,
-        )
-    return EmbedderResource(
-        provider="ollama", model_name="all-minilm", ollama_host=server.url, **options
-    )
-
-
-def model_id(provider: str) -> str:
-    return OPENAI_ID if provider == "openai" else OLLAMA_ID
-
-
-def schema_for(url: str) -> Settings:
-    settings = Settings(database_url=url, engine=ENGINE)
-    with db.connection(url, vector=False) as conn:
-        ensure_schema(conn, settings, LOCAL_DIMENSION, OPENAI_ID)
-    return settings
 
 
 @pytest.fixture(scope="module")
@@ -73,80 +47,23 @@ def faults_db(database_url: str) -> Settings:
     return schema_for(database_url)
 
 
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer(Faults(max_input_tokens=8192)) as running:
-        yield running
-
-
-def month_rows(settings: Settings, month: str, count: int, prefix: str) -> list[int]:
-    """`count` new messages spread over the first day of `month` (a partition key)."""
-    start = datetime.fromisoformat(month).replace(tzinfo=UTC)
-    with db.connection(settings.effective_database_url) as conn:
-        return insert_messages(
-            conn, [start + timedelta(minutes=i) for i in range(count)], prefix=prefix
-        )
-
-
-def materialize(
-    settings: Settings,
-    embedder: EmbedderResource,
-    partition: str,
-    instance: dg.DagsterInstance,
-) -> dg.ExecuteInProcessResult:
-    """One Dagster run of `message_embeddings` for `partition`, failures returned."""
-    asset = build_embedding_asset(
-        "messages",
-        settings.tables["messages"],
-        settings,
-        monthly_partitions(settings.partition_start),
-    )
-    return materialize_asset(asset, settings, embedder, partition, instance, raise_on_error=False)
-
-
-def metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
-    return materialization_metadata(result)["message_embeddings"]
-
-
-def stored(settings: Settings, ids: list[int]) -> dict[int, tuple[Any, ...]]:
-    """id -> (content, embedding, model, embedding hash, source hash) of the given rows."""
-    with db.connection(settings.effective_database_url) as conn:
-        rows = conn.execute(
-            "SELECT id, content, embedding, embedding_model, embedding_hash, "
-            "embedding_source_hash FROM messages WHERE id = ANY(%s)",
-            (ids,),
-        ).fetchall()
-    return {int(r[0]): tuple(r[1:]) for r in rows}
-
-
-def assert_embedded(settings: Settings, ids: list[int], model: str) -> None:
-    """Every row carries the fake provider's vector of its current text, by `model`."""
-    rows = stored(settings, ids)
-    assert sorted(rows) == sorted(ids)
-    for row_id, (content, embedding, row_model, digest, _) in rows.items():
-        assert embedding is not None, f"row {row_id} has no vector"
-        np.testing.assert_allclose(embedding.to_numpy(), fake_vector(content), atol=1e-6)
-        assert row_model == model
-        assert digest == hashlib.sha256(content.encode()).hexdigest()
-
-
 # --- transient faults: one run rides them out ----------------------------------------------
 
 
 @pytest.mark.parametrize("provider", ["openai", "ollama"])
 def test_a_storm_of_429_and_500_is_ridden_out_by_one_run(
-    provider: str, faults_db: Settings, server: FaultServer, instance: dg.DagsterInstance
+    provider: str, faults_db: Settings, fault_server: FaultServer, instance: dg.DagsterInstance
 ) -> None:
     month = "2025-03-01" if provider == "openai" else "2025-04-01"
     ids = month_rows(faults_db, month, 160, f"storm {provider}")
-    server.configure(rate_429=0.3, rate_500=0.1, retry_after=0, retry_after_ms=20)
+    fault_server.configure(rate_429=0.3, rate_500=0.1, retry_after=0, retry_after_ms=20)
 
     result = materialize(
-        faults_db, resource(provider, server, batch_size=8, concurrency=4), month, instance
+        faults_db, resource(provider, fault_server, batch_size=8, concurrency=4), month, instance
     )
 
     assert result.success
-    counts = server.snapshot()
+    counts = fault_server.snapshot()
     assert counts.outcomes["429"] > 0 and counts.outcomes["500"] > 0, counts.outcomes
     assert_embedded(faults_db, ids, model_id(provider))
     texts = {content for content, *_ in stored(faults_db, ids).values()}
@@ -162,37 +79,37 @@ def test_a_storm_of_429_and_500_is_ridden_out_by_one_run(
 
 
 def test_refused_connections_resets_and_cut_off_answers_are_retried(
-    faults_db: Settings, server: FaultServer, instance: dg.DagsterInstance
+    faults_db: Settings, fault_server: FaultServer, instance: dg.DagsterInstance
 ) -> None:
     month = "2025-05-01"
     ids = month_rows(faults_db, month, 48, "connection faults")
-    server.configure(rate_reset=0.15, rate_cutoff=0.15, latency=0.02)
+    fault_server.configure(rate_reset=0.15, rate_cutoff=0.15, latency=0.02)
 
     def close_the_port_for_a_while(request_number: int) -> None:
         if request_number == 2:
-            server.down(0.3, mode="refuse")
+            fault_server.down(0.3, mode="refuse")
 
-    server.before_answer = close_the_port_for_a_while
+    fault_server.before_answer = close_the_port_for_a_while
 
     result = materialize(
-        faults_db, resource("ollama", server, batch_size=4, concurrency=2), month, instance
+        faults_db, resource("ollama", fault_server, batch_size=4, concurrency=2), month, instance
     )
 
     assert result.success
     assert_embedded(faults_db, ids, OLLAMA_ID)
-    counts = server.snapshot()
+    counts = fault_server.snapshot()
     assert counts.outcomes["reset"] + counts.outcomes["cutoff"] > 0, counts.outcomes
     assert counts.answered_more_than_once() == []
     # the server saw the resets and cut-offs; the refused connections it never saw
     assert metadata(result)["retries"] > counts.faults
 
 
-def test_retry_after_is_honoured(server: FaultServer) -> None:
-    server.configure(script=("429",), retry_after=1)
+def test_retry_after_is_honoured(fault_server: FaultServer) -> None:
+    fault_server.configure(script=("429",), retry_after=1)
     embedder = build_embedder(
         "openai",
         openai_api_key=SECRET,
-        openai_base_url=server.openai_base_url,
+        openai_base_url=fault_server.openai_base_url,
         dimensions=LOCAL_DIMENSION,
         retry=RetryPolicy(deadline_seconds=10, base_seconds=0.01),
     )
@@ -200,23 +117,23 @@ def test_retry_after_is_honoured(server: FaultServer) -> None:
     embedder.embed(["wait for me"])
     assert time.monotonic() - started >= 1.0
     assert embedder.retry_stats.retries == 1 and embedder.retry_stats.seconds_waited >= 1.0
-    assert dict(server.snapshot().outcomes) == {"429": 1, "200": 1}
+    assert dict(fault_server.snapshot().outcomes) == {"429": 1, "200": 1}
 
 
-def test_rate_limit_headers_slow_the_client_before_it_is_refused(server: FaultServer) -> None:
+def test_rate_limit_headers_slow_the_client_before_it_is_refused(fault_server: FaultServer) -> None:
     """The server grants 4 requests per 0.25 s and says so in x-ratelimit-*: the client
     waits for the reset each time the budget runs out, and is never answered 429."""
-    server.configure(requests_per_window=4, window_seconds=0.25)
+    fault_server.configure(requests_per_window=4, window_seconds=0.25)
     embedder = build_embedder(
         "openai",
         openai_api_key=SECRET,
-        openai_base_url=server.openai_base_url,
+        openai_base_url=fault_server.openai_base_url,
         dimensions=LOCAL_DIMENSION,
         retry=RetryPolicy(deadline_seconds=0),
     )
     for i in range(10):
         embedder.embed([f"budget {i}"])
-    assert dict(server.snapshot().outcomes) == {"200": 10}
+    assert dict(fault_server.snapshot().outcomes) == {"200": 10}
     assert embedder.stats.rate_limit_seconds > 0.25
 
 
@@ -235,25 +152,25 @@ def test_a_whole_provider_error_fails_the_run_fast_with_its_reason(
     status: int,
     reason: str,
     faults_db: Settings,
-    server: FaultServer,
+    fault_server: FaultServer,
     instance: dg.DagsterInstance,
 ) -> None:
     month = "2025-06-01" if provider == "openai" else "2025-07-01"
     ids = month_rows(faults_db, month, 8, f"refused {provider}")
-    server.configure(status=status, status_message=reason)
+    fault_server.configure(status=status, status_message=reason)
     before = stored(faults_db, ids)
 
     started = time.monotonic()
     result = materialize(
         faults_db,
-        resource(provider, server, retry_deadline_seconds=300.0),
+        resource(provider, fault_server, retry_deadline_seconds=300.0),
         month,
         instance,
     )
 
     assert not result.success
     assert time.monotonic() - started < 20  # not 300 s of retries
-    assert server.snapshot().requests == 1
+    assert fault_server.snapshot().requests == 1
     [failure] = result.get_step_failure_events()
     data = failure.step_failure_data
     description = data.user_failure_data.description if data.user_failure_data else ""
@@ -285,10 +202,10 @@ def run_cli(
 
 
 def test_materialize_answered_401_is_one_line_with_the_reason_and_no_key(
-    faults_db: Settings, server: FaultServer, run_cli: Callable[..., tuple[int, str, str]]
+    faults_db: Settings, fault_server: FaultServer, run_cli: Callable[..., tuple[int, str, str]]
 ) -> None:
     month_rows(faults_db, "2025-10-01", 4, "cli 401")
-    server.configure(status=401, status_message=f"Incorrect API key provided: {SECRET}")
+    fault_server.configure(status=401, status_message=f"Incorrect API key provided: {SECRET}")
     code, out, err = run_cli(
         "materialize",
         "--table",
@@ -297,7 +214,7 @@ def test_materialize_answered_401_is_one_line_with_the_reason_and_no_key(
         EP_EMBEDDING_PROVIDER="openai",
         EP_EMBEDDING_DIMENSIONS="384",
         OPENAI_API_KEY=SECRET,
-        OPENAI_BASE_URL=server.openai_base_url,
+        OPENAI_BASE_URL=fault_server.openai_base_url,
     )
     assert code == 2
     last = err.splitlines()[-1]
@@ -308,7 +225,7 @@ def test_materialize_answered_401_is_one_line_with_the_reason_and_no_key(
 
 def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
     fresh_database_url: str,
-    server: FaultServer,
+    fault_server: FaultServer,
     instance: dg.DagsterInstance,
     run_cli: Callable[..., tuple[int, str, str]],
 ) -> None:
@@ -319,8 +236,8 @@ def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
     with db.connection(fresh_database_url) as conn:
         conn.execute("UPDATE messages SET content = 'POISON: refuse me' WHERE id = %s", (bad,))
         conn.commit()
-    server.configure(poison=("POISON",))
-    embedder = resource("openai", server, batch_size=16)
+    fault_server.configure(poison=("POISON",))
+    embedder = resource("openai", fault_server, batch_size=16)
     spec = settings.tables["messages"]
 
     first = materialize(settings, embedder, month, instance)
@@ -342,11 +259,11 @@ def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
     [line] = [line for line in out.splitlines() if line.startswith("messages")]
     assert line.split()[:3] == ["messages", str(bad), "1"] and "HTTP 400" in line
 
-    sent_in_first_run = server.snapshot().received["POISON: refuse me"]
+    sent_in_first_run = fault_server.snapshot().received["POISON: refuse me"]
     for _ in range(2):
         assert materialize(settings, embedder, month, instance).success
     # tried again alone by each of the next two runs: 3 attempts in all ...
-    assert server.snapshot().received["POISON: refuse me"] - sent_in_first_run == 2
+    assert fault_server.snapshot().received["POISON: refuse me"] - sent_in_first_run == 2
     with db.connection(fresh_database_url) as conn:
         [record] = row_errors.list_errors(conn, [spec])
     assert record.attempts == 3 and record.next_attempt_at is None
@@ -371,11 +288,11 @@ def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
     assert (missing.severity, missing.metadata["missing_pending"]) == ("WARN", 0)
     assert missing.metadata["missing_failed"] == 1
 
-    server.reset_counts()
+    fault_server.reset_counts()
     # ... and then never again
     fourth = materialize(settings, embedder, month, instance)
     assert fourth.success and metadata(fourth)["provider_requests"] == 0
-    assert server.snapshot().requests == 0
+    assert fault_server.snapshot().requests == 0
     code, out, _ = run_cli("errors", "list", "--json", DATABASE_URL=fresh_database_url)
     [listed] = json.loads(out)
     assert (listed["id"], listed["attempts"], listed["next_attempt_at"]) == (bad, 3, None)
@@ -389,7 +306,7 @@ def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
     assert_embedded(settings, ids, OPENAI_ID)
     with db.connection(fresh_database_url) as conn:
         assert row_errors.list_errors(conn, [spec]) == []
-    assert server.snapshot().received == {"a harmless text": 1}
+    assert fault_server.snapshot().received == {"a harmless text": 1}
 
 
 @pytest.mark.parametrize(("provider", "limit"), [("openai", 8191), ("ollama", 2048)])
@@ -397,7 +314,7 @@ def test_a_1_mb_text_is_cut_to_the_model_limit_and_keeps_its_full_hash(
     provider: str,
     limit: int,
     faults_db: Settings,
-    server: FaultServer,
+    fault_server: FaultServer,
     instance: dg.DagsterInstance,
 ) -> None:
     month = "2025-08-01" if provider == "openai" else "2025-09-01"
@@ -408,12 +325,12 @@ def test_a_1_mb_text_is_cut_to_the_model_limit_and_keeps_its_full_hash(
         conn.commit()
     cut = text.encode()[:limit].decode("utf-8", "ignore")
 
-    result = materialize(faults_db, resource(provider, server), month, instance)
+    result = materialize(faults_db, resource(provider, fault_server), month, instance)
 
     assert result.success
     meta = metadata(result)
     assert (meta["rows_embedded"], meta["rows_truncated"], meta["rows_failed"]) == (1, 1, 0)
-    assert server.snapshot().received == {cut: 1}  # the server refuses anything over 32 KB
+    assert fault_server.snapshot().received == {cut: 1}  # the server refuses anything over 32 KB
     _, embedding, model, digest, source = stored(faults_db, [row])[row]
     np.testing.assert_allclose(embedding.to_numpy(), fake_vector(cut), atol=1e-6)
     assert model == model_id(provider)
