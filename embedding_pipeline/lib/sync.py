@@ -286,14 +286,25 @@ def sync_embeddings(
     session = _Session(conn, reconnect, options.reconnect_seconds, result)
     try:
         if result.pending_at_start:
-            dropped_at = time.monotonic()
-            bulk = index is not None and _start_bulk_load(
-                session.conn, spec, index, result.pending_at_start
-            )
+            dropped_at = 0.0
             if index is not None:
-                result.index_strategy = "built after load" if bulk else "incremental"
+                result.index_strategy = "incremental"
+
+            def start_bulk_load(conn: psycopg.Connection) -> None:
+                # only once the provider has answered: a run that cannot embed (provider
+                # down) must not drop the index and rebuild it as it fails, run after run
+                nonlocal bulk, dropped_at
+                assert index is not None
+                dropped_at = time.monotonic()
+                bulk = _start_bulk_load(conn, spec, index, result.pending_at_start)
+                if bulk:
+                    result.index_strategy = "built after load"
+
+            pipeline = _Pipeline(session, spec, embedder, window, options, on_progress, result)
+            if index is not None:
+                pipeline.before_first_write = start_bulk_load
             try:
-                _Pipeline(session, spec, embedder, window, options, on_progress, result).run()
+                pipeline.run()
             finally:
                 if bulk:
                     assert index is not None
@@ -422,6 +433,8 @@ class _Pipeline:
         self.after = -(2**63)
         self.exhausted = False
         self.fatal: BaseException | None = None
+        #: Called once, on the session's connection, before the first vectors are written.
+        self.before_first_write: Callable[[psycopg.Connection], None] | None = None
         self.namespace = lock_namespace(spec)
         self._statements(window)
         session.on_reconnect = self._after_reconnect
@@ -576,6 +589,10 @@ class _Pipeline:
     # --- write ------------------------------------------------------------------------
 
     def _write(self, request: _Request, vectors: np.ndarray) -> None:
+        if self.before_first_write is not None:
+            first, self.before_first_write = self.before_first_write, None
+            self.session.run(first)
+
         def op(conn: psycopg.Connection) -> int:
             with self._transaction(conn):
                 with conn.cursor().copy(
