@@ -32,6 +32,19 @@ SAMPLE_DIR = Path(__file__).parent / "sample_data"
 DEMO_QUESTION = "Why did the deployment fail on Friday?"
 #: The project-local Dagster instance (SQLite in DAGSTER_HOME); production uses deploy/.
 LOCAL_INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
+#: Runs launched by the daemon (sensor, schedule, backfill, UI) that fail, say while the
+#: provider is down past EP_RETRY_DEADLINE_SECONDS, are launched again (their committed
+#: batches stay); at most two runs at once per provider pool (`embeddings_<provider>`).
+#: docs/operations.md, "Provider faults".
+LOCAL_INSTANCE_CONFIG += """\
+run_retries:
+  enabled: true
+  max_retries: 3
+concurrency:
+  pools:
+    granularity: run
+    default_limit: 2
+"""
 
 
 class CliError(RuntimeError):
