@@ -194,3 +194,28 @@ def test_a_run_that_cannot_reach_its_provider_leaves_the_index_alone(
     assert not result.success
     assert index_oid(settings) == before
     assert hnsw_state(settings) == "valid"
+
+
+@pytest.mark.parametrize(("new_rows", "strategy"), [(40, "incremental"), (200, "bulk load")])
+def test_a_run_failing_on_its_provider_still_builds_a_missing_index(
+    new_rows: int,
+    strategy: str,
+    pg: EmbeddedPostgres,
+    fault_server: FaultServer,
+    instance: dg.DagsterInstance,
+) -> None:
+    """A column with vectors whose index a killed bulk load left missing: the next run
+    builds it even when it cannot embed (the provider still down), whether it would have
+    loaded incrementally or as a bulk load."""
+    settings, _ = prepared(pg, f"missing_index_{new_rows}", 50)
+    embedder = resource("openai", fault_server, retry_deadline_seconds=0.5)
+    assert materialize(settings, embedder, MONTH, instance).success
+    with db.connection(settings.effective_database_url, autocommit=True) as conn:
+        conn.execute(f"DROP INDEX {hnsw_index_name(settings.tables['messages'])}")
+    month_rows(settings, MONTH, new_rows, f"more {strategy}")
+    fault_server.down()
+
+    result = materialize(settings, embedder, MONTH, instance)
+
+    assert not result.success
+    assert hnsw_state(settings) == "valid"
