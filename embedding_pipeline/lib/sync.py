@@ -32,6 +32,7 @@ by row costs several times more than building it once (docs/operations.md has th
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections import deque
@@ -305,6 +306,12 @@ def sync_embeddings(
                 pipeline.before_first_write = start_bulk_load
             try:
                 pipeline.run()
+            except Exception:
+                if index is not None and not bulk and not session.lost:
+                    # a run that cannot embed (provider down) still leaves the column indexed
+                    with contextlib.suppress(psycopg.Error):
+                        _build_missing_index(session.conn, spec, index)
+                raise
             finally:
                 if bulk:
                     assert index is not None
