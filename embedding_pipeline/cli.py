@@ -181,12 +181,20 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
         results = materialize_all(settings, only=args.table or None)
     except RunFailed as exc:
         raise CliError(str(exc)) from None
+    failed = 0
     for name, metadata in results.items():
+        failed += metadata["rows_failed"]
         print(
             f"  {name:<20} embedded {metadata['rows_embedded']:>6}, up to date "
             f"{metadata['rows_skipped_up_to_date']:>6}, {metadata['seconds']:.2f}s"
+            + (f", failed {metadata['rows_failed']}" if metadata["rows_failed"] else "")
         )
     print(f"materialized in {time.monotonic() - started:.1f}s")
+    if failed:
+        print(
+            f"{failed} row(s) refused by the provider are recorded in the errors table: "
+            "`embedding-pipeline errors list`"
+        )
     return 0
 
 

@@ -201,21 +201,39 @@ def run_cli(
     return run
 
 
-def test_materialize_answered_401_is_one_line_with_the_reason_and_no_key(
+def test_materialize_names_refused_rows_and_fails_on_a_401_in_one_line_without_the_key(
     faults_db: Settings, fault_server: FaultServer, run_cli: Callable[..., tuple[int, str, str]]
 ) -> None:
-    month_rows(faults_db, "2025-10-01", 4, "cli 401")
-    fault_server.configure(status=401, status_message=f"Incorrect API key provided: {SECRET}")
-    code, out, err = run_cli(
-        "materialize",
-        "--table",
-        "messages",
-        DATABASE_URL=faults_db.effective_database_url,
-        EP_EMBEDDING_PROVIDER="openai",
-        EP_EMBEDDING_DIMENSIONS="384",
-        OPENAI_API_KEY=SECRET,
-        OPENAI_BASE_URL=fault_server.openai_base_url,
+    """`embedding-pipeline materialize` as a user runs it: a refused row is named and the
+    command succeeds; a key refused by the provider fails it with the reason, no key."""
+    env = {
+        "DATABASE_URL": faults_db.effective_database_url,
+        "EP_EMBEDDING_PROVIDER": "openai",
+        "EP_EMBEDDING_DIMENSIONS": "384",
+        "OPENAI_API_KEY": SECRET,
+        "OPENAI_BASE_URL": fault_server.openai_base_url,
+    }
+    [*_, bad] = month_rows(faults_db, "2025-10-01", 4, "cli")
+    with db.connection(faults_db.effective_database_url) as conn:
+        conn.execute("UPDATE messages SET content = 'POISON for the CLI' WHERE id = %s", (bad,))
+        conn.commit()
+    fault_server.configure(poison=("POISON",))
+
+    code, out, err = run_cli("materialize", "--table", "messages", **env)
+
+    assert (code, out.splitlines()[-1]) == (
+        0,
+        "1 row(s) refused by the provider are recorded in the errors table: "
+        "`embedding-pipeline errors list`",
     )
+    assert out.splitlines()[0].endswith(", failed 1")
+    assert SECRET not in out + err
+
+    month_rows(faults_db, "2025-11-01", 4, "cli 401")
+    fault_server.configure(status=401, status_message=f"Incorrect API key provided: {SECRET}")
+
+    code, out, err = run_cli("materialize", "--table", "messages", **env)
+
     assert code == 2
     last = err.splitlines()[-1]
     assert last.startswith("error: materializing embeddings failed: ")
