@@ -121,9 +121,9 @@ def test_retry_after_is_honoured(fault_server: FaultServer) -> None:
 
 
 def test_rate_limit_headers_slow_the_client_before_it_is_refused(fault_server: FaultServer) -> None:
-    """The server grants 4 requests per 0.25 s and says so in x-ratelimit-*: the client
-    waits for the reset each time the budget runs out, and is never answered 429."""
-    fault_server.configure(requests_per_window=4, window_seconds=0.25)
+    """The server grants 3 requests a second and says so in x-ratelimit-*: the client
+    waits for the reset once the budget is spent, and is never answered 429."""
+    fault_server.configure(requests_per_window=3, window_seconds=1.0)
     embedder = build_embedder(
         "openai",
         openai_api_key=SECRET,
@@ -131,10 +131,11 @@ def test_rate_limit_headers_slow_the_client_before_it_is_refused(fault_server: F
         dimensions=LOCAL_DIMENSION,
         retry=RetryPolicy(deadline_seconds=0),
     )
-    for i in range(10):
+    for i in range(6):
         embedder.embed([f"budget {i}"])
-    assert dict(fault_server.snapshot().outcomes) == {"200": 10}
-    assert embedder.stats.rate_limit_seconds > 0.25
+    assert dict(fault_server.snapshot().outcomes) == {"200": 6}
+    # the wait for the reset: a second less the time the first three requests took
+    assert embedder.stats.rate_limit_seconds > 0.3
 
 
 # --- the provider refuses: fast failure, or one row isolated --------------------------------
