@@ -139,6 +139,12 @@ def run(
     )
 
 
+def _instance(home: Path) -> dg.DagsterInstance:
+    """A Dagster instance in `home` configured as the project-local one."""
+    (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG)
+    return dg.DagsterInstance.from_config(str(home))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
@@ -149,12 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
-    home = Path(tempfile.mkdtemp(prefix="ep-faults-dagster-"))
-    (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG)
     with (
+        tempfile.TemporaryDirectory(prefix="ep-faults-dagster-") as home,
         temporary_server("ep-bench-faults-") as pg,
         FaultServer(Faults(max_input_tokens=8192), dimension=DIMENSION, seed=args.seed) as server,
-        dg.DagsterInstance.from_config(str(home)) as instance,
+        _instance(Path(home)) as instance,
     ):
         pg.ensure_database("bench")
         url = pg.url("bench")
