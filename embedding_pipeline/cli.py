@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,19 +18,33 @@ from embedding_pipeline.lib import db
 from embedding_pipeline.lib.conninfo import redact
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, EmbeddedServerError
-from embedding_pipeline.lib.schema import SchemaError, relation_exists
+from embedding_pipeline.lib.schema import ERRORS_TABLE, SchemaError, relation_exists
 from embedding_pipeline.lib.telegram import InputFileError
 from embedding_pipeline.search.errors import SearchError
 from embedding_pipeline.search.filters import FILTER_NAMES
-from embedding_pipeline.settings import PROJECT_ROOT, Settings, load_settings
+from embedding_pipeline.settings import PROJECT_ROOT, Settings, TableSpec, load_settings
 
 if TYPE_CHECKING:
+    from embedding_pipeline.lib.engine.errors import ErrorRecord
     from embedding_pipeline.search import Hit
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 DEMO_QUESTION = "Why did the deployment fail on Friday?"
 #: The project-local Dagster instance (SQLite in DAGSTER_HOME); production uses deploy/.
 LOCAL_INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
+#: Runs launched by the daemon (sensor, schedule, backfill, UI) that fail, say while the
+#: provider is down past EP_RETRY_DEADLINE_SECONDS, are launched again (their committed
+#: batches stay); at most two runs at once per provider pool (`embeddings_<provider>`).
+#: docs/operations.md, "Provider faults".
+LOCAL_INSTANCE_CONFIG += """\
+run_retries:
+  enabled: true
+  max_retries: 3
+concurrency:
+  pools:
+    granularity: run
+    default_limit: 2
+"""
 
 
 class CliError(RuntimeError):
@@ -166,12 +181,20 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
         results = materialize_all(settings, only=args.table or None)
     except RunFailed as exc:
         raise CliError(str(exc)) from None
+    failed = 0
     for name, metadata in results.items():
+        failed += metadata["rows_failed"]
         print(
             f"  {name:<20} embedded {metadata['rows_embedded']:>6}, up to date "
             f"{metadata['rows_skipped_up_to_date']:>6}, {metadata['seconds']:.2f}s"
+            + (f", failed {metadata['rows_failed']}" if metadata["rows_failed"] else "")
         )
     print(f"materialized in {time.monotonic() - started:.1f}s")
+    if failed:
+        print(
+            f"{failed} row(s) refused by the provider are recorded in the errors table: "
+            "`embedding-pipeline errors list`"
+        )
     return 0
 
 
@@ -429,6 +452,113 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _row_ids(args: argparse.Namespace) -> list[int] | None:
+    """The row ids named on the command line, or None for `--all`; exactly one of them."""
+    if args.all and args.ids:
+        raise CliError(f"errors {args.action}: name row ids or --all, not both")
+    if args.all:
+        return None
+    if not args.ids:
+        raise CliError(f"errors {args.action}: name the row ids (see `errors list`) or --all")
+    ids = []
+    for text in args.ids:
+        try:
+            ids.append(int(text))
+        except ValueError:
+            raise CliError(f"errors {args.action}: {text!r} is not a row id") from None
+    return ids
+
+
+def _next_try(record: ErrorRecord, now: datetime) -> str:
+    if record.next_attempt_at is None:
+        return "given up"
+    if record.next_attempt_at <= now:
+        return "due now"
+    return record.next_attempt_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _print_errors(records: Sequence[ErrorRecord], now: datetime) -> None:
+    if not records:
+        print("no failed rows")
+        return
+    print(f"{'table':<10} {'id':>10} {'attempts':>8}  {'next try':<23}  reason")
+    for r in records:
+        print(
+            f"{r.table:<10} {r.row_id:>10} {r.attempts:>8}  {_next_try(r, now):<23}  "
+            f"{' '.join(r.message.split())}"
+        )
+    print(
+        f"{len(records)} failed row(s); `embedding-pipeline errors retry --all` has the next "
+        "run try them again, `errors clear --all` forgets them"
+    )
+
+
+def _error_targets(
+    conn: psycopg.Connection, specs: Sequence[TableSpec], ids: list[int] | None, action: str
+) -> list[tuple[TableSpec, list[int] | None]]:
+    """(table, its row ids or None for all) to act on; every id must be recorded for
+    exactly one of `specs`' tables."""
+    from embedding_pipeline.lib.engine.errors import list_errors
+
+    if ids is None:
+        return [(spec, None) for spec in specs]
+    found: dict[str, list[int]] = {}
+    for record in list_errors(conn, specs, ids=ids):
+        found.setdefault(record.table, []).append(record.row_id)
+    tables_of = {i: [t for t, rows in found.items() if i in rows] for i in ids}
+    missing = [str(i) for i, tables in tables_of.items() if not tables]
+    if missing:
+        raise CliError(
+            f"errors {action}: no failed row with id {', '.join(missing)} in "
+            f"{', '.join(s.table for s in specs)} (see `errors list`)"
+        )
+    shared = [f"{i} ({', '.join(t)})" for i, t in tables_of.items() if len(t) > 1]
+    if shared:
+        raise CliError(
+            f"errors {action}: id {'; '.join(shared)} is recorded for more than one table; "
+            "name one with --table"
+        )
+    return [(spec, found[spec.table]) for spec in specs if spec.table in found]
+
+
+def cmd_errors(args: argparse.Namespace, settings: Settings) -> int:
+    """Rows the provider refused (the errors table): list them, make them due again, or
+    forget them."""
+    import json
+
+    from embedding_pipeline.lib.engine import errors as row_errors
+
+    url = _require_schema(settings)
+    specs = [settings.tables[key] for key in (args.table or settings.tables)]
+    with db.connection(url, vector=False) as conn:
+        if not relation_exists(conn, ERRORS_TABLE):
+            raise CliError(
+                f"the database has no table {ERRORS_TABLE} yet; run `embedding-pipeline schema`"
+            )
+        if args.action == "list":
+            records = row_errors.list_errors(conn, specs)
+            if args.json:
+                print(json.dumps([r.as_dict() for r in records], indent=2, ensure_ascii=False))
+            else:
+                _print_errors(records, datetime.now(UTC))
+            return 0
+        targets = _error_targets(conn, specs, _row_ids(args), args.action)
+        for spec, ids in targets:
+            if args.action == "retry":
+                count = row_errors.retry_now(conn, [spec], ids)
+                print(f"{spec.table}: {count} row(s) due again, attempts reset")
+            else:
+                count = row_errors.clear_errors(conn, [spec], ids)
+                print(f"{spec.table}: {count} record(s) removed; the rows are pending again")
+        conn.commit()  # the look-up above opened a transaction: the changes were nested in it
+    if args.action == "retry":
+        print(
+            "the next run tries them: `embedding-pipeline materialize`, or launch their "
+            "partitions in the Dagster UI"
+        )
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -509,6 +639,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=_positive)
     m.add_argument("--abort", action="store_true", help="discard a switch in progress")
     m.set_defaults(func=cmd_model_switch)
+
+    p = sub.add_parser("errors", help="rows the provider refused: list, retry or clear them")
+    errors_sub = p.add_subparsers(dest="action", required=True)
+    e = errors_sub.add_parser("list", help="each failed row: table, id, attempts, next try, reason")
+    e.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_errors)
+    for action, what in (
+        ("retry", "make failed rows due at the next run, with a fresh attempt count"),
+        ("clear", "forget failed rows: the next run embeds them like new rows"),
+    ):
+        e = errors_sub.add_parser(action, help=what)
+        e.add_argument("ids", nargs="*", metavar="ID", help="row ids (see `errors list`)")
+        e.add_argument("--all", action="store_true", help="every failed row of the tables")
+        e.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+        e.set_defaults(func=cmd_errors)
 
     p = sub.add_parser("demo", help="sample data in, embeddings out, a search printed")
     p.add_argument("--question", default=DEMO_QUESTION)

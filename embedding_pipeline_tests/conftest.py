@@ -23,6 +23,7 @@ from embedding_pipeline.lib.schema import ensure_schema
 from embedding_pipeline.lib.telegram import load_export, load_extraction
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.fault_server import Faults, FaultServer
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = Path(__file__).parent.parent / "embedding_pipeline" / "sample_data"
@@ -122,3 +123,11 @@ def instance() -> Iterator[dg.DagsterInstance]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def fault_server() -> Iterator[FaultServer]:
+    """A provider speaking the OpenAI and Ollama protocols (no faults until configured;
+    inputs over 8,192 tokens refused, as OpenAI does)."""
+    with FaultServer(Faults(max_input_tokens=8192)) as server:
+        yield server

@@ -37,6 +37,20 @@ def test_definitions_module_loads_every_asset_and_resource():
     assert set(defs.resources) >= {"postgres", "embedder"}
 
 
+@pytest.mark.parametrize("provider", ["local", "openai", "ollama"])
+def test_embedding_assets_are_in_their_providers_concurrency_pool(provider: str) -> None:
+    """The instance's `concurrency: pools:` limit caps the runs calling one provider; the
+    source assets and the checks take no slot."""
+    from embedding_pipeline.definitions import build_definitions
+
+    settings = load_settings({"EP_EMBEDDING_PROVIDER": provider, "EP_EMBEDDING_DIMENSIONS": "384"})
+    defs = build_definitions(settings)
+    for spec in settings.tables.values():
+        assert defs.get_assets_def(spec.asset_name).op.pool == f"embeddings_{provider}"
+        assert defs.get_assets_def(spec.source_asset_name).op.pool is None
+    assert all(c.node_def.pool is None for c in defs.asset_checks or [])
+
+
 def test_openai_key_is_wired_as_an_environment_reference():
     from embedding_pipeline.definitions import build_resources
 

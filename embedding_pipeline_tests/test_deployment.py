@@ -22,13 +22,14 @@ from urllib.parse import urlsplit
 import dagster as dg
 import pytest
 import yaml
-from dagster._core.instance.config import dagster_instance_config
+from dagster._core.instance.config import PoolGranularity, dagster_instance_config
 from dagster._core.launcher import DefaultRunLauncher
 from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._core.workspace.config_schema import ensure_workspace_config
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
 from embedding_pipeline import definitions, settings
+from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import PROVIDERS
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres
@@ -321,11 +322,11 @@ def test_dagster_yaml_runs_on_real_postgres(
         assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
         assert isinstance(instance.run_launcher, DefaultRunLauncher)
-        coordinator = instance.run_coordinator
-        assert isinstance(coordinator, QueuedRunCoordinator)
-        queue = coordinator.get_run_queue_config()
-        assert queue.max_concurrent_runs > 0
+        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue is not None and queue.max_concurrent_runs > 0
         assert any(limit["key"] == "dagster/backfill" for limit in queue.tag_concurrency_limits)
+        assert_retries_and_pools(instance, default_limit=3)
 
         result = dg.materialize([deployment_probe], instance=instance)
         assert result.success
@@ -333,3 +334,22 @@ def test_dagster_yaml_runs_on_real_postgres(
         assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
         event = instance.get_latest_materialization_event(dg.AssetKey("deployment_probe"))
         assert event is not None and event.run_id == result.run_id
+
+
+def assert_retries_and_pools(instance: dg.DagsterInstance, *, default_limit: int) -> None:
+    """Failed runs are retried by the daemon, and the provider pools hold `default_limit`
+    runs at once each, counted per run (a run of three embedding assets is one)."""
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 3
+    assert instance.run_retries_retry_on_asset_or_op_failure  # a provider outage is a step failure
+    pools = instance.get_concurrency_config().pool_config
+    assert pools.default_pool_limit == default_limit
+    assert pools.pool_granularity == PoolGranularity.RUN
+
+
+def test_the_local_instance_config_retries_runs_and_limits_pools(tmp_path: Path) -> None:
+    """What `embedding-pipeline` and `make dev` write into .dagster_home/dagster.yaml."""
+    (tmp_path / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG)
+    dagster_instance_config(str(tmp_path))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        assert_retries_and_pools(instance, default_limit=2)

@@ -4,7 +4,6 @@ Dagster run that writes the vectors into the test database or fails without writ
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -29,6 +28,7 @@ from embedding_pipeline.lib.engine.retry import RetryPolicy
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.fault_server import b64, fake_vector
 
 SECRET = "sk-test-SECRET123"
 OPENAI_MODEL = "text-embedding-3-small"
@@ -37,17 +37,6 @@ DIM = 384  # the test schema's vector(384)
 
 
 # --- a fake provider: deterministic vectors, answers in each protocol ----------------------
-
-
-def fake_vector(text: str, dim: int = DIM) -> np.ndarray:
-    """A unit vector that depends only on `text` (and `dim`)."""
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-    return vector / np.linalg.norm(vector)
-
-
-def b64(vector: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 def json_response(body: Any, status: int = 200) -> Response:

@@ -32,6 +32,7 @@ by row costs several times more than building it once (docs/operations.md has th
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections import deque
@@ -309,20 +310,36 @@ def sync_embeddings(
     session = _Session(conn, reconnect, options.reconnect_seconds, result)
     try:
         if result.pending_at_start:
-            dropped_at = time.monotonic()
-            bulk = index is not None and _start_bulk_load(
-                session.conn, spec, index, result.pending_at_start
-            )
+            dropped_at = 0.0
             if index is not None:
-                result.index_strategy = "built after load" if bulk else "incremental"
+                result.index_strategy = "incremental"
+
+            def start_bulk_load(conn: psycopg.Connection) -> None:
+                # only once the provider has answered: a run that cannot embed (provider
+                # down) must not drop the index and rebuild it as it fails, run after run
+                nonlocal bulk, dropped_at
+                assert index is not None
+                dropped_at = time.monotonic()
+                bulk = _start_bulk_load(conn, spec, index, result.pending_at_start)
+                if bulk:
+                    result.index_strategy = "built after load"
+
+            pipeline = _Pipeline(session, spec, embedder, window, options, on_progress, result)
+            if index is not None:
+                pipeline.before_first_write = start_bulk_load
             try:
-                _Pipeline(session, spec, embedder, window, options, on_progress, result).run()
-            except BaseException:
-                if bulk and not session.lost:
+                pipeline.run()
+            except Exception:
+                if not session.lost and bulk:
                     # the retried run inserts into the rebuilt index instead of dropping it
-                    # again: an error storm must not cost a rebuild per attempt
-                    with session.conn.transaction():
+                    # again: a failure after the provider answered must not cost a rebuild
+                    # per attempt
+                    with contextlib.suppress(psycopg.Error), session.conn.transaction():
                         set_state(session.conn, _bulk_failed_key(spec), "failed")
+                if index is not None and not bulk and not session.lost:
+                    # a run that cannot embed (provider down) still leaves the column indexed
+                    with contextlib.suppress(psycopg.Error):
+                        _build_missing_index(session.conn, spec, index)
                 raise
             finally:
                 if bulk:
@@ -452,6 +469,8 @@ class _Pipeline:
         self.after = -(2**63)
         self.exhausted = False
         self.fatal: BaseException | None = None
+        #: Called once, on the session's connection, before the first vectors are written.
+        self.before_first_write: Callable[[psycopg.Connection], None] | None = None
         self.namespace = lock_namespace(spec)
         self._statements(window)
         session.on_reconnect = self._after_reconnect
@@ -606,6 +625,10 @@ class _Pipeline:
     # --- write ------------------------------------------------------------------------
 
     def _write(self, request: _Request, vectors: np.ndarray) -> None:
+        if self.before_first_write is not None:
+            first, self.before_first_write = self.before_first_write, None
+            self.session.run(first)
+
         def op(conn: psycopg.Connection) -> int:
             with self._transaction(conn):
                 with conn.cursor().copy(

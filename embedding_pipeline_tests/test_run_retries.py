@@ -1,0 +1,180 @@
+"""A provider down for a while, then back: the real `dagster-daemon` runs the extraction
+sensor against the test database and a provider (the fault server) that answers 503; the
+sensor's run fails once its requests pass the retry deadline, the daemon retries it as the
+project-local instance config says (`cli.LOCAL_INSTANCE_CONFIG`), and the retry, with the
+provider back, embeds every row. Nobody acts in between."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._core.scheduler.instigation import InstigatorType
+
+from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.pgserver import EmbeddedPostgres
+from embedding_pipeline.sensors import SENSOR_NAME
+from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.conftest import create_database
+from embedding_pipeline_tests.fault_helpers import OPENAI_ID, SECRET, assert_embedded, schema_for
+from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline_tests.incremental_helpers import add_extraction, insert_messages
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+#: Test pace only: the queue and the retry daemon look every second instead of every five.
+QUICK_DAEMONS = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+"""
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], seconds: float, log: Path) -> T:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = probe()
+        if found is not None:
+            return found
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}; daemon log ends:\n{tail}")
+
+
+@pytest.fixture
+def daemon_home(tmp_path: Path) -> Path:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG + QUICK_DAEMONS)
+    # create the SQLite storages now: the daemon and this test opening a new instance at
+    # the same moment would both try to create them
+    dg.DagsterInstance.from_config(str(home)).dispose()
+    return home
+
+
+@pytest.fixture
+def daemon(
+    pg_server: EmbeddedPostgres, fault_server: FaultServer, daemon_home: Path, tmp_path: Path
+) -> Iterator[tuple[str, Path]]:
+    """`dagster-daemon run` (own process group) on a workspace loading this project with
+    the test database and the fault server as OpenAI; yields (database URL, log file)."""
+    url = create_database(pg_server, "run_retries")
+    schema_for(url)
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(
+        yaml.safe_dump(
+            {
+                "load_from": [
+                    {
+                        "python_module": {
+                            "module_name": "embedding_pipeline.definitions",
+                            "working_directory": str(ROOT),
+                        }
+                    }
+                ]
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(daemon_home),
+        "DATABASE_URL": url,
+        "EP_EMBEDDING_PROVIDER": "openai",
+        "EP_EMBEDDING_DIMENSIONS": "384",
+        "OPENAI_API_KEY": SECRET,
+        "OPENAI_BASE_URL": fault_server.openai_base_url,
+        "EP_RETRY_DEADLINE_SECONDS": "2",
+        "EP_SENSOR_INTERVAL_SECONDS": "1",
+        "DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield url, log
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def test_a_sensor_run_failed_by_a_provider_outage_is_retried_until_every_row_is_embedded(
+    daemon: tuple[str, Path], daemon_home: Path, fault_server: FaultServer
+) -> None:
+    url, log = daemon
+    fault_server.down()  # 503 for every request until up()
+    with dg.DagsterInstance.from_config(str(daemon_home)) as instance:
+
+        def sensor_started() -> bool | None:
+            states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+            started = any(
+                s.instigator_name == SENSOR_NAME and s.instigator_data.cursor  # type: ignore[union-attr]
+                for s in states
+            )
+            return True if started else None
+
+        wait_for("the sensor's first tick", sensor_started, 120, log)
+        with db.connection(url) as conn:
+            extraction = add_extraction(conn, "outage")
+            start = datetime(2025, 3, 1, tzinfo=UTC)
+            ids = insert_messages(
+                conn,
+                [start + timedelta(hours=i) for i in range(12)],
+                extraction_id=extraction,
+                prefix="outage",
+            )
+
+        def runs(status: dg.DagsterRunStatus) -> list[dg.DagsterRun] | None:
+            found = instance.get_runs(
+                filters=dg.RunsFilter(statuses=[status], tags={"dagster/sensor_name": SENSOR_NAME})
+            )
+            return list(found) or None
+
+        [failed] = wait_for(
+            "the sensor's run to fail", lambda: runs(dg.DagsterRunStatus.FAILURE), 120, log
+        )
+        assert fault_server.snapshot().outcomes["503"] >= 2  # it retried before it gave up
+        fault_server.up()
+
+        [succeeded] = wait_for(
+            "the retried run to succeed", lambda: runs(dg.DagsterRunStatus.SUCCESS), 120, log
+        )
+
+        assert succeeded.parent_run_id == failed.run_id
+        assert succeeded.tags["dagster/retry_number"] == "1"
+        assert succeeded.tags["dagster/partition"] == "2025-03-01"
+        failure = instance.get_records_for_run(
+            failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+        ).records
+        [event] = [r.event_log_entry.dagster_event for r in failure]
+        assert event is not None
+        reason = event.step_failure_data.user_failure_data
+        assert reason is not None and "HTTP 503" in (reason.description or "")
+        assert "EP_RETRY_DEADLINE_SECONDS" in (reason.description or "")
+    assert_embedded(Settings(database_url=url), ids, OPENAI_ID)
+    assert fault_server.snapshot().answered_more_than_once() == []
