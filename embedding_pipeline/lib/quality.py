@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr, text_expr
-from embedding_pipeline.lib.engine.errors import blocked_expr
+from embedding_pipeline.lib.engine.errors import recorded_expr
 from embedding_pipeline.lib.schema import vector_column_dimension
 from embedding_pipeline.lib.sync import Window
 from embedding_pipeline.settings import TableSpec
@@ -135,7 +135,8 @@ def count_missing(
     """
     emb = sql.Identifier("t", spec.embedding_column)
     where, params = window.clause(spec, "t") if window is not None else (sql.SQL("FALSE"), {})
-    failed = blocked_expr(spec, model_id)
+    # the same rows no_failed_rows counts, due for another try or not
+    failed = recorded_expr(spec, model_id)
     with _own_transaction(conn):
         row = conn.execute(
             sql.SQL(

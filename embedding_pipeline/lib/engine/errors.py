@@ -87,13 +87,15 @@ def _same_text(spec: TableSpec) -> sql.Composed:
     )
 
 
-def blocked_expr(spec: TableSpec, model_id: str, alias: str = "t") -> sql.Composable:
-    """True for a row of `spec` whose current text failed with `model_id` and is not due
-    for another try yet."""
+def recorded_expr(
+    spec: TableSpec, model_id: str, alias: str = "t", *, waiting_only: bool = False
+) -> sql.Composable:
+    """True for a row of `spec` whose current text is recorded as failed with `model_id`;
+    with `waiting_only`, only while it is not due for another try yet."""
     return sql.SQL(
         "EXISTS (SELECT 1 FROM {errors} e WHERE e.table_name = {table} "
         "AND e.column_name = {column} AND e.row_id = {id} AND e.model_id = {model} "
-        "AND e.source_hash IS NOT DISTINCT FROM {source} AND e.next_attempt_at > now())"
+        "AND e.source_hash IS NOT DISTINCT FROM {source}{waiting})"
     ).format(
         errors=_table(),
         table=sql.Literal(spec.table),
@@ -101,7 +103,14 @@ def blocked_expr(spec: TableSpec, model_id: str, alias: str = "t") -> sql.Compos
         id=sql.Identifier(alias, spec.id_column),
         model=sql.Literal(model_id),
         source=sql.Identifier(alias, spec.source_hash_column),
+        waiting=sql.SQL(" AND e.next_attempt_at > now()") if waiting_only else sql.SQL(""),
     )
+
+
+def blocked_expr(spec: TableSpec, model_id: str, alias: str = "t") -> sql.Composable:
+    """True for a row whose current text failed with `model_id` and is not due for
+    another try yet: runs skip it."""
+    return recorded_expr(spec, model_id, alias, waiting_only=True)
 
 
 def failed_before_expr(spec: TableSpec, alias: str = "t") -> sql.Composable:
