@@ -33,7 +33,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from embedding_pipeline.checks import CheckRun, run_embedding_checks
+from embedding_pipeline.runner import CheckRun, run_embedding_checks
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port

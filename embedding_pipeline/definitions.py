@@ -8,6 +8,7 @@ import dagster as dg
 
 from embedding_pipeline.assets import build_embedding_asset, build_source_asset
 from embedding_pipeline.checks import build_checks, build_checks_schedule
+from embedding_pipeline.jobs import build_jobs
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors import build_extraction_sensor
@@ -54,6 +55,7 @@ def build_definitions(
     return dg.Definitions(
         assets=assets,
         asset_checks=build_checks(settings),
+        jobs=build_jobs(settings),
         sensors=[build_extraction_sensor(settings, partitions_def)],
         schedules=[build_checks_schedule(settings)],
         resources=resources if resources is not None else build_resources(settings),
