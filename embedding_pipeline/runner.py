@@ -121,7 +121,7 @@ def materialize_all(
         asset_selection=selection,
     )
     if not result.success:
-        raise RunFailed("materializing failed: " + "; ".join(failure_reasons(result)))
+        raise RunFailed(f"{MATERIALIZE_ALL} failed: " + "; ".join(failure_reasons(result)))
     out: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization

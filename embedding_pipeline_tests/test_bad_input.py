@@ -837,7 +837,7 @@ def test_a_failed_materialization_prints_the_reason_in_one_line(
     lines = err.splitlines()
     assert code == 2
     assert lines[-1] == (
-        "error: materializing the source tables failed: atoms, messages, topics: SchemaError: "
+        "error: materialize_all failed: atoms, messages, topics: SchemaError: "
         "messages.embedding holds vector(384) but the configured model produces 256 "
         "dimensions; switch models with `embedding-pipeline model switch` instead of editing "
         "the column"

@@ -17,6 +17,7 @@ from embedding_pipeline.lib import quality
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
 from embedding_pipeline.lib.sync import lock_namespace
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
+from embedding_pipeline_tests.conftest import embed_months
 
 MESSAGES = "message_embeddings"
 TOPICS = "topic_embeddings"
@@ -25,18 +26,7 @@ OCTOBER = "2025-10-01"
 MESSAGES_INDEX = "messages_embedding_hnsw_idx"
 
 
-def _embed(defs, instance, *names):
-    """Materialize embedding assets for the two months the small data set covers, in one run."""
-    result = dg.materialize(
-        [defs.get_assets_def(name) for name in names],
-        resources=defs.resources,
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": SEPTEMBER,
-            "dagster/asset_partition_range_end": OCTOBER,
-        },
-    )
-    assert result.success
+_embed = embed_months
 
 
 def _check_defs(defs, keys):
@@ -160,18 +150,13 @@ def test_embedding_lag_warns_with_the_months_of_rows_waiting_too_long_then_passe
     has waited 20 minutes is past the 15-minute default, one that waited 2 is not."""
     september = _ids(conn, "messages", "sent_at < '2025-10-01'")[0]
     october = _ids(conn, "messages", "sent_at >= '2025-10-01'")[0]
-    _sql(
-        conn,
-        f"UPDATE messages SET embedding = NULL WHERE id IN ({september}, {october})",  # noqa: S608
-        "UPDATE messages SET embedding_pending_since = now() - interval '2 minutes' "
-        f"WHERE id = {october}",  # noqa: S608
-    )
+    waited = "UPDATE messages SET embedding_pending_since = now() - %s::interval WHERE id = %s"
+    conn.execute("UPDATE messages SET embedding = NULL WHERE id IN (%s, %s)", (september, october))
+    conn.execute(waited, ("2 minutes", october))
+    conn.commit()
     assert _check(defs, instance, MESSAGES, checks.LAG).passed, "2 minutes is within 15"
-    _sql(
-        conn,
-        "UPDATE messages SET embedding_pending_since = now() - interval '20 minutes' "
-        f"WHERE id = {september}",  # noqa: S608
-    )
+    conn.execute(waited, ("20 minutes", september))
+    conn.commit()
     lag = _check(defs, instance, MESSAGES, checks.LAG)
     assert not lag.passed
     assert lag.severity == dg.AssetCheckSeverity.WARN
