@@ -163,8 +163,19 @@ def table_pending(
 ) -> list[BacklogRow]:
     """Per-partition counts of the rows that need embedding (missing, stale, failed) and
     of nothing else: one pass over the partial pending index, whatever the table size.
-    Partitions with nothing pending are absent."""
-    return _grouped(conn, spec, _counts(spec, model_id, pending_only=True), partition_for)
+    Partitions with nothing pending are absent.
+
+    The planner cannot estimate how few rows match the needs-embedding condition (an OR
+    of column comparisons) and, on tables of up to a few hundred thousand rows, prefers a
+    sequential scan; sequential and parallel scans are switched off for this statement, so
+    the partial index is read whatever the estimate."""
+    conn.execute("SET LOCAL enable_seqscan = off")
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    try:
+        return _grouped(conn, spec, _counts(spec, model_id, pending_only=True), partition_for)
+    finally:
+        conn.execute("RESET enable_seqscan")
+        conn.execute("RESET max_parallel_workers_per_gather")
 
 
 def window_backlog(
