@@ -1,5 +1,6 @@
 # The two commands a new user needs: `make demo` and `make test`. Everything else is a helper.
 PYTHON ?= python3
+DEV_PORT ?= 3000
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -32,7 +33,7 @@ pytest: install
 
 dev: install  ## the Dagster UI and daemon on the embedded database (http://127.0.0.1:3000)
 	$(BIN)/embedding-pipeline db start  # also writes $(DAGSTER_HOME)/dagster.yaml (no telemetry, no pop-up)
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEV_PORT)
 
 screenshots: install  ## the browser walk-through, keeping its screenshots in docs/ui/
 	EP_UI_SCREENSHOT_DIR=$(CURDIR)/docs/ui $(BIN)/pytest embedding_pipeline_tests/test_ui.py
