@@ -212,9 +212,8 @@ def test_the_lineage_graph_shows_the_six_assets(world, page, shots):
     for name in ASSETS:
         page.get_by_text(name, exact=True).first.wait_for()
     passed = page.get_by_text("9 / 9 Passed")
-    passed.first.wait_for()
+    wait_for("each embedding asset to show its nine checks passed", lambda: passed.count() == 3, 30)
     shoot(page, shots, "lineage")
-    assert passed.count() == 3, "each embedding asset shows its nine checks passed"
 
 
 def test_a_materialization_launched_by_a_click_succeeds(world, page, shots):
@@ -288,7 +287,7 @@ def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page
     page.get_by_text(f"ids {ids_text}").first.wait_for()
     shoot(page, shots, "check-failed")
     open_page(page, world, "/assets")
-    page.get_by_text("message_embeddings", exact=True).first.wait_for()
+    page.get_by_text("message_embeddings", exact=True).first.wait_for(state="attached")
     shoot(page, shots, "catalog-failed")
     world["nulled"] = ids
 
