@@ -326,8 +326,8 @@ def test_the_ui_shows_it_healthy_again(world, page, shots):
     shoot(page, shots, "checks-repaired")
     month = "2025-09-01"
     open_page(page, world, f"/assets/message_embeddings?view=partitions&partition={month}")
-    page.get_by_text("backlog_missing", exact=True).first.wait_for()
-    page.get_by_text("rows_embedded", exact=True).first.wait_for()
+    page.get_by_text("backlog_missing", exact=True).first.wait_for(state="attached", timeout=60_000)
+    page.get_by_text("rows_embedded", exact=True).first.wait_for(state="attached")
     shoot(page, shots, "partition")
     open_page(page, world, f"/asset-groups?{GROUPS}")
     page.get_by_text("message_embeddings", exact=True).first.wait_for()
