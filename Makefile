@@ -1,11 +1,12 @@
 # The two commands a new user needs: `make demo` and `make test`. Everything else is a helper.
 PYTHON ?= python3
+DEV_PORT ?= 3000
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install demo test lint typecheck pytest dev db-start db-stop clean
+.PHONY: install demo test lint typecheck pytest dev screenshots db-start db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +32,11 @@ pytest: install
 	$(BIN)/pytest
 
 dev: install  ## the Dagster UI and daemon on the embedded database (http://127.0.0.1:3000)
-	$(BIN)/embedding-pipeline db start
-	mkdir -p $(DAGSTER_HOME)
-	[ -f $(DAGSTER_HOME)/dagster.yaml ] || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/embedding-pipeline db start  # also writes $(DAGSTER_HOME)/dagster.yaml (no telemetry, no pop-up)
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEV_PORT)
+
+screenshots: install  ## the browser walk-through, keeping its screenshots in docs/ui/
+	EP_UI_SCREENSHOT_DIR=$(CURDIR)/docs/ui $(BIN)/pytest embedding_pipeline_tests/test_ui.py
 
 db-start: install
 	$(BIN)/embedding-pipeline db start

@@ -1,10 +1,12 @@
-"""Asset checks on every embedding asset: complete, current, well-shaped, indexed, searchable.
+"""Asset checks on every embedding asset: complete, current, fresh, well-shaped, indexed,
+searchable.
 
-Seven checks per embedding asset (see docs/checks.md): no missing and no stale embeddings,
-the column's dimension matches the model, an HNSW index that can serve the search exists,
-the planner can (and at size does) use it, recall@k against an exact scan, and search
-latency. The measuring is in `lib/quality.py`; this module decides pass, severity and
-metadata.
+Nine checks per embedding asset (see docs/checks.md), one builder function each, listed in
+`CHECK_BUILDERS`: no missing, no stale and no failed embeddings, the embedding lag (age of
+the oldest row waiting), the column's dimension matches the model, an HNSW index that can
+serve the search exists, the planner can (and at size does) use it, recall@k against an
+exact scan, and search latency. The measuring is in `lib/quality.py` and `lib/backlog.py`;
+this module decides pass, severity and metadata.
 
 The embedding assets are partitioned by month but the checks are not: each looks at the
 whole table, because that is what search reads. Dagster runs an asset's checks in every run
@@ -18,19 +20,23 @@ runs on its own; rows missing elsewhere in the table are reported with WARN.
 import functools
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
 import psycopg
 
+from embedding_pipeline.jobs import RUN_CHECKS, run_tags
 from embedding_pipeline.lib import quality
+from embedding_pipeline.lib.backlog import BacklogRow, table_pending
+from embedding_pipeline.lib.db import database_now
 from embedding_pipeline.lib.engine import errors as row_errors
 from embedding_pipeline.lib.schema import hnsw_index_name
 from embedding_pipeline.lib.sync import Window
-from embedding_pipeline.partitions import monthly_partitions, window_for
+from embedding_pipeline.partitions import monthly_partitions, partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
-from embedding_pipeline.settings import Settings, TableSpec
+from embedding_pipeline.settings import CheckSettings, Settings, TableSpec
 
 NO_MISSING = "no_missing_embeddings"
 NO_STALE = "no_stale_embeddings"
@@ -40,10 +46,12 @@ INDEX_USED = "hnsw_index_used"
 RECALL = "search_recall"
 LATENCY = "search_latency"
 NO_FAILED = "no_failed_rows"
+LAG = "embedding_lag"
 CHECK_NAMES = (
     NO_MISSING,
     NO_STALE,
     NO_FAILED,
+    LAG,
     DIMENSION,
     INDEX_PRESENT,
     INDEX_USED,
@@ -53,7 +61,7 @@ CHECK_NAMES = (
 #: Checks that cost a few indexed queries whatever the table size: these run with every
 #: sensor run. Recall and latency sample many searches (seconds at 100k rows) and run on
 #: the checks schedule, from the UI or with `embedding-pipeline check`.
-PER_RUN_CHECKS = (NO_MISSING, NO_STALE, NO_FAILED, DIMENSION, INDEX_PRESENT, INDEX_USED)
+PER_RUN_CHECKS = (NO_MISSING, NO_STALE, NO_FAILED, LAG, DIMENSION, INDEX_PRESENT, INDEX_USED)
 CHECKS_SCHEDULE = "embedding_checks_schedule"
 
 ERROR = dg.AssetCheckSeverity.ERROR
@@ -112,17 +120,45 @@ def _measured(fn: Callable[..., dg.AssetCheckResult]) -> Callable[..., dg.AssetC
     return wrapper
 
 
-def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.AssetChecksDefinition]:
-    """The seven checks of one embedding asset, configured by `settings.checks`."""
-    asset = dg.AssetKey(spec.asset_name)
-    partitions_def = monthly_partitions(settings.partition_start)
-    cfg = settings.checks
-    ef_search = settings.hnsw.ef_search
-    expected_index = hnsw_index_name(spec)
-    where = f"`{spec.table}.{spec.embedding_column}`"
+@dataclass(frozen=True)
+class CheckTarget:
+    """What every check of one embedding asset needs to know."""
+
+    spec: TableSpec
+    settings: Settings
+
+    @property
+    def asset(self) -> dg.AssetKey:
+        return dg.AssetKey(self.spec.asset_name)
+
+    @property
+    def partitions_def(self) -> dg.TimeWindowPartitionsDefinition:
+        return monthly_partitions(self.settings.partition_start)
+
+    @property
+    def cfg(self) -> CheckSettings:
+        return self.settings.checks
+
+    @property
+    def ef_search(self) -> int:
+        return self.settings.hnsw.ef_search
+
+    @property
+    def expected_index(self) -> str:
+        return hnsw_index_name(self.spec)
+
+    @property
+    def where(self) -> str:
+        return f"`{self.spec.table}.{self.spec.embedding_column}`"
+
+
+def no_missing_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    cfg = t.cfg
+    partitions_def = t.partitions_def
 
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
         name=NO_MISSING,
         blocking=True,
         description=f"No row of `{spec.table}` lacks an embedding: such rows are invisible to "
@@ -166,8 +202,15 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             passed=report.ok, severity=severity, description=description, metadata=metadata
         )
 
+    return no_missing
+
+
+def no_stale_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    cfg = t.cfg
+
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
         name=NO_STALE,
         description=f"No embedding of `{spec.table}` was made from other text or by another "
         "model than the configured one. WARN: search still works, on old meaning.",
@@ -207,8 +250,15 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             },
         )
 
+    return no_stale
+
+
+def no_failed_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    cfg = t.cfg
+
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
         name=NO_FAILED,
         description=f"No row of `{spec.table}` is recorded as refused by the provider. WARN: "
         "such rows are skipped until they are due again, their text changes, or "
@@ -250,8 +300,88 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             },
         )
 
+    return no_failed
+
+
+@dataclass(frozen=True)
+class LagOutcome:
+    """The embedding lag of one table from its pending rows (`lib/backlog.table_pending`):
+    what the check and the backlog sensor report."""
+
+    passed: bool
+    description: str
+    metadata: dict[str, Any]
+
+
+def lag_outcome(rows: Iterable[BacklogRow], now: datetime, warn_minutes: float) -> LagOutcome:
+    """Passed while no row due for embedding has waited longer than `warn_minutes`."""
+    waiting = [r for r in rows if r.needs_embedding]
+    times = [r.oldest_pending for r in waiting if r.oldest_pending is not None]
+    oldest = min(times) if times else None
+    minutes = max((now - oldest).total_seconds() / 60, 0.0) if oldest else 0.0
+    pending = sum(r.needs_embedding for r in waiting)
+    by_month = {r.partition: r.needs_embedding for r in waiting}
+    metadata: dict[str, Any] = {
+        "pending_rows": pending,
+        "oldest_pending_minutes": round(minutes, 1),
+        "oldest_pending_since": oldest.isoformat() if oldest else "none",
+        "warn_minutes": warn_minutes,
+        "pending_by_partition": dg.MetadataValue.json(by_month),
+        "failed_rows_waiting": sum(r.failed for r in rows),
+    }
+    if not pending:
+        return LagOutcome(True, "no row waits for its embedding", metadata)
+    months = ", ".join(f"{key}: {n}" for key, n in sorted(by_month.items()))
+    description = (
+        f"{pending} rows wait for their embedding, the oldest for {minutes:.1f} min "
+        f"(warn above {warn_minutes:g}); per month {months}"
+    )
+    return LagOutcome(minutes <= warn_minutes, description, metadata)
+
+
+def embedding_lag_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    minutes = t.cfg.freshness_warn_minutes
+    partitions_def = t.partitions_def
+
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
+        name=LAG,
+        description=f"Freshness: how long the oldest row of `{spec.table}` has waited for its "
+        f"embedding (since it was inserted, its text changed or its vector was removed: "
+        f"`{spec.pending_since_column}`, kept by a trigger). WARN above {minutes:g} minutes; "
+        "metadata lists the pending rows per month.",
+    )
+    @_measured
+    def embedding_lag(
+        postgres: PostgresResource, embedder: EmbedderResource
+    ) -> dg.AssetCheckResult:
+        with postgres.connection(vector=False) as conn:
+            rows = table_pending(
+                conn,
+                spec,
+                embedder.model_id,
+                partition_mapper(partitions_def),
+            )
+            now = database_now(conn)
+        outcome = lag_outcome(rows, now, minutes)
+        return dg.AssetCheckResult(
+            passed=outcome.passed,
+            severity=WARN,
+            description=outcome.description,
+            metadata=outcome.metadata,
+        )
+
+    return embedding_lag
+
+
+def dimension_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    cfg = t.cfg
+    where = t.where
+
+    @dg.asset_check(
+        asset=t.asset,
         name=DIMENSION,
         blocking=True,
         description=f"{where} is declared with the configured model's dimension and stored "
@@ -298,8 +428,17 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             },
         )
 
+    return dimension
+
+
+def index_present_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    expected_index = t.expected_index
+    where = t.where
+    settings = t.settings
+
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
         name=INDEX_PRESENT,
         blocking=True,
         description=f"A valid HNSW index with `{quality.EXPECTED_OPCLASS}` exists on {where}. "
@@ -358,8 +497,17 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             f"ef_construction={usable.ef_construction}, {_size(usable.size_bytes)}",
         )
 
+    return index_present
+
+
+def index_used_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    cfg = t.cfg
+    ef_search = t.ef_search
+    expected_index = t.expected_index
+
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
         name=INDEX_USED,
         blocking=True,
         description="EXPLAIN of the search statement: ERROR if the HNSW index cannot serve it "
@@ -426,8 +574,17 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             passed=True, severity=ERROR, metadata=metadata, description=description
         )
 
+    return index_used
+
+
+def recall_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    cfg = t.cfg
+    ef_search = t.ef_search
+    expected_index = t.expected_index
+
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
         name=RECALL,
         description=f"recall@{cfg.k} of the HNSW search against an exact scan in the same "
         f"snapshot, over up to {cfg.recall_sample_size} stored vectors; WARN "
@@ -487,8 +644,16 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             description=description,
         )
 
+    return recall
+
+
+def latency_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    spec = t.spec
+    cfg = t.cfg
+    ef_search = t.ef_search
+
     @dg.asset_check(
-        asset=asset,
+        asset=t.asset,
         name=LATENCY,
         description=f"p50/p95 of the search statement over up to {cfg.latency_sample_size} "
         f"queries; WARN when p95 exceeds {cfg.latency_warn_ms} ms.",
@@ -524,7 +689,27 @@ def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.Asset
             },
         )
 
-    return [no_missing, no_stale, no_failed, dimension, index_present, index_used, recall, latency]
+    return latency
+
+
+#: One builder per check, in the order the CLI and the docs list them.
+CHECK_BUILDERS: tuple[Callable[[CheckTarget], dg.AssetChecksDefinition], ...] = (
+    no_missing_check,
+    no_stale_check,
+    no_failed_check,
+    embedding_lag_check,
+    dimension_check,
+    index_present_check,
+    index_used_check,
+    recall_check,
+    latency_check,
+)
+
+
+def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.AssetChecksDefinition]:
+    """The checks of one embedding asset, configured by `settings.checks`."""
+    target = CheckTarget(spec, settings)
+    return [build(target) for build in CHECK_BUILDERS]
 
 
 def build_checks(settings: Settings) -> list[dg.AssetChecksDefinition]:
@@ -543,126 +728,13 @@ def per_run_check_keys(asset_keys: Iterable[dg.AssetKey]) -> list[dg.AssetCheckK
 
 def build_checks_schedule(settings: Settings) -> dg.ScheduleDefinition:
     """Every check of every embedding asset, on `settings.checks.schedule_cron` (UTC)."""
-    asset_keys = [dg.AssetKey(spec.asset_name) for spec in settings.tables.values()]
     return dg.ScheduleDefinition(
         name=CHECKS_SCHEDULE,
         cron_schedule=settings.checks.schedule_cron,
         execution_timezone="UTC",
-        target=dg.AssetSelection.checks_for_assets(*asset_keys),
+        job_name=RUN_CHECKS,
+        tags=run_tags("schedule", settings.tables),
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="All seven checks of each embedding asset, recall and latency included "
-        "(sensor runs carry only the cheap ones).",
+        description=f"All {len(CHECK_NAMES)} checks of each embedding asset, recall and "
+        "latency included (sensor runs carry only the cheap ones).",
     )
-
-
-# -- running the checks (CLI and demo) -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    """One check evaluation as Dagster recorded it."""
-
-    asset: str
-    check: str
-    passed: bool
-    severity: str
-    description: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CheckRun:
-    run_id: str
-    seconds: float
-    outcomes: list[CheckOutcome]
-
-    @property
-    def errors(self) -> list[CheckOutcome]:
-        return [o for o in self.outcomes if not o.passed and o.severity == "ERROR"]
-
-    @property
-    def warnings(self) -> list[CheckOutcome]:
-        return [o for o in self.outcomes if not o.passed and o.severity == "WARN"]
-
-
-#: The summary reports every outcome; the console shows only what would otherwise be lost.
-_QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-
-
-def run_embedding_checks(
-    settings: Settings,
-    *,
-    defs: dg.Definitions | None = None,
-    instance: dg.DagsterInstance | None = None,
-    tables: Iterable[str] | None = None,
-) -> CheckRun:
-    """Execute the checks of the embedding assets (no materialization) in one run recorded
-    on `instance` (default: DAGSTER_HOME's), so the results show in the UI too."""
-    if defs is None:
-        from embedding_pipeline.definitions import build_definitions
-
-        defs = build_definitions(settings)
-    keys = list(tables) if tables else list(settings.tables)
-    asset_keys = {dg.AssetKey(settings.tables[key].asset_name) for key in keys}
-    assets = [defs.get_assets_def(key) for key in sorted(asset_keys)]
-    checks = [
-        c
-        for c in defs.asset_checks or []
-        if isinstance(c, dg.AssetChecksDefinition)
-        and any(k.asset_key in asset_keys for k in c.check_keys)
-    ]
-    started = time.monotonic()
-    result = dg.materialize(
-        [*assets, *checks],
-        selection=dg.AssetSelection.checks_for_assets(*assets),
-        resources=defs.resources,
-        instance=instance or dg.DagsterInstance.get(),
-        raise_on_error=False,
-        run_config=_QUIET,
-    )
-    outcomes = [
-        CheckOutcome(
-            asset=e.asset_key.to_user_string(),
-            check=e.check_name,
-            passed=e.passed,
-            severity=e.severity.value,
-            description=e.description or "",
-            metadata={k: v.value for k, v in e.metadata.items()},
-        )
-        for e in result.get_asset_check_evaluations()
-    ]
-    evaluated = {(o.asset, o.check) for o in outcomes}
-    failures = {
-        e.step_key: e.step_failure_data.error.message.strip() if e.step_failure_data.error else ""
-        for e in result.all_events
-        if e.is_step_failure and e.step_key
-    }
-    for check_key in sorted(
-        {k for c in checks for k in c.check_keys if k.asset_key in asset_keys}, key=str
-    ):
-        asset = check_key.asset_key.to_user_string()
-        if (asset, check_key.name) not in evaluated:
-            error = failures.get(f"{asset}_{check_key.name}", "")
-            outcomes.append(
-                CheckOutcome(
-                    asset=asset,
-                    check=check_key.name,
-                    passed=False,
-                    severity="ERROR",
-                    description=f"no result, the check raised: {error.splitlines()[0]}"
-                    if error
-                    else "no result (see the run in the Dagster UI)",
-                )
-            )
-    order = {name: i for i, name in enumerate(CHECK_NAMES)}
-    outcomes.sort(key=lambda o: (o.asset, order.get(o.check, len(order))))
-    return CheckRun(run_id=result.run_id, seconds=time.monotonic() - started, outcomes=outcomes)
-
-
-def summary_lines(run: CheckRun) -> list[str]:
-    """A table of every check with its key figure, for the demo and the CLI."""
-    lines = [f"asset checks (run {run.run_id[:8]}, {run.seconds:.1f}s):"]
-    for o in run.outcomes:
-        status = "passed" if o.passed else f"FAILED {o.severity}"
-        lines.append(f"  {o.asset:<19} {o.check:<24} {status:<13} {o.description}")
-    return lines

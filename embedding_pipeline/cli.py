@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 DEMO_QUESTION = "Why did the deployment fail on Friday?"
 #: The project-local Dagster instance (SQLite in DAGSTER_HOME); production uses deploy/.
-LOCAL_INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
+#: No telemetry, and no first-visit "Join the community" pop-up (`nux`) in the UI.
+LOCAL_INSTANCE_CONFIG = "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
 #: Runs launched by the daemon (sensor, schedule, backfill, UI) that fail, say while the
 #: provider is down past EP_RETRY_DEADLINE_SECONDS, are launched again (their committed
 #: batches stay); at most two runs at once per provider pool (`embeddings_<provider>`).
@@ -172,24 +173,29 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
+    return _materialize(args, settings, trigger="cli")
+
+
+def _materialize(args: argparse.Namespace, settings: Settings, *, trigger: str) -> int:
+    """One run of the `materialize_all` job (sources and every embedding partition)."""
     from embedding_pipeline.runner import RunFailed, materialize_all
 
     _require_api_key(settings)
     _require_database(settings)
     started = time.monotonic()
     try:
-        results = materialize_all(settings, only=args.table or None)
+        results = materialize_all(settings, only=args.table or None, trigger=trigger)
     except RunFailed as exc:
         raise CliError(str(exc)) from None
     failed = 0
     for name, metadata in results.items():
         failed += metadata["rows_failed"]
         print(
-            f"  {name:<20} embedded {metadata['rows_embedded']:>6}, up to date "
-            f"{metadata['rows_skipped_up_to_date']:>6}, {metadata['seconds']:.2f}s"
+            f"  {name:<20} embedded {metadata['run_rows_embedded']:>6}, up to date "
+            f"{metadata['run_rows_skipped_up_to_date']:>6}, {metadata['seconds']:.2f}s"
             + (f", failed {metadata['rows_failed']}" if metadata["rows_failed"] else "")
         )
-    print(f"materialized in {time.monotonic() - started:.1f}s")
+    print(f"materialized in {time.monotonic() - started:.1f}s (one run of materialize_all)")
     if failed:
         print(
             f"{failed} row(s) refused by the provider are recorded in the errors table: "
@@ -297,13 +303,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     _require_database(settings)
     print(f"database: {db.redact_url(settings.effective_database_url)}")
     cmd_ingest(args, settings)
-    cmd_materialize(args, settings)
+    _materialize(args, settings, trigger="demo")
     print()
     remaining = _print_status(settings)
     print()
     _print_search(args.question, "hybrid", _search(settings, args.question, 3, None))
     print()
-    failed_checks = _print_checks(settings, None)
+    failed_checks = _print_checks(settings, None, trigger="demo")
     print(f"\ndemo finished in {time.monotonic() - started:.1f}s")
     if remaining:
         raise CliError(f"{remaining} rows still need embedding")
@@ -312,13 +318,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _print_checks(settings: Settings, tables: Sequence[str] | None) -> str:
+def _print_checks(settings: Settings, tables: Sequence[str] | None, trigger: str = "cli") -> str:
     """Run the embedding assets' checks through Dagster (recorded on DAGSTER_HOME's
     instance, so the UI shows them), print one line each; the ERROR failures with their
     reasons, if any."""
-    from embedding_pipeline.checks import run_embedding_checks, summary_lines
+    from embedding_pipeline.runner import run_embedding_checks, summary_lines
 
-    run = run_embedding_checks(settings, tables=tables)
+    run = run_embedding_checks(settings, tables=tables, trigger=trigger)
     print("\n".join(summary_lines(run)))
     return "; ".join(f"{o.asset}.{o.check} ({o.description})" for o in run.errors)
 
@@ -662,14 +668,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_local_instance_config(path: Path) -> None:
+    """Create the local instance's dagster.yaml, or add the settings it lacks (an older
+    checkout wrote telemetry only) without touching what a person configured."""
+    if not path.exists():
+        path.write_text(LOCAL_INSTANCE_CONFIG)
+        return
+    text = path.read_text()
+    keys = {line.split(":", 1)[0] for line in text.splitlines() if not line.startswith(" ")}
+    added = "".join(
+        f"{key}:\n  enabled: false\n" for key in ("telemetry", "nux") if key not in keys
+    )
+    if added:
+        path.write_text(text.rstrip("\n") + "\n" + added if text.strip() else added)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home"))
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    instance_config = home / "dagster.yaml"
-    if not instance_config.exists():
-        instance_config.write_text(LOCAL_INSTANCE_CONFIG)
+    write_local_instance_config(home / "dagster.yaml")
     try:
         return int(args.func(args, load_settings()))
     except (

@@ -8,9 +8,10 @@ import dagster as dg
 
 from embedding_pipeline.assets import build_embedding_asset, build_source_asset
 from embedding_pipeline.checks import build_checks, build_checks_schedule
+from embedding_pipeline.jobs import build_jobs
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
-from embedding_pipeline.sensors import build_extraction_sensor
+from embedding_pipeline.sensors import build_backlog_sensor, build_extraction_sensor
 from embedding_pipeline.settings import Settings, load_settings
 
 # BackfillPolicy is beta in Dagster 1.13; the choice is deliberate (see docs/operations.md).
@@ -51,10 +52,16 @@ def build_definitions(
     for name, spec in settings.tables.items():
         assets.append(build_source_asset(name, spec, settings))
         assets.append(build_embedding_asset(name, spec, settings, partitions_def))
+    jobs = build_jobs(settings)
+    embed_jobs = [job for job in jobs if job.name.startswith("embed_")]
     return dg.Definitions(
         assets=assets,
         asset_checks=build_checks(settings),
-        sensors=[build_extraction_sensor(settings, partitions_def)],
+        jobs=jobs,
+        sensors=[
+            build_extraction_sensor(settings, partitions_def, embed_jobs),
+            build_backlog_sensor(settings, partitions_def, embed_jobs),
+        ],
         schedules=[build_checks_schedule(settings)],
         resources=resources if resources is not None else build_resources(settings),
         # One process runs all steps of a run: the local model loads once, and a process

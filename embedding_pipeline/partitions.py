@@ -9,6 +9,7 @@ with no timestamp); the last one, the current month, holds anything newer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -48,3 +49,10 @@ def partition_key_for(
     if key > keys[-1]:
         return keys[-1]
     return key
+
+
+def partition_mapper(
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+) -> Callable[[datetime | None], str]:
+    """`partition_key_for` bound to `partitions_def` (what `lib/backlog.py` asks for)."""
+    return lambda moment: partition_key_for(partitions_def, moment)

@@ -1,20 +1,22 @@
-"""Materializing the assets in this process (for the CLI and the demo), recorded on the
-Dagster instance of DAGSTER_HOME so that the UI shows the same history."""
+"""Running the named jobs in this process (for the CLI and the demo), recorded on the
+Dagster instance of DAGSTER_HOME so that the UI lists the same runs under the same job
+names, with their trigger, tables and partitions as tags."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 
+from embedding_pipeline.checks import CHECK_NAMES
 from embedding_pipeline.definitions import build_definitions
+from embedding_pipeline.jobs import MATERIALIZE_ALL, RUN_CHECKS, range_tags, run_tags
+from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.settings import Settings
-
-#: Show the assets' own progress lines (INFO), not every framework event (DEBUG).
-_QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-_JOB = "__ephemeral_asset_job__"
 
 
 class RunFailed(RuntimeError):
@@ -59,20 +61,36 @@ def failure_reasons(result: dg.ExecuteInProcessResult) -> list[str]:
 
 
 def _execute(
-    assets: Sequence[dg.AssetsDefinition],
-    resources: Mapping[str, Any] | None,
+    defs: dg.Definitions,
+    job_name: str,
     instance: dg.DagsterInstance,
-    tags: Mapping[str, str] | None = None,
+    *,
+    tags: Mapping[str, str],
+    asset_selection: Iterable[dg.AssetKey] | None = None,
+    check_selection: Iterable[dg.AssetCheckKey] | None = None,
+    log_level: str = "INFO",
 ) -> dg.ExecuteInProcessResult:
-    """What `dg.materialize` does, logging one line per event and raising nothing."""
-    defs = dg.Definitions(
-        assets=assets,
-        jobs=[dg.define_asset_job(_JOB)],
-        resources=resources,
+    """One run of the named job `job_name` of `defs` in this process (recorded on
+    `instance`, so the UI lists it under that job), logging one line per event and
+    raising nothing."""
+    with_logger = dg.Definitions(
+        assets=defs.assets,
+        asset_checks=defs.asset_checks,
+        jobs=defs.jobs,
+        resources=defs.resources,
         loggers={"console": _one_line_console},
     )
-    return defs.resolve_job_def(_JOB).execute_in_process(
-        run_config=_QUIET, instance=instance, tags=tags, raise_on_error=False
+    job = with_logger.resolve_job_def(job_name)
+    if asset_selection is not None or check_selection is not None:
+        job = job.get_subset(
+            asset_selection=set(asset_selection or ()),
+            asset_check_selection=set(check_selection) if check_selection is not None else None,
+        )
+    return job.execute_in_process(
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        instance=instance,
+        tags=tags,
+        raise_on_error=False,
     )
 
 
@@ -81,38 +99,143 @@ def materialize_all(
     *,
     only: Iterable[str] | None = None,
     instance: dg.DagsterInstance | None = None,
+    trigger: str = "cli",
+    defs: dg.Definitions | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Materialize the source assets, then every partition of the embedding assets in one
-    run over the whole partition range; returns each embedding asset's metadata."""
-    defs = build_definitions(settings)
+    """Materialize the source tables and every partition of their embedding assets in one
+    run of the `materialize_all` job; returns each embedding asset's run figures."""
+    defs = defs or build_definitions(settings)
     keys = list(only) if only else list(settings.tables)
     instance = instance or dg.DagsterInstance.get()
-    resources = defs.resources
-    sources = [defs.get_assets_def(key) for key in keys]
-    result = _execute(sources, resources, instance)
-    if not result.success:
-        raise RunFailed(
-            "materializing the source tables failed: " + "; ".join(failure_reasons(result))
-        )
-    embedding_defs = [defs.get_assets_def(settings.tables[key].asset_name) for key in keys]
-    partitions_def = embedding_defs[0].partitions_def
-    assert partitions_def is not None
-    partition_keys = partitions_def.get_partition_keys()
+    selection = [dg.AssetKey(key) for key in keys]
+    selection += [dg.AssetKey(settings.tables[key].asset_name) for key in keys]
+    partition_keys = monthly_partitions(settings.partition_start).get_partition_keys()
     result = _execute(
-        embedding_defs,
-        resources,
+        defs,
+        MATERIALIZE_ALL,
         instance,
         tags={
-            "dagster/asset_partition_range_start": partition_keys[0],
-            "dagster/asset_partition_range_end": partition_keys[-1],
+            **range_tags(partition_keys[0], partition_keys[-1]),
+            **run_tags(trigger, keys, partition_keys),
         },
+        asset_selection=selection,
     )
     if not result.success:
-        raise RunFailed("materializing embeddings failed: " + "; ".join(failure_reasons(result)))
+        raise RunFailed(f"{MATERIALIZE_ALL} failed: " + "; ".join(failure_reasons(result)))
     out: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         name = materialization.asset_key.to_user_string()
-        if name not in out:
+        if materialization.partition is not None and name not in out:
             out[name] = {k: v.value for k, v in materialization.metadata.items()}
     return out
+
+
+# -- running the checks (CLI and demo) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One check evaluation as Dagster recorded it."""
+
+    asset: str
+    check: str
+    passed: bool
+    severity: str
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckRun:
+    run_id: str
+    seconds: float
+    outcomes: list[CheckOutcome]
+
+    @property
+    def errors(self) -> list[CheckOutcome]:
+        return [o for o in self.outcomes if not o.passed and o.severity == "ERROR"]
+
+    @property
+    def warnings(self) -> list[CheckOutcome]:
+        return [o for o in self.outcomes if not o.passed and o.severity == "WARN"]
+
+
+def run_embedding_checks(
+    settings: Settings,
+    *,
+    defs: dg.Definitions | None = None,
+    instance: dg.DagsterInstance | None = None,
+    tables: Iterable[str] | None = None,
+    trigger: str = "cli",
+) -> CheckRun:
+    """Execute the checks of the embedding assets (no materialization) in one run of the
+    `run_checks` job recorded on `instance` (default: DAGSTER_HOME's), so the results show
+    in the UI too."""
+    defs = defs or build_definitions(settings)
+    keys = list(tables) if tables else list(settings.tables)
+    asset_keys = {dg.AssetKey(settings.tables[key].asset_name) for key in keys}
+    check_keys = sorted(
+        (
+            k
+            for c in defs.asset_checks or []
+            if isinstance(c, dg.AssetChecksDefinition)
+            for k in c.check_keys
+            if k.asset_key in asset_keys
+        ),
+        key=str,
+    )
+    started = time.monotonic()
+    result = _execute(
+        defs,
+        RUN_CHECKS,
+        instance or dg.DagsterInstance.get(),
+        tags=run_tags(trigger, keys),
+        check_selection=check_keys,
+        # the summary reports every outcome; the console shows only what would be lost
+        log_level="CRITICAL",
+    )
+    outcomes = [
+        CheckOutcome(
+            asset=e.asset_key.to_user_string(),
+            check=e.check_name,
+            passed=e.passed,
+            severity=e.severity.value,
+            description=e.description or "",
+            metadata={k: v.value for k, v in e.metadata.items()},
+        )
+        for e in result.get_asset_check_evaluations()
+    ]
+    evaluated = {(o.asset, o.check) for o in outcomes}
+    failures = {
+        e.step_key: e.step_failure_data.error.message.strip() if e.step_failure_data.error else ""
+        for e in result.all_events
+        if e.is_step_failure and e.step_key
+    }
+    for check_key in check_keys:
+        asset = check_key.asset_key.to_user_string()
+        if (asset, check_key.name) not in evaluated:
+            error = failures.get(f"{asset}_{check_key.name}", "")
+            outcomes.append(
+                CheckOutcome(
+                    asset=asset,
+                    check=check_key.name,
+                    passed=False,
+                    severity="ERROR",
+                    description=f"no result, the check raised: {error.splitlines()[0]}"
+                    if error
+                    else "no result (see the run in the Dagster UI)",
+                )
+            )
+    order = {name: i for i, name in enumerate(CHECK_NAMES)}
+    outcomes.sort(key=lambda o: (o.asset, order.get(o.check, len(order))))
+    return CheckRun(run_id=result.run_id, seconds=time.monotonic() - started, outcomes=outcomes)
+
+
+def summary_lines(run: CheckRun) -> list[str]:
+    """A table of every check with its key figure, for the demo and the CLI."""
+    lines = [f"asset checks (run {run.run_id[:8]}, {run.seconds:.1f}s):"]
+    for o in run.outcomes:
+        status = "passed" if o.passed else f"FAILED {o.severity}"
+        lines.append(f"  {o.asset:<19} {o.check:<24} {status:<13} {o.description}")
+    return lines

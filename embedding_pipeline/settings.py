@@ -123,6 +123,9 @@ class SensorSettings:
     #: How long an extraction id missing below the cursor (a transaction still running,
     #: or one rolled back) is watched for before the sensor stops looking for it.
     gap_grace_seconds: int = 600
+    #: Seconds between ticks of the backlog sensor (rows missing, stale or due for a retry
+    #: by any cause, and missing HNSW indexes).
+    backlog_interval_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,8 @@ class CheckSettings:
     sample_ids: int = 10
     dimension_sample_size: int = 1_000
     schedule_cron: str = "0 * * * *"
+    #: `embedding_lag` warns when a row has needed an embedding for longer than this.
+    freshness_warn_minutes: float = 15.0
 
 
 #: hnsw.iterative_scan values (pgvector 0.8): off, or keep scanning the index until enough
@@ -301,6 +306,7 @@ def _checks_from_env(env: Mapping[str, str]) -> CheckSettings:
         sample_ids=_int(env, "EP_CHECK_SAMPLE_IDS", d.sample_ids),
         dimension_sample_size=_int(env, "EP_CHECK_DIMENSION_SAMPLE_SIZE", d.dimension_sample_size),
         schedule_cron=env.get("EP_CHECK_SCHEDULE", d.schedule_cron),
+        freshness_warn_minutes=_float(env, "EP_FRESHNESS_WARN_MINUTES", d.freshness_warn_minutes),
     )
 
 
@@ -418,6 +424,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             max_extractions_per_tick=_int(
                 env, "EP_SENSOR_MAX_EXTRACTIONS", SensorSettings.max_extractions_per_tick
             ),
+            backlog_interval_seconds=_int(
+                env, "EP_BACKLOG_SENSOR_INTERVAL_SECONDS", SensorSettings.backlog_interval_seconds
+            ),
         ),
         checks=_checks_from_env(env),
         engine=engine,
@@ -464,6 +473,7 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
         ("EP_HNSW_BUILD_WORKERS", s.hnsw.build_workers, 0, 64),
         ("EP_SENSOR_INTERVAL_SECONDS", s.sensor.interval_seconds, 1, None),
         ("EP_SENSOR_MAX_EXTRACTIONS", s.sensor.max_extractions_per_tick, 1, None),
+        ("EP_BACKLOG_SENSOR_INTERVAL_SECONDS", s.sensor.backlog_interval_seconds, 1, None),
         ("EP_CHECK_RECALL_SAMPLE_SIZE", s.checks.recall_sample_size, 1, None),
         ("EP_CHECK_K", s.checks.k, 1, None),
         ("EP_CHECK_LATENCY_SAMPLE_SIZE", s.checks.latency_sample_size, 1, None),
@@ -498,6 +508,7 @@ def _positive_ranges(s: Settings) -> list[tuple[str, float, float | None]]:
         ("EP_CHECK_RECALL_THRESHOLD", s.checks.recall_threshold, 1.0),
         ("EP_HNSW_REBUILD_FRACTION", s.hnsw.rebuild_fraction, 1.0),
         ("EP_CHECK_LATENCY_WARN_MS", s.checks.latency_warn_ms, None),
+        ("EP_FRESHNESS_WARN_MINUTES", s.checks.freshness_warn_minutes, None),
     ]
 
 

@@ -103,6 +103,28 @@ def ingest_small_chat(settings: Settings) -> Settings:
     return settings
 
 
+def embed_months(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    *names: str,
+    start: str = "2025-09-01",
+    end: str = "2025-10-01",
+) -> dg.ExecuteInProcessResult:
+    """Materialize the embedding assets `names` over the months `start` to `end` (by
+    default the two the small test chat covers) in one run; it must succeed."""
+    result = dg.materialize(
+        [defs.get_assets_def(name) for name in names],
+        resources=defs.resources,
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": start,
+            "dagster/asset_partition_range_end": end,
+        },
+    )
+    assert result.success
+    return result
+
+
 @pytest.fixture(scope="module")
 def small_data(schema: Settings) -> Settings:
     """The small test chat and its extraction, ingested once for the module."""

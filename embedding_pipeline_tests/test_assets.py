@@ -57,6 +57,46 @@ def test_partition_run_embeds_only_its_month(small_data, defs, instance, conn):
     assert rows == [(2, True), (3, True), (5, False), (6, False)]
 
 
+def test_a_range_run_records_each_months_own_figures(small_data, defs, instance, conn):
+    """A run over August..November records per month what that month holds and got, and
+    an observation of its backlog; the run's totals carry a `run_` prefix."""
+    conn.execute("UPDATE messages SET embedding = NULL")
+    conn.commit()
+    result = _materialize(
+        defs,
+        ["message_embeddings"],
+        instance,
+        tags={
+            "dagster/asset_partition_range_start": "2025-08-01",
+            "dagster/asset_partition_range_end": "2025-11-01",
+        },
+    )
+    assert result.success
+    by_month = {
+        m.partition: {k: v.value for k, v in m.metadata.items()}
+        for m in (
+            e.step_materialization_data.materialization
+            for e in result.get_asset_materialization_events()
+        )
+    }
+    assert set(by_month) == {"2025-08-01", SEPTEMBER, OCTOBER, "2025-11-01"}
+    for month, rows in (("2025-08-01", 0), (SEPTEMBER, 2), (OCTOBER, 2), ("2025-11-01", 0)):
+        assert by_month[month]["rows_in_partition"] == rows, month
+        assert by_month[month]["rows_embedded"] == rows, month
+        assert by_month[month]["rows_missing"] == 0
+        assert by_month[month]["run_rows_embedded"] == 4
+        assert by_month[month]["run_partitions"] == "2025-08-01..2025-11-01"
+    observations = {
+        e.asset_observation_data.asset_observation.partition: {
+            k: v.value for k, v in e.asset_observation_data.asset_observation.metadata.items()
+        }
+        for e in result.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+    }
+    assert set(observations) == set(by_month)
+    assert all(o["backlog_needs_embedding"] == 0 for o in observations.values())
+
+
 def test_vectors_are_unit_length_and_belong_to_their_rows(small_data, defs, instance, conn):
     for name in ("message_embeddings", "topic_embeddings", "atom_embeddings"):
         for key in (SEPTEMBER, OCTOBER):

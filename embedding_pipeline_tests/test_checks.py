@@ -11,12 +11,13 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from embedding_pipeline import checks
+from embedding_pipeline import checks, runner
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import quality
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
 from embedding_pipeline.lib.sync import lock_namespace
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
+from embedding_pipeline_tests.conftest import embed_months
 
 MESSAGES = "message_embeddings"
 TOPICS = "topic_embeddings"
@@ -25,18 +26,7 @@ OCTOBER = "2025-10-01"
 MESSAGES_INDEX = "messages_embedding_hnsw_idx"
 
 
-def _embed(defs, instance, *names):
-    """Materialize embedding assets for the two months the small data set covers, in one run."""
-    result = dg.materialize(
-        [defs.get_assets_def(name) for name in names],
-        resources=defs.resources,
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": SEPTEMBER,
-            "dagster/asset_partition_range_end": OCTOBER,
-        },
-    )
-    assert result.success
+_embed = embed_months
 
 
 def _check_defs(defs, keys):
@@ -92,13 +82,13 @@ def embedded(small_data, defs, instance):
     return small_data
 
 
-def test_every_embedding_asset_carries_eight_checks_with_the_intended_blocking(defs):
+def test_every_embedding_asset_carries_nine_checks_with_the_intended_blocking(defs):
     specs = {
         (spec.asset_key.to_user_string(), spec.name): spec
         for c in defs.asset_checks
         for spec in c.check_specs
     }
-    assert len(specs) == 24
+    assert len(specs) == 27
     for asset in (MESSAGES, TOPICS, "atom_embeddings"):
         blocking = {name for name in checks.CHECK_NAMES if specs[(asset, name)].blocking}
         assert blocking == {
@@ -111,8 +101,8 @@ def test_every_embedding_asset_carries_eight_checks_with_the_intended_blocking(d
 
 
 def test_all_checks_pass_on_a_freshly_embedded_database(embedded, defs, instance, settings):
-    run = checks.run_embedding_checks(settings, defs=defs, instance=instance)
-    assert len(run.outcomes) == 24
+    run = runner.run_embedding_checks(settings, defs=defs, instance=instance)
+    assert len(run.outcomes) == 27
     assert [o for o in run.outcomes if not o.passed] == []
     by_key = {(o.asset, o.check): o for o in run.outcomes}
     assert by_key[(MESSAGES, checks.NO_MISSING)].metadata["missing"] == 0
@@ -121,8 +111,10 @@ def test_all_checks_pass_on_a_freshly_embedded_database(embedded, defs, instance
     assert by_key[(MESSAGES, checks.INDEX_USED)].metadata["can_serve"] is True
     assert by_key[(MESSAGES, checks.RECALL)].metadata["recall"] == 1.0
     assert by_key[(MESSAGES, checks.LATENCY)].metadata["p95_ms"] > 0
-    lines = checks.summary_lines(run)
-    assert len(lines) == 25
+    assert by_key[(MESSAGES, checks.LAG)].metadata["pending_rows"] == 0
+    assert instance.get_run_by_id(run.run_id).job_name == "run_checks"
+    lines = runner.summary_lines(run)
+    assert len(lines) == 28
     assert any("missing 0 of 4 rows" in line for line in lines)
     assert any("recall@10 1.000" in line for line in lines)
     assert any("p95" in line for line in lines)
@@ -149,6 +141,34 @@ def test_missing_embeddings_fail_with_count_and_ids_then_pass(embedded, defs, in
     assert evaluations[checks.NO_MISSING].passed
     assert result.success
     assert instance.get_latest_asset_check_evaluation_record(key).evaluation.passed
+
+
+def test_embedding_lag_warns_with_the_months_of_rows_waiting_too_long_then_passes(
+    embedded, defs, instance, conn
+):
+    """The trigger stamps `embedding_pending_since` when a vector is removed; a row that
+    has waited 20 minutes is past the 15-minute default, one that waited 2 is not."""
+    september = _ids(conn, "messages", "sent_at < '2025-10-01'")[0]
+    october = _ids(conn, "messages", "sent_at >= '2025-10-01'")[0]
+    waited = "UPDATE messages SET embedding_pending_since = now() - %s::interval WHERE id = %s"
+    conn.execute("UPDATE messages SET embedding = NULL WHERE id IN (%s, %s)", (september, october))
+    conn.execute(waited, ("2 minutes", october))
+    conn.commit()
+    assert _check(defs, instance, MESSAGES, checks.LAG).passed, "2 minutes is within 15"
+    conn.execute(waited, ("20 minutes", september))
+    conn.commit()
+    lag = _check(defs, instance, MESSAGES, checks.LAG)
+    assert not lag.passed
+    assert lag.severity == dg.AssetCheckSeverity.WARN
+    meta = _meta(lag)
+    assert meta["pending_rows"] == 2
+    assert 19.5 < meta["oldest_pending_minutes"] < 25
+    assert meta["pending_by_partition"] == {SEPTEMBER: 1, OCTOBER: 1}
+    assert f"{SEPTEMBER}: 1" in lag.description
+
+    _embed(defs, instance, MESSAGES)
+    lag = _check(defs, instance, MESSAGES, checks.LAG)
+    assert lag.passed and _meta(lag)["pending_rows"] == 0
 
 
 def test_missing_check_in_a_partition_run_errors_only_for_its_own_rows(
@@ -604,15 +624,19 @@ def test_check_settings_come_from_the_environment():
         load_settings({"EP_CHECK_LATENCY_WARN_MS": "fast"})
 
 
-def test_the_checks_schedule_runs_all_twenty_four_checks(embedded, defs, instance):
+def test_the_checks_schedule_runs_all_twenty_seven_checks_as_the_run_checks_job(
+    embedded, defs, instance
+):
     schedule = defs.resolve_schedule_def(checks.CHECKS_SCHEDULE)
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedule.cron_schedule == "0 * * * *"
+    assert schedule.job_name == "run_checks"
+    assert schedule.tags["embedding_pipeline/trigger"] == "schedule"
     job = defs.resolve_job_def(schedule.job_name)
     result = job.execute_in_process(instance=instance)
     assert result.success
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 24
+    assert len(evaluations) == 27
     assert {e.check_name for e in evaluations} == set(checks.CHECK_NAMES)
     assert all(e.passed for e in evaluations)
     assert not result.get_asset_materialization_events()

@@ -140,7 +140,7 @@ def test_sensor_runs_embed_exactly_the_new_rows(
     small_data, hash_defs, hash_resources, instance, cursor_state, conn
 ):
     runs = tick_and_run(hash_defs, hash_resources, instance, cursor_state)
-    total = sum(int(m["rows_embedded"]) for run in runs for m in run.values())
+    total = sum(int(m["run_rows_embedded"]) for run in runs for m in run.values())
     assert total == 4 + 2 + 3
     assert len(embedded_texts()) == total
     assert null_count(conn) == 0
@@ -155,7 +155,7 @@ def test_sensor_runs_embed_exactly_the_new_rows(
     assert null_count(conn) == 2
     runs = tick_and_run(hash_defs, hash_resources, instance, cursor_state)
     assert len(runs) == 2
-    assert sum(int(run[MESSAGES]["rows_embedded"]) for run in runs) == 2
+    assert sum(int(run[MESSAGES]["run_rows_embedded"]) for run in runs) == 2
     assert sum(int(run[MESSAGES]["provider_requests"]) for run in runs) == 2
     texts = conn.execute("SELECT content FROM messages WHERE id = ANY(%s)", (new_ids,)).fetchall()
     assert sorted(embedded_texts()) == sorted(t for (t,) in texts)
@@ -191,7 +191,7 @@ def test_an_up_to_date_table_is_never_sent_to_the_provider(
     assert result.success
     assert CALLS == []
     meta = materialization_metadata(result)
-    assert all(m["rows_embedded"] == 0 and m["provider_requests"] == 0 for m in meta.values())
+    assert all(m["run_rows_embedded"] == 0 and m["provider_requests"] == 0 for m in meta.values())
     assert runs_pending(conn) == 0
 
 
@@ -261,7 +261,7 @@ def test_backlog_counts_missing_and_stale_rows_per_partition(
     assert "dg launch --assets message_embeddings --partition-range 2024-02-01...2025-09-01" in text
 
     result = materialize_all(hash_defs, hash_resources, instance)
-    assert materialization_metadata(result)[MESSAGES]["rows_embedded"] == 6
+    assert materialization_metadata(result)[MESSAGES]["run_rows_embedded"] == 6
     assert len(embedded_texts()) == 6
     assert runs_pending(conn) == 0
     conn.execute("DELETE FROM messages WHERE id = ANY(%s)", (legacy,))
@@ -295,7 +295,7 @@ def test_a_failing_embedder_keeps_committed_batches_and_the_rerun_does_the_rest(
         instance=instance,
         partition_key="2024-06-01",
     )
-    assert materialization_metadata(rerun)[MESSAGES]["rows_embedded"] == 10
+    assert materialization_metadata(rerun)[MESSAGES]["run_rows_embedded"] == 10
     assert len(embedded_texts()) == 10
     assert not first_texts & set(embedded_texts())
     assert (
@@ -368,7 +368,7 @@ def test_a_sigkilled_run_keeps_its_committed_batches(
         instance=instance,
         partition_key="2024-07-01",
     )
-    assert materialization_metadata(rerun)[MESSAGES]["rows_embedded"] == 40 - committed
+    assert materialization_metadata(rerun)[MESSAGES]["run_rows_embedded"] == 40 - committed
     assert len(embedded_texts()) == 40 - committed
     assert done() == 40
     assert advisory_locks(conn) == 0
@@ -396,7 +396,7 @@ def test_a_model_change_reembeds_every_row_in_place(
     conn.rollback()
     result = materialize_all(hash_defs, v2, instance)
     meta = materialization_metadata(result)[MESSAGES]
-    assert meta["rows_embedded"] == total
+    assert meta["run_rows_embedded"] == total
     assert meta["rows_stale_model_at_start"] == total
     assert len(embedded_texts()) == total
     models = conn.execute("SELECT DISTINCT embedding_model FROM messages").fetchall()
@@ -469,7 +469,7 @@ def test_a_large_load_builds_the_index_after_and_small_ones_keep_it(fresh_databa
     )
     meta = materialization_metadata(first)[MESSAGES]
     assert meta["index_strategy"] == "built after load"
-    assert meta["rows_embedded"] == 40
+    assert meta["run_rows_embedded"] == 40
     with db.connection(fresh_database_url, vector=False) as conn:
         assert index_state(conn, index) == "valid"
         insert_messages(conn, [datetime(2025, 1, 6, tzinfo=UTC)] * 35, chat_id=6)
@@ -497,7 +497,7 @@ def test_a_large_load_builds_the_index_after_and_small_ones_keep_it(fresh_databa
         partition_key="2025-01-01",
     )
     meta = materialization_metadata(third)[MESSAGES]
-    assert meta["rows_embedded"] == 0 and meta["index_strategy"] == "built after load"
+    assert meta["run_rows_embedded"] == 0 and meta["index_strategy"] == "built after load"
     with db.connection(fresh_database_url, vector=False) as conn:
         assert index_state(conn, index) == "valid"
 

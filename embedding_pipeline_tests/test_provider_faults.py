@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 
 from embedding_pipeline import cli
-from embedding_pipeline.checks import NO_FAILED, run_embedding_checks
+from embedding_pipeline.checks import NO_FAILED
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, build_embedder
 from embedding_pipeline.lib.engine import errors as row_errors
 from embedding_pipeline.lib.engine.retry import RetryPolicy
 from embedding_pipeline.resources import PostgresResource
+from embedding_pipeline.runner import run_embedding_checks
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.fault_helpers import (
     OLLAMA_ID,
@@ -248,7 +249,7 @@ def test_materialize_names_refused_rows_and_fails_on_a_401_in_one_line_without_t
 
     assert code == 2
     last = err.splitlines()[-1]
-    assert last.startswith("error: materializing embeddings failed: ")
+    assert last.startswith("error: materialize_all failed: ")
     assert "answered HTTP 401: " in last and "Incorrect API key provided: ***" in last
     assert "Traceback" not in err and SECRET not in out + err
 

@@ -578,7 +578,7 @@ def test_dagster_run_through_openai_embeds_exactly_its_partition(
     assert all(body["dimensions"] == DIM and body["model"] == OPENAI_MODEL for body in bodies)
     metadata = materialization_metadata(result)
     assert metadata["provider_requests"] == len(bodies) == -(-len(mine) // 2)
-    assert metadata["rows_embedded"] == len(mine)
+    assert metadata["run_rows_embedded"] == len(mine)
     assert metadata["model"] == "openai:text-embedding-3-small@384"
     assert SECRET not in event_log_text(instance, result.run_id)
 
@@ -625,8 +625,8 @@ def test_dagster_run_through_ollama_reembeds_rows_of_another_model(
     assert sorted(t for b in ollama_bodies for t in b["input"]) == sorted(r[2] for r in mine)
     metadata = materialization_metadata(result)
     assert metadata["provider_requests"] == len(ollama_bodies)
-    assert metadata["rows_embedded"] == len(mine)  # all stale: another model made them
-    assert metadata["rows_skipped_up_to_date"] == 0
+    assert metadata["run_rows_embedded"] == len(mine)  # all stale: another model made them
+    assert metadata["run_rows_skipped_up_to_date"] == 0
 
 
 @pytest.mark.parametrize(

@@ -6,18 +6,27 @@ batches (see `lib/sync.py`). Re-running an up-to-date partition calls no provide
 the provider refuses are recorded in the errors table and the run goes on; it fails only
 when the provider cannot embed at all (unreachable past the retry deadline, key or model
 refused), keeping what it wrote.
+
+A run over a range of months is one pass of the engine (one model load, one bulk load of
+the HNSW index when the backlog is large); afterwards one scan of its months records each
+month's own figures on that month's materialization (rows, rows embedded, what is still
+missing, stale or failed) and an observation of its backlog, so the partitions view shows
+each month as it is, not the run's totals (those carry a `run_` prefix).
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import dagster as dg
 import psycopg
 
+from embedding_pipeline.lib.backlog import BacklogRow, window_backlog
+from embedding_pipeline.lib.db import database_now
 from embedding_pipeline.lib.embedders import EmbeddingError
 from embedding_pipeline.lib.engine.errors import RowErrorPolicy
 from embedding_pipeline.lib.schema import SchemaError, ensure_schema
 from embedding_pipeline.lib.sync import EngineOptions, Progress, SyncResult, sync_embeddings
-from embedding_pipeline.partitions import window_for
+from embedding_pipeline.partitions import partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec
 
@@ -88,6 +97,70 @@ def result_metadata(result: SyncResult) -> dict[str, Any]:
     }
 
 
+def backlog_metadata(row: BacklogRow | None) -> dict[str, Any]:
+    """A month's backlog as observed now (by a run at its end, or by the backlog sensor):
+    the keys the partitions view shows beside the month's latest materialization."""
+    return {
+        "backlog_missing": row.missing if row else 0,
+        "backlog_stale": row.stale if row else 0,
+        "backlog_failed": row.failed if row else 0,
+        "backlog_needs_embedding": row.needs_embedding if row else 0,
+    }
+
+
+def partition_metadata(row: BacklogRow | None, model_id: str) -> dict[str, Any]:
+    """One month's own figures after a run over it: its rows, those embedded since the run
+    started, those already current, and what is still missing, stale or failed."""
+    rows = row.rows or 0 if row else 0
+    embedded = row.embedded or 0 if row else 0
+    pending = (row.needs_embedding + row.failed) if row else 0
+    return {
+        "rows_in_partition": rows,
+        "rows_embedded": embedded,
+        "rows_skipped_up_to_date": max(rows - embedded - pending, 0),
+        "rows_missing": row.missing if row else 0,
+        "rows_stale": row.stale if row else 0,
+        "rows_failed_waiting": row.failed if row else 0,
+        "model": model_id,
+    }
+
+
+def _record_partitions(
+    context: dg.AssetExecutionContext,
+    rows: Sequence[BacklogRow],
+    model_id: str,
+) -> None:
+    """Each month of the run gets its own materialization figures and backlog observation."""
+    by_partition = {r.partition: r for r in rows}
+    for key in context.partition_keys:
+        row = by_partition.get(key)
+        context.add_asset_metadata(partition_metadata(row, model_id), partition_key=key)
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=context.asset_key,
+                partition=key,
+                metadata={**backlog_metadata(row), "observed_by": f"run {context.run.run_id[:8]}"},
+            )
+        )
+
+
+def run_metadata(result: SyncResult, label: str) -> dict[str, Any]:
+    """The run's own figures, on every month of the run: `result_metadata` with the
+    per-month counts renamed `run_*` (each month's are its own, `partition_metadata`)."""
+    metadata = result_metadata(result)
+    for key, run_key in _RUN_KEYS.items():
+        metadata[run_key] = metadata.pop(key)
+    metadata["run_partitions"] = label
+    return metadata
+
+
+_RUN_KEYS = {
+    "rows_in_partition": "run_rows",
+    "rows_embedded": "run_rows_embedded",
+    "rows_skipped_up_to_date": "run_rows_skipped_up_to_date",
+}
+
+
 def build_embedding_asset(
     source: str,
     spec: TableSpec,
@@ -122,6 +195,7 @@ def build_embedding_asset(
         try:
             with postgres.connection(vector=False) as conn:
                 ensure_schema(conn, settings, model.dimension, model.model_id)
+                started = database_now(conn)
             with postgres.connection() as conn:
                 result = sync_embeddings(
                     conn,
@@ -132,6 +206,15 @@ def build_embedding_asset(
                     on_progress=progress,
                     index=settings.hnsw,
                     reconnect=postgres.connect,
+                )
+            with postgres.connection(vector=False) as conn:
+                months = window_backlog(
+                    conn,
+                    spec,
+                    model.model_id,
+                    partition_mapper(partitions_def),
+                    window,
+                    started,
                 )
         except (EmbeddingError, SchemaError, psycopg.OperationalError) as exc:
             raise dg.Failure(
@@ -158,7 +241,8 @@ def build_embedding_asset(
             f"{spec.table} {label}: embedded {result.embedded}, failed {result.failed}, up to "
             f"date {result.skipped_up_to_date}, in {result.seconds:.2f}s"
         )
-        return dg.MaterializeResult(metadata=result_metadata(result))
+        _record_partitions(context, months, model.model_id)
+        return dg.MaterializeResult(metadata=run_metadata(result, label))
 
     return _embeddings
 

@@ -3,7 +3,10 @@
 The application (or `embedding-pipeline ingest`) writes these tables; materializing the
 asset makes sure the pipeline's columns and indexes exist and records what the table
 holds, what changed since the previous materialization, and the embedding backlog per
-month partition (the dry run of a backfill, see `lib/backlog.py`).
+month partition (the dry run of a backfill, see `lib/backlog.py`). Between
+materializations the backlog sensor reports the table's current backlog as
+materializations without a run (the application changed the table), so the asset page
+never shows an old backlog.
 """
 
 import dagster as dg
@@ -17,12 +20,20 @@ from embedding_pipeline.settings import Settings, TableSpec
 
 
 def _previous_value(context: dg.AssetExecutionContext, key: str) -> int | None:
-    event = context.instance.get_latest_materialization_event(context.asset_key)
-    materialization = event.asset_materialization if event else None
-    if materialization is None or key not in materialization.metadata:
-        return None
-    value = materialization.metadata[key].value
-    return int(value) if isinstance(value, int | float) else None
+    """`key` of the latest materialization that has it: the backlog sensor reports the
+    table's backlog as materializations of its own, without these figures."""
+    cursor = None
+    for _ in range(20):
+        page = context.instance.fetch_materializations(context.asset_key, limit=50, cursor=cursor)
+        for record in page.records:
+            materialization = record.asset_materialization
+            if materialization is not None and key in materialization.metadata:
+                value = materialization.metadata[key].value
+                return int(value) if isinstance(value, int | float) else None
+        if not page.has_more:
+            return None
+        cursor = page.cursor
+    return None
 
 
 def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.AssetsDefinition:

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from embedding_pipeline.lib.db import needs_embedding_expr
 from embedding_pipeline.lib.engine.errors import blocked_expr
+from embedding_pipeline.lib.sync import Window
 from embedding_pipeline.settings import TableSpec
 
 
@@ -29,7 +30,9 @@ class BacklogRow:
     """One table's rows in one partition: `missing` have no embedding, `stale` have one
     made from other text or by another model (both due for embedding), `failed` need one
     but their text failed and waits for its next try or for an operator (errors table).
-    `rows` is None where only pending rows were visited."""
+    `rows` is None where only pending rows were visited. `oldest_pending` is the earliest
+    time a row that is due started to need its embedding (the tracking trigger's
+    `embedding_pending_since`)."""
 
     table: str
     partition: str
@@ -37,27 +40,48 @@ class BacklogRow:
     missing: int
     stale: int
     failed: int = 0
+    oldest_pending: datetime | None = None
+    #: Rows embedded at or after a given moment (`window_backlog`); None elsewhere.
+    embedded: int | None = None
 
     @property
     def needs_embedding(self) -> int:
         return self.missing + self.stale
 
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "needs_embedding": self.needs_embedding}
+        out = {**asdict(self), "needs_embedding": self.needs_embedding}
+        out["oldest_pending"] = self.oldest_pending.isoformat() if self.oldest_pending else None
+        return out
 
 
-def _counts(spec: TableSpec, model_id: str, *, pending_only: bool) -> sql.Composed:
-    """(month, rows, missing, stale, failed) grouped by UTC month of the partition column
-    (NULL month: no value); `pending_only` reads the pending rows alone."""
+def _counts(
+    spec: TableSpec,
+    model_id: str,
+    *,
+    pending_only: bool,
+    window: Window | None = None,
+    embedded_since: datetime | None = None,
+) -> tuple[sql.Composed, dict[str, object]]:
+    """(month, rows, missing, stale, failed, oldest pending, embedded since) grouped by
+    UTC month of the partition column (NULL month: no value), with its parameters;
+    `pending_only` reads the pending rows alone, `window` the rows of a run's months."""
     emb = sql.Identifier("t", spec.embedding_column)
     needs = needs_embedding_expr(spec, "t", model_id=model_id)
     blocked = blocked_expr(spec, model_id)
     due = sql.SQL("{} AND NOT {}").format(needs, blocked)
-    return sql.SQL(
+    conditions: list[sql.Composable] = [needs] if pending_only else []
+    params: dict[str, object] = {"since": embedded_since}
+    if window is not None:
+        clause, window_params = window.clause(spec)
+        conditions.append(clause)
+        params.update(window_params)
+    where = sql.SQL("WHERE {}").format(sql.SQL(" AND ").join(conditions)) if conditions else None
+    query = sql.SQL(
         "SELECT date_trunc('month', t.{part}, 'UTC') AS month, {rows}, "
         "count(*) FILTER (WHERE {emb} IS NULL AND {due}), "
         "count(*) FILTER (WHERE {emb} IS NOT NULL AND {due}), "
-        "count(*) FILTER (WHERE {needs} AND {blocked}) "
+        "count(*) FILTER (WHERE {needs} AND {blocked}), "
+        "min(t.{pending_since}) FILTER (WHERE {due}), {embedded} "
         "FROM {table} t {where} GROUP BY 1 ORDER BY 1 NULLS FIRST"
     ).format(
         part=sql.Identifier(spec.partition_column),
@@ -66,35 +90,58 @@ def _counts(spec: TableSpec, model_id: str, *, pending_only: bool) -> sql.Compos
         due=due,
         needs=needs,
         blocked=blocked,
+        pending_since=sql.Identifier(spec.pending_since_column),
+        embedded=sql.SQL("NULL::bigint")
+        if embedded_since is None
+        else sql.SQL("count(*) FILTER (WHERE t.{} >= %(since)s)").format(
+            sql.Identifier(spec.embedded_at_column)
+        ),
         table=sql.Identifier(spec.table),
-        where=sql.SQL("WHERE {}").format(needs) if pending_only else sql.SQL(""),
+        where=where or sql.SQL(""),
     )
+    return query, params
 
 
 def _grouped(
     conn: psycopg.Connection,
     spec: TableSpec,
-    query: sql.Composed,
+    query: tuple[sql.Composed, dict[str, object]],
     partition_for: Callable[[datetime | None], str],
 ) -> list[BacklogRow]:
-    merged: dict[str, list[int | None]] = {}
-    for month, rows, missing, stale, failed in conn.execute(query):
-        counts = merged.setdefault(partition_for(month), [None, 0, 0, 0])
-        if rows is not None:
-            counts[0] = (counts[0] or 0) + int(rows)
-        for i, value in ((1, missing), (2, stale), (3, failed)):
-            counts[i] = (counts[i] or 0) + int(value)
-    return [
-        BacklogRow(
+    merged: dict[str, BacklogRow] = {}
+    for month, rows, missing, stale, failed, oldest, embedded in conn.execute(*query):
+        key = partition_for(month)
+        row = BacklogRow(
             table=spec.table,
             partition=key,
-            rows=c[0],
-            missing=c[1] or 0,
-            stale=c[2] or 0,
-            failed=c[3] or 0,
+            rows=None if rows is None else int(rows),
+            missing=int(missing),
+            stale=int(stale),
+            failed=int(failed),
+            oldest_pending=oldest,
+            embedded=None if embedded is None else int(embedded),
         )
-        for key, c in sorted(merged.items())
-    ]
+        merged[key] = _merge(merged[key], row) if key in merged else row
+    return [merged[key] for key in sorted(merged)]
+
+
+def _sum(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
+
+
+def _merge(a: BacklogRow, b: BacklogRow) -> BacklogRow:
+    """Two months that map to one partition (the open-ended first and last ones)."""
+    oldest = [t for t in (a.oldest_pending, b.oldest_pending) if t is not None]
+    return BacklogRow(
+        table=a.table,
+        partition=a.partition,
+        rows=_sum(a.rows, b.rows),
+        missing=a.missing + b.missing,
+        stale=a.stale + b.stale,
+        failed=a.failed + b.failed,
+        oldest_pending=min(oldest) if oldest else None,
+        embedded=_sum(a.embedded, b.embedded),
+    )
 
 
 def table_backlog(
@@ -116,8 +163,35 @@ def table_pending(
 ) -> list[BacklogRow]:
     """Per-partition counts of the rows that need embedding (missing, stale, failed) and
     of nothing else: one pass over the partial pending index, whatever the table size.
-    Partitions with nothing pending are absent."""
-    return _grouped(conn, spec, _counts(spec, model_id, pending_only=True), partition_for)
+    Partitions with nothing pending are absent.
+
+    The planner cannot estimate how few rows match the needs-embedding condition (an OR
+    of column comparisons) and, on tables of up to a few hundred thousand rows, prefers a
+    sequential scan; sequential and parallel scans are switched off for this statement, so
+    the partial index is read whatever the estimate."""
+    conn.execute("SET LOCAL enable_seqscan = off")
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    try:
+        return _grouped(conn, spec, _counts(spec, model_id, pending_only=True), partition_for)
+    finally:
+        conn.execute("RESET enable_seqscan")
+        conn.execute("RESET max_parallel_workers_per_gather")
+
+
+def window_backlog(
+    conn: psycopg.Connection,
+    spec: TableSpec,
+    model_id: str,
+    partition_for: Callable[[datetime | None], str],
+    window: Window,
+    embedded_since: datetime,
+) -> list[BacklogRow]:
+    """Per-partition counts of the rows of `window` (one scan of its months), with the rows
+    embedded at or after `embedded_since`: what a run over those months left behind."""
+    query = _counts(
+        spec, model_id, pending_only=False, window=window, embedded_since=embedded_since
+    )
+    return _grouped(conn, spec, query, partition_for)
 
 
 def backlog(

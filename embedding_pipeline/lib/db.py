@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -44,6 +45,15 @@ def connection(
         yield conn
     finally:
         conn.close()
+
+
+def database_now(conn: psycopg.Connection) -> datetime:
+    """The database's clock (which stamps `embedded_at` and `embedding_pending_since`);
+    ends the transaction it opened."""
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    conn.commit()
+    assert row is not None
+    return row[0]
 
 
 def text_expr(spec: TableSpec, alias: str | None = None) -> sql.Composable:

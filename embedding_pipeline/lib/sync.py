@@ -730,7 +730,8 @@ class _Pipeline:
             self._refused(request, exc)
             return
         except EmbeddingError as exc:
-            first, last = request.rows[0].id, request.rows[-1].id
+            ids = [r.id for r in request.rows]
+            first, last = min(ids), max(ids)
             self.fatal = self.fatal or EmbeddingError(
                 f"{exc} (request of {len(request.rows)} rows, ids {first}..{last}: its rows "
                 f"were not written; {self.result.embedded} rows written before stay)"

@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 
 import dagster as dg
 
 from embedding_pipeline.checks import per_run_check_keys
+from embedding_pipeline.jobs import job_for_tables, run_tags
 from embedding_pipeline.lib.extractions import (
     ExtractionCursor,
     initial_cursor,
@@ -58,9 +60,12 @@ def run_key_for(ids: list[int], partition_key: str) -> str:
 
 
 def build_extraction_sensor(
-    settings: Settings, partitions_def: dg.TimeWindowPartitionsDefinition
+    settings: Settings,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+    jobs: Sequence[dg.UnresolvedAssetJobDefinition],
 ) -> dg.SensorDefinition:
-    """The sensor for `settings` (interval, tables) over `partitions_def`."""
+    """The sensor for `settings` (interval, tables) over `partitions_def`, launching `jobs`
+    (`embed_<table>` for one table, `embed_tables` for several)."""
     asset_keys = {key: dg.AssetKey(spec.asset_name) for key, spec in settings.tables.items()}
     sensor_settings = settings.sensor
 
@@ -68,7 +73,7 @@ def build_extraction_sensor(
         name=SENSOR_NAME,
         minimum_interval_seconds=sensor_settings.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        target=dg.AssetSelection.assets(*asset_keys.values()),
+        jobs=jobs,
         description="Launches embedding runs for the month partitions that new extractions "
         "touched; the cursor is the last extraction id seen.",
     )
@@ -120,10 +125,11 @@ def build_extraction_sensor(
         run_requests = [
             dg.RunRequest(
                 run_key=run_key_for(new.ids, partition_key),
+                job_name=job_for_tables(keys),
                 partition_key=partition_key,
                 asset_selection=[asset_keys[key] for key in sorted(keys)],
                 asset_check_keys=per_run_check_keys(asset_keys[key] for key in sorted(keys)),
-                tags={EXTRACTIONS_TAG: label},
+                tags={EXTRACTIONS_TAG: label, **run_tags("sensor", keys, [partition_key])},
             )
             for partition_key, keys in sorted(tables_by_partition.items())
         ]

@@ -1,0 +1,114 @@
+"""The named jobs: every run of this code location is one of them, so the runs list says
+what a run does, and its tags say who started it, for which tables and months.
+
+- `embed_messages`, `embed_topics`, `embed_atoms`: one table's embeddings for the chosen
+  month partitions (the backlog sensor, the extraction sensor, a person);
+- `embed_tables`: several tables' embeddings in one run (the extraction sensor);
+- `materialize_all`: the source tables and every embedding partition in one run
+  (`embedding-pipeline materialize`, the demo);
+- `run_checks`: every check of the embedding assets (the checks schedule,
+  `embedding-pipeline check`).
+
+Runs launched from the asset graph's *Materialize* button run Dagster's own
+`__ASSET_JOB`; Dagster tags those (`dagster/backfill`, `dagster/partition`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import dagster as dg
+
+from embedding_pipeline.settings import Settings
+
+TRIGGER_TAG = "embedding_pipeline/trigger"
+TABLES_TAG = "embedding_pipeline/tables"
+PARTITIONS_TAG = "embedding_pipeline/partitions"
+#: Who starts runs: the extraction sensor, the backlog sensor, a backfill, the demo, the
+#: CLI, the checks schedule, or a person (the default of every job, for runs launched
+#: from the UI or with `dg launch --job`).
+TRIGGERS = ("sensor", "backlog", "backfill", "demo", "cli", "schedule", "manual")
+
+EMBED_TABLES = "embed_tables"
+MATERIALIZE_ALL = "materialize_all"
+RUN_CHECKS = "run_checks"
+#: Dagster refuses tag values longer than this; a long list of months is summarised.
+_MAX_TAG_CHARS = 200
+
+
+def embed_job_name(table_key: str) -> str:
+    return f"embed_{table_key}"
+
+
+def job_for_tables(table_keys: Iterable[str]) -> str:
+    """The job of a run over `table_keys`: the table's own job, or `embed_tables`."""
+    keys = sorted(set(table_keys))
+    return embed_job_name(keys[0]) if len(keys) == 1 else EMBED_TABLES
+
+
+def describe_partitions(keys: Sequence[str]) -> str:
+    """The months of a run as a tag value: every key, or the first..last and a count."""
+    ordered = sorted(set(keys))
+    joined = ",".join(ordered)
+    if len(joined) <= _MAX_TAG_CHARS:
+        return joined
+    return f"{ordered[0]}..{ordered[-1]} ({len(ordered)} partitions)"
+
+
+def run_tags(
+    trigger: str, table_keys: Iterable[str], partitions: Sequence[str] = ()
+) -> dict[str, str]:
+    """The tags every run of this code location carries."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"unknown trigger {trigger!r}")
+    tags = {TRIGGER_TAG: trigger, TABLES_TAG: ",".join(sorted(set(table_keys)))}
+    if partitions:
+        tags[PARTITIONS_TAG] = describe_partitions(partitions)
+    return tags
+
+
+def range_tags(start: str, end: str) -> Mapping[str, str]:
+    """Dagster's own tags for a run over the partitions `start` to `end`."""
+    return {
+        "dagster/asset_partition_range_start": start,
+        "dagster/asset_partition_range_end": end,
+    }
+
+
+def build_jobs(settings: Settings) -> list[dg.UnresolvedAssetJobDefinition]:
+    """The jobs of the table above for `settings.tables`."""
+    tables = list(settings.tables)
+    embeddings = {key: dg.AssetKey(spec.asset_name) for key, spec in settings.tables.items()}
+    sources = [dg.AssetKey(key) for key in tables]
+    jobs = [
+        dg.define_asset_job(
+            embed_job_name(key),
+            selection=dg.AssetSelection.assets(asset),
+            tags=run_tags("manual", [key]),
+            description=f"Embed the `{settings.tables[key].table}` rows of the chosen month "
+            "partitions that need it, with the asset's checks.",
+        )
+        for key, asset in embeddings.items()
+    ]
+    jobs += [
+        dg.define_asset_job(
+            EMBED_TABLES,
+            selection=dg.AssetSelection.assets(*embeddings.values()),
+            tags=run_tags("manual", tables),
+            description="Embed several tables' rows of the chosen month partitions in one run "
+            "(sensor runs select the tables they need).",
+        ),
+        dg.define_asset_job(
+            MATERIALIZE_ALL,
+            selection=dg.AssetSelection.assets(*sources, *embeddings.values()),
+            tags=run_tags("manual", tables),
+            description="The source tables, then every embedding partition, in one run.",
+        ),
+        dg.define_asset_job(
+            RUN_CHECKS,
+            selection=dg.AssetSelection.checks_for_assets(*embeddings.values()),
+            tags=run_tags("manual", tables),
+            description="Every asset check of the embedding assets, recall and latency included.",
+        ),
+    ]
+    return jobs

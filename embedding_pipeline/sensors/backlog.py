@@ -1,0 +1,360 @@
+"""`backlog_sensor`: any row without a current embedding is embedded within one interval
+plus a run, whatever the cause, and the UI shows each month's backlog as it is.
+
+The extraction sensor reacts to new extractions only. This one looks at the rows
+themselves, every `EP_BACKLOG_SENSOR_INTERVAL_SECONDS` (default 300): rows inserted or
+edited by the application directly in SQL, vectors set to NULL, rows embedded by another
+model, rows whose earlier failure is due for another try (the errors table). Each tick:
+
+1. per table, reads the months with rows that need embedding (`lib/backlog.table_pending`:
+   one pass over the partial "pending" index, so the cost follows the backlog, not the
+   table) and the state of its HNSW index;
+2. per table with rows due, or with a missing or invalid index (the run builds it at its
+   end), requests one run of `embed_<table>` over the months from the first to the last
+   with work (one month: a single-partition run). A table already covered by a queued or
+   running run of any embedding job is left for the next tick, so runs never pile up; the
+   run key (`backlog:<table>:<months>:<tick>`) makes a tick evaluated again after a daemon
+   crash launch nothing twice;
+3. reports what changed since the last tick, so the UI tells the truth without a run:
+   - per month of each embedding asset, an `AssetObservation` with the month's
+     `backlog_missing`, `backlog_stale`, `backlog_failed` (shown beside the month's latest
+     materialization in the asset's Partitions tab; a month back to 0 is reported once);
+   - per embedding asset, an evaluation of the `embedding_lag` check (pending rows per
+     month, age of the oldest), which the catalog and the lineage graph show;
+   - per source asset (`messages`, ...), a materialization reported without a run (the
+     application changed the table) carrying the per-month backlog table.
+
+Rows recorded as failed and not due yet (`backlog_failed`) launch nothing: the errors
+table decides when they are tried again (`embedding-pipeline errors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import dagster as dg
+import psycopg
+
+from embedding_pipeline.assets.embeddings import backlog_metadata
+from embedding_pipeline.checks import LAG, lag_outcome, per_run_check_keys
+from embedding_pipeline.jobs import RUN_CHECKS, embed_job_name, range_tags, run_tags
+from embedding_pipeline.lib.backlog import BacklogRow, render_markdown, table_pending
+from embedding_pipeline.lib.db import database_now
+from embedding_pipeline.lib.schema import hnsw_index_name, index_state, relation_exists
+from embedding_pipeline.partitions import partition_mapper
+from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.settings import Settings, TableSpec
+
+BACKLOG_SENSOR = "backlog_sensor"
+REASON_TAG = "embedding_pipeline/backlog"
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+@dataclass
+class BacklogCursor:
+    """What the previous ticks reported: a tick counter for run keys, each table's months
+    with a backlog (missing, stale, failed), and fingerprints of the lag and source
+    reports, so that only changes are reported again."""
+
+    tick: int = 0
+    months: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    reported: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | None) -> BacklogCursor:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(
+            tick=int(data.get("tick", 0)),
+            months=data.get("months", {}),
+            reported=data.get("reported", {}),
+        )
+
+    def serialize(self) -> str:
+        return json.dumps(
+            {"tick": self.tick, "months": self.months, "reported": self.reported},
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True)
+class TableState:
+    """One table as a tick sees it."""
+
+    key: str
+    spec: TableSpec
+    rows: list[BacklogRow]
+    index: str | None
+
+    @property
+    def months_due(self) -> list[str]:
+        return [r.partition for r in self.rows if r.needs_embedding]
+
+    @property
+    def index_missing(self) -> bool:
+        return self.index != "valid"
+
+    def reason(self) -> str:
+        parts = []
+        missing = sum(r.missing for r in self.rows)
+        stale = sum(r.stale for r in self.rows)
+        if missing:
+            parts.append(f"{missing} missing")
+        if stale:
+            parts.append(f"{stale} stale")
+        if self.index_missing:
+            parts.append(f"HNSW index {self.index or 'missing'}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RunSpan:
+    """The tables and months a queued or running run covers (None: every month)."""
+
+    run_id: str
+    asset_keys: frozenset[dg.AssetKey]
+    first: str | None
+    last: str | None
+
+    def covers(self, asset: dg.AssetKey, first: str, last: str) -> bool:
+        if asset not in self.asset_keys:
+            return False
+        if self.first is None or self.last is None:
+            return True
+        return self.first <= last and first <= self.last
+
+
+def run_span(run: dg.DagsterRun, settings: Settings) -> RunSpan:
+    tags = run.tags
+    partition = tags.get("dagster/partition")
+    first = tags.get("dagster/asset_partition_range_start", partition)
+    last = tags.get("dagster/asset_partition_range_end", partition)
+    assets = run.asset_selection or _job_assets(run.job_name, settings)
+    return RunSpan(run.run_id, frozenset(assets), first, last)
+
+
+def _job_assets(job_name: str, settings: Settings) -> frozenset[dg.AssetKey]:
+    """The embedding assets a run of `job_name` covers when it carries no asset selection."""
+    assets = {key: dg.AssetKey(spec.asset_name) for key, spec in settings.tables.items()}
+    if job_name == RUN_CHECKS:
+        return frozenset()
+    for key, asset in assets.items():
+        if job_name == embed_job_name(key):
+            return frozenset([asset])
+    return frozenset(assets.values())
+
+
+def read_tables(
+    conn: psycopg.Connection,
+    tables: Iterable[tuple[str, TableSpec]],
+    model_id: str,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+) -> list[TableState]:
+    """Each table's pending months and index state: index lookups only."""
+    partition_for = partition_mapper(partitions_def)
+    states = [
+        TableState(
+            key=key,
+            spec=spec,
+            rows=table_pending(conn, spec, model_id, partition_for),
+            index=index_state(conn, hnsw_index_name(spec)),
+        )
+        for key, spec in tables
+    ]
+    conn.rollback()
+    return states
+
+
+def _fingerprint(value: object) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+def _run_request(
+    state: TableState,
+    months: Sequence[str],
+    last_partition: str,
+    tick: int,
+) -> dg.RunRequest:
+    asset = dg.AssetKey(state.spec.asset_name)
+    first, last = (months[0], months[-1]) if months else (last_partition, last_partition)
+    span = first if first == last else f"{first}...{last}"
+    tags = {
+        **run_tags("backlog", [state.key], list(months) or [last]),
+        REASON_TAG: state.reason(),
+    }
+    return dg.RunRequest(
+        run_key=f"backlog:{state.key}:{span}:{tick}",
+        job_name=embed_job_name(state.key),
+        asset_selection=[asset],
+        asset_check_keys=per_run_check_keys([asset]),
+        partition_key=first if first == last else None,
+        tags=tags if first == last else {**tags, **range_tags(first, last)},
+    )
+
+
+def _month_events(
+    state: TableState, previous: Mapping[str, list[int]]
+) -> tuple[list[dg.AssetObservation], dict[str, list[int]]]:
+    """Observations of the months whose backlog changed (a month back to 0 once), and the
+    months with a backlog now."""
+    asset = dg.AssetKey(state.spec.asset_name)
+    now = {
+        r.partition: [r.missing, r.stale, r.failed]
+        for r in state.rows
+        if r.needs_embedding or r.failed
+    }
+    by_month = {r.partition: r for r in state.rows}
+    events = [
+        dg.AssetObservation(
+            asset_key=asset,
+            partition=month,
+            metadata={**backlog_metadata(by_month.get(month)), "observed_by": BACKLOG_SENSOR},
+        )
+        for month in sorted(set(now) | set(previous))
+        if now.get(month, [0, 0, 0]) != previous.get(month)
+    ]
+    return events, now
+
+
+def _lag_event(
+    state: TableState, now: datetime, warn_minutes: float, previous: str | None
+) -> tuple[dg.AssetCheckEvaluation | None, str]:
+    outcome = lag_outcome(state.rows, now, warn_minutes)
+    fingerprint = _fingerprint(
+        [outcome.passed, {r.partition: r.needs_embedding for r in state.rows}]
+    )
+    if fingerprint == previous:
+        return None, fingerprint
+    event = dg.AssetCheckEvaluation(
+        asset_key=dg.AssetKey(state.spec.asset_name),
+        check_name=LAG,
+        passed=outcome.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=outcome.description,
+        metadata={**outcome.metadata, "observed_by": BACKLOG_SENSOR},
+    )
+    return event, fingerprint
+
+
+def _source_event(
+    state: TableState, previous: str | None
+) -> tuple[dg.AssetMaterialization | None, str]:
+    work = [r.as_dict() for r in state.rows if r.needs_embedding or r.failed]
+    fingerprint = _fingerprint(
+        [(r["partition"], r["missing"], r["stale"], r["failed"]) for r in work]
+    )
+    if fingerprint == previous:
+        return None, fingerprint
+    event = dg.AssetMaterialization(
+        asset_key=state.spec.source_asset_name,
+        description=f"`{state.spec.table}` as the backlog sensor found it",
+        metadata={
+            "table": state.spec.table,
+            "rows_needing_embedding": sum(r.needs_embedding for r in state.rows),
+            "rows_failed_waiting": sum(r.failed for r in state.rows),
+            "backlog": dg.MetadataValue.md(render_markdown(state.rows)),
+            "backlog_by_partition": dg.MetadataValue.json(work),
+            "reported_by": BACKLOG_SENSOR,
+        },
+    )
+    return event, fingerprint
+
+
+def build_backlog_sensor(
+    settings: Settings,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+    jobs: Sequence[dg.UnresolvedAssetJobDefinition],
+) -> dg.SensorDefinition:
+    """The sensor for `settings` over `partitions_def`, launching the `embed_<table>` jobs."""
+    last_partition = partitions_def.get_last_partition_key()
+    assert last_partition is not None
+    warn_minutes = settings.checks.freshness_warn_minutes
+
+    @dg.sensor(
+        name=BACKLOG_SENSOR,
+        minimum_interval_seconds=settings.sensor.backlog_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        jobs=jobs,
+        description="Repairs any drift: launches embedding runs for the months and tables "
+        "with rows missing, stale or due for a retry, and for a missing HNSW index; reports "
+        "each month's backlog, the embedding lag and the source tables' backlog.",
+    )
+    def backlog_sensor(
+        context: dg.SensorEvaluationContext,
+        postgres: PostgresResource,
+        embedder: EmbedderResource,
+    ) -> dg.SensorResult:
+        cursor = BacklogCursor.parse(context.cursor)
+        with postgres.connection(vector=False) as conn:
+            absent = [
+                s.table for s in settings.tables.values() if not relation_exists(conn, s.table)
+            ]
+            if absent:
+                return dg.SensorResult(
+                    skip_reason=f"no table {', '.join(absent)} yet (`embedding-pipeline schema`)",
+                    cursor=cursor.serialize(),
+                )
+            now = database_now(conn)
+            states = read_tables(conn, settings.tables.items(), embedder.model_id, partitions_def)
+
+        in_flight = [
+            run_span(run, settings)
+            for run in context.instance.get_runs(
+                filters=dg.RunsFilter(statuses=IN_FLIGHT), limit=500
+            )
+        ]
+        requests: list[dg.RunRequest] = []
+        waiting: list[str] = []
+        events: list[dg.AssetObservation | dg.AssetCheckEvaluation | dg.AssetMaterialization] = []
+        next_cursor = BacklogCursor(tick=cursor.tick + 1)
+        for state in states:
+            months = state.months_due
+            if months or state.index_missing:
+                first, last = (
+                    (months[0], months[-1]) if months else (last_partition, last_partition)
+                )
+                asset = dg.AssetKey(state.spec.asset_name)
+                busy = [r.run_id[:8] for r in in_flight if r.covers(asset, first, last)]
+                if busy:
+                    waiting.append(f"{state.key} ({state.reason()}) waits for run {busy[0]}")
+                else:
+                    requests.append(_run_request(state, months, last_partition, cursor.tick))
+            observations, next_cursor.months[state.key] = _month_events(
+                state, cursor.months.get(state.key, {})
+            )
+            events.extend(observations)
+            lag, next_cursor.reported[f"lag:{state.key}"] = _lag_event(
+                state, now, warn_minutes, cursor.reported.get(f"lag:{state.key}")
+            )
+            source, next_cursor.reported[f"source:{state.key}"] = _source_event(
+                state, cursor.reported.get(f"source:{state.key}")
+            )
+            events.extend(e for e in (lag, source) if e is not None)
+
+        for request in requests:
+            context.log.info(
+                f"{request.job_name} over {request.tags.get('embedding_pipeline/partitions')}: "
+                f"{request.tags[REASON_TAG]}"
+            )
+        if requests:
+            return dg.SensorResult(
+                run_requests=requests, asset_events=events, cursor=next_cursor.serialize()
+            )
+        next_cursor.tick = cursor.tick
+        reason = "; ".join(waiting) if waiting else "every row has a current embedding"
+        return dg.SensorResult(
+            skip_reason=reason, asset_events=events, cursor=next_cursor.serialize()
+        )
+
+    return backlog_sensor

@@ -1,0 +1,340 @@
+"""The Dagster UI as an operator uses it, in headless Chromium (Debian's `/usr/bin/chromium`
+driven by Playwright) against a real `dagster dev`: webserver, daemon and run workers on
+the session's embedded PostgreSQL, the local model, a temporary DAGSTER_HOME.
+
+One walk-through, in file order (run the module, not one test alone): the lineage graph
+shows the six assets; a materialization launched by a click succeeds; the checks tab
+shows the checks with their metadata; rows set to NULL in SQL make a check run launched
+from the UI fail with the count and the ids; the backlog sensor (interval shortened to
+`SENSOR_SECONDS`) repairs them with no click; the UI shows the repair.
+
+Screenshots go to `EP_UI_SCREENSHOT_DIR` (`make screenshots` sets it to `docs/ui`),
+otherwise to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg
+import pytest
+
+from embedding_pipeline.cli import write_local_instance_config
+from embedding_pipeline.lib.pgserver import free_port
+from embedding_pipeline.runner import materialize_all
+from embedding_pipeline.sensors import BACKLOG_SENSOR
+from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.conftest import create_database, ingest_small_chat
+
+ROOT = Path(__file__).parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SENSOR_SECONDS = 15
+GROUPS = "expanded=global%40global%3Asources%2Cglobal%40global%3Aembeddings"
+ASSETS = (
+    "messages",
+    "topics",
+    "atoms",
+    "message_embeddings",
+    "topic_embeddings",
+    "atom_embeddings",
+)
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class DagsterDev:
+    """`dagster dev` in its own process group on a free port (SIGTERM reaches it there)."""
+
+    def __init__(self, home: Path, database_url: str) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "DATABASE_URL": database_url,
+            "EP_BACKLOG_SENSOR_INTERVAL_SECONDS": str(SENSOR_SECONDS),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.log = (home / "dagster-dev.log").open("w")
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "dagster"),
+                "dev",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, (self.home / "dagster-dev.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(self.url + "/server_info", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = os.environ.get("EP_UI_SCREENSHOT_DIR")
+    folder = Path(target) if target else tmp_path_factory.mktemp("ui")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(pg_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The small chat ingested and embedded by one `materialize_all` run on the instance
+    `dagster dev` then serves."""
+    url = create_database(pg_server, "ui_walkthrough")
+    settings = ingest_small_chat(Settings(database_url=url))
+    home = tmp_path_factory.mktemp("dagster_home")
+    write_local_instance_config(home / "dagster.yaml")
+    old = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "DATABASE_URL")}
+    os.environ.update({"DAGSTER_HOME": str(home), "DATABASE_URL": url})
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            materialize_all(settings, instance=instance, trigger="demo")
+            dev = DagsterDev(home, url)
+            try:
+                wait_for("dagster dev to serve", dev.ready, 120)
+                yield {"url": url, "dev": dev, "instance": instance, "settings": settings}
+            finally:
+                dev.stop()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def page(world: dict[str, Any]) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 760})
+        context.set_default_timeout(30_000)
+        tab = context.new_page()
+        yield tab
+        browser.close()
+
+
+def open_page(page: Any, world: dict[str, Any], path: str) -> None:
+    page.goto(world["dev"].url + path)
+    page.wait_for_load_state("networkidle")
+
+
+def shoot(page: Any, shots: Path, name: str) -> None:
+    page.screenshot(path=str(shots / f"{name}.png"))
+
+
+def null_count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM messages WHERE embedding IS NULL").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def sensor_backlog(instance: dg.DagsterInstance) -> int:
+    """The largest `backlog_missing` the backlog sensor reported for message embeddings."""
+    records = instance.fetch_observations(dg.AssetKey("message_embeddings"), limit=50).records
+    values = [
+        int(metadata["backlog_missing"].value)
+        for record in records
+        if record.asset_observation is not None
+        and (metadata := record.asset_observation.metadata).get("observed_by")
+        == dg.MetadataValue.text(BACKLOG_SENSOR)
+    ]
+    return max(values, default=0)
+
+
+def test_the_lineage_graph_shows_the_six_assets(world, page, shots):
+    open_page(page, world, f"/asset-groups?{GROUPS}")
+    for name in ASSETS:
+        page.get_by_text(name, exact=True).first.wait_for()
+    passed = page.get_by_text("9 / 9 Passed")
+
+    def all_passed() -> bool:
+        if passed.count() == 3:
+            return True
+        page.reload()
+        page.wait_for_load_state("networkidle")
+        return False
+
+    wait_for("each embedding asset to show its nine checks passed", all_passed, 60, 1)
+    shoot(page, shots, "lineage")
+
+
+def test_a_materialization_launched_by_a_click_succeeds(world, page, shots):
+    instance = world["instance"]
+    before = {r.run_id for r in instance.get_runs()}
+    open_page(page, world, "/assets/messages")
+    page.locator("button", has_text=re.compile(r"^\s*Materialize\s*$")).first.click()
+    run = wait_for(
+        "the clicked run",
+        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
+        30,
+    )
+    finished = wait_for(
+        "the clicked run to finish",
+        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished and r,
+        90,
+    )
+    assert finished.status == dg.DagsterRunStatus.SUCCESS
+    open_page(page, world, f"/runs/{run.run_id}")
+    page.get_by_text("Success").first.wait_for()
+
+
+def test_the_checks_tab_shows_the_checks_with_their_metadata(world, page, shots):
+    open_page(
+        page, world, "/assets/message_embeddings?view=checks&checkDetail=no_missing_embeddings"
+    )
+    for name in ("no_missing_embeddings", "embedding_lag", "hnsw_index_used", "search_recall"):
+        page.get_by_text(name, exact=True).first.wait_for()
+    page.get_by_text("missing 0 of 4 rows").first.wait_for()
+    page.get_by_text("sample_ids", exact=True).first.wait_for()
+    shoot(page, shots, "checks")
+
+
+def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page, shots):
+    """The check run is launched from the UI, then two vectors are set to NULL while its
+    process starts: the backlog sensor leaves a table alone while a run covering it is
+    queued or running, so the check sees the NULLs before the sensor repairs them."""
+    instance = world["instance"]
+    before = {r.run_id for r in instance.get_runs()}
+    open_page(
+        page, world, "/assets/message_embeddings?view=checks&checkDetail=no_missing_embeddings"
+    )
+    page.locator("button", has_text=re.compile(r"^\s*Execute\s*$")).first.click()
+    run = wait_for(
+        "the check run",
+        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
+        30,
+        0.1,
+    )
+    with psycopg.connect(world["url"]) as conn:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "UPDATE messages SET embedding = NULL WHERE id IN "
+                "(SELECT id FROM messages ORDER BY id LIMIT 2) RETURNING id"
+            )
+        ]
+    wait_for(
+        "the check run to finish",
+        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished,
+        90,
+    )
+    page.reload()
+    page.wait_for_load_state("networkidle")
+    ids_text = ", ".join(str(i) for i in sorted(ids))
+    page.get_by_text("missing 2 of 4 rows").first.wait_for()
+    page.get_by_text(f"ids {ids_text}").first.wait_for()
+    shoot(page, shots, "check-failed")
+    open_page(page, world, "/assets")
+    page.get_by_text("message_embeddings", exact=True).first.wait_for(state="attached")
+    shoot(page, shots, "catalog-failed")
+    world["nulled"] = ids
+
+
+def test_the_backlog_sensor_repairs_it_with_no_click(world, page, shots):
+    instance = world["instance"]
+    started = time.monotonic()
+    wait_for("the sensor's report of the months", lambda: sensor_backlog(instance), 60)
+    # the month as the sensor reports it, while its repair run starts (best effort)
+    open_page(page, world, "/assets/message_embeddings?view=partitions&partition=2025-09-01")
+    shoot(page, shots, "partition-backlog")
+    wait_for("the NULL vectors to be embedded", lambda: null_count(world["url"]) == 0, 120, 1)
+    world["repair_seconds"] = time.monotonic() - started
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"embedding_pipeline/trigger": "backlog"}))
+    assert runs, "the repair was not a backlog-sensor run"
+    repair = runs[0]
+    assert repair.job_name == "embed_messages"
+    assert repair.tags["dagster/sensor_name"] == BACKLOG_SENSOR
+    wait_for(
+        "the repair run to finish",
+        lambda: (r := instance.get_run_by_id(repair.run_id)) is not None and r.is_finished,
+        60,
+    )
+    assert instance.get_run_by_id(repair.run_id).status == dg.DagsterRunStatus.SUCCESS
+    open_page(page, world, "/runs")
+    page.get_by_text("embed_messages").first.wait_for()
+    page.get_by_text("embedding_pipeline/trigger: backlog").first.wait_for()
+    shoot(page, shots, "runs")
+
+
+def test_the_ui_shows_it_healthy_again(world, page, shots):
+    open_page(
+        page, world, "/assets/message_embeddings?view=checks&checkDetail=no_missing_embeddings"
+    )
+    page.get_by_text("missing 0 of 4 rows").first.wait_for()
+    shoot(page, shots, "checks-repaired")
+    month = "2025-09-01"
+    observed = (
+        world["instance"]
+        .fetch_observations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("message_embeddings"), asset_partitions=[month]
+            ),
+            limit=1,
+        )
+        .records[0]
+        .asset_observation
+    )
+    assert observed is not None and observed.metadata["backlog_missing"].value == 0
+    open_page(page, world, f"/assets/message_embeddings?view=partitions&partition={month}")
+    page.get_by_text("Latest materialization").first.wait_for()
+    shoot(page, shots, "partition")
+    open_page(page, world, f"/asset-groups?{GROUPS}")
+    page.get_by_text("message_embeddings", exact=True).first.wait_for()
+    shoot(page, shots, "lineage-repaired")
