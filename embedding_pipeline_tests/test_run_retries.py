@@ -6,121 +6,53 @@ provider back, embeds every row. Nobody acts in between."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
 
 import dagster as dg
 import pytest
-import yaml
 from dagster._core.scheduler.instigation import InstigatorType
 
-from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database
-from embedding_pipeline_tests.fault_helpers import OPENAI_ID, SECRET, assert_embedded, schema_for
+from embedding_pipeline_tests.daemon_helpers import (
+    instance_home,
+    project_env,
+    running_daemon,
+    wait_for,
+    workspace,
+)
+from embedding_pipeline_tests.fault_helpers import OPENAI_ID, assert_embedded, schema_for
 from embedding_pipeline_tests.fault_server import FaultServer
 from embedding_pipeline_tests.incremental_helpers import add_extraction, insert_messages
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-#: Test pace only: the queue and the retry daemon look every second instead of every five.
-QUICK_DAEMONS = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    dequeue_interval_seconds: 1
-"""
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], seconds: float, log: Path) -> T:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = probe()
-        if found is not None:
-            return found
-        time.sleep(0.5)
-    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}; daemon log ends:\n{tail}")
 
 
 @pytest.fixture
 def daemon_home(tmp_path: Path) -> Path:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG + QUICK_DAEMONS)
-    # create the SQLite storages now: the daemon and this test opening a new instance at
-    # the same moment would both try to create them
-    dg.DagsterInstance.from_config(str(home)).dispose()
-    return home
+    return instance_home(tmp_path)
 
 
 @pytest.fixture
 def daemon(
     pg_server: EmbeddedPostgres, fault_server: FaultServer, daemon_home: Path, tmp_path: Path
 ) -> Iterator[tuple[str, Path]]:
-    """`dagster-daemon run` (own process group) on a workspace loading this project with
-    the test database and the fault server as OpenAI; yields (database URL, log file)."""
+    """`dagster-daemon run` on a workspace loading this project with the test database and
+    the fault server as OpenAI; yields (database URL, log file)."""
     url = create_database(pg_server, "run_retries")
     schema_for(url)
-    workspace = tmp_path / "workspace.yaml"
-    workspace.write_text(
-        yaml.safe_dump(
-            {
-                "load_from": [
-                    {
-                        "python_module": {
-                            "module_name": "embedding_pipeline.definitions",
-                            "working_directory": str(ROOT),
-                        }
-                    }
-                ]
-            }
-        )
+    env = project_env(
+        daemon_home,
+        url,
+        fault_server,
+        {"EP_RETRY_DEADLINE_SECONDS": "2", "EP_SENSOR_INTERVAL_SECONDS": "1"},
     )
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(daemon_home),
-        "DATABASE_URL": url,
-        "EP_EMBEDDING_PROVIDER": "openai",
-        "EP_EMBEDDING_DIMENSIONS": "384",
-        "OPENAI_API_KEY": SECRET,
-        "OPENAI_BASE_URL": fault_server.openai_base_url,
-        "EP_RETRY_DEADLINE_SECONDS": "2",
-        "EP_SENSOR_INTERVAL_SECONDS": "1",
-        "DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
     log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    with running_daemon(workspace(tmp_path), env, log):
         yield url, log
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
 
 
 def test_a_sensor_run_failed_by_a_provider_outage_is_retried_until_every_row_is_embedded(

@@ -1,0 +1,99 @@
+"""Scale-out with Dagster's own machinery: two runs of `embed_messages` over the same backlog,
+queued with `dagster job launch` and started side by side by the real `dagster-daemon`
+(QueuedRunCoordinator, the provider pool allowing two runs), each in its own process.
+Both embed part of the backlog, together every row exactly once: the per-row claims
+keep them apart, no coordinator of our own is involved."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.pgserver import EmbeddedPostgres
+from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.conftest import create_database
+from embedding_pipeline_tests.daemon_helpers import (
+    BIN,
+    instance_home,
+    project_env,
+    running_daemon,
+    wait_for,
+    workspace,
+)
+from embedding_pipeline_tests.fault_helpers import OPENAI_ID, assert_embedded, schema_for
+from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline_tests.incremental_helpers import insert_messages
+
+MONTHS = ("2025-01-01", "2025-03-01")
+
+
+def test_two_daemon_runs_over_one_backlog_embed_every_row_once(
+    pg_server: EmbeddedPostgres, fault_server: FaultServer, tmp_path: Path
+) -> None:
+    url = create_database(pg_server, "scale_out")
+    schema_for(url)
+    with db.connection(url) as conn:
+        start = datetime(2025, 1, 1, tzinfo=UTC)
+        ids = insert_messages(conn, [start + timedelta(hours=9 * i) for i in range(200)])
+    # small requests and claims answered in 0.4 s: one run alone would take 8 s, longer
+    # than the daemon takes to start the second run's process
+    fault_server.configure(latency=0.4)
+    home, workspace_file, log = instance_home(tmp_path), workspace(tmp_path), tmp_path / "d.log"
+    env = project_env(
+        home,
+        url,
+        fault_server,
+        {"EP_BATCH_SIZE": "5", "EP_CLAIM_SIZE": "10", "EP_EMBEDDING_CONCURRENCY": "2"},
+    )
+    for sensor in ("backlog_sensor", "extraction_sensor"):  # only the two runs embed here
+        dagster("sensor", "stop", sensor, "-w", str(workspace_file), env=env)
+    tags = {
+        "dagster/asset_partition_range_start": MONTHS[0],
+        "dagster/asset_partition_range_end": MONTHS[1],
+        "embedding_pipeline/trigger": "backfill",
+    }
+    for _ in range(2):
+        launch = ["job", "launch", "-j", "embed_messages", "-w", str(workspace_file)]
+        dagster(*launch, "--tags", json.dumps(tags), env=env)
+
+    with running_daemon(workspace_file, env, log), dg.DagsterInstance.from_config(str(home)) as i:
+
+        def finished() -> list[dg.DagsterRun] | None:
+            runs = i.get_runs(filters=dg.RunsFilter(job_name="embed_messages"))
+            done = [r for r in runs if r.is_finished]
+            return done if len(done) == 2 else None
+
+        runs = wait_for("both runs to finish", finished, 240, log)
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * 2, runs
+        stats = [i.get_run_stats(r.run_id) for r in runs]
+        embedded = [_run_figure(i, r.run_id, "run_rows_embedded") for r in runs]
+
+    starts = sorted((s.start_time or 0.0, s.end_time or 0.0) for s in stats)
+    assert starts[1][0] < starts[0][1], "the second run started before the first ended"
+    assert all(n > 0 for n in embedded), f"each run embedded part: {embedded}"
+    assert sum(embedded) == len(ids)
+    counts = fault_server.snapshot()
+    assert counts.answered_more_than_once() == []
+    assert_embedded(Settings(database_url=url), ids, OPENAI_ID)
+
+
+def dagster(*args: str, env: dict[str, str]) -> None:
+    done = subprocess.run([str(BIN / "dagster"), *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _run_figure(instance: dg.DagsterInstance, run_id: str, key: str) -> int:
+    """A run-level figure from the run's materialization metadata (the same on each month)."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    event = records[0].event_log_entry.dagster_event
+    assert event is not None and event.step_materialization_data is not None
+    value = event.step_materialization_data.materialization.metadata[key].value
+    assert isinstance(value, int)
+    return value
