@@ -149,6 +149,7 @@ class FaultServer:
         self._down_until = 0.0
         self._down_mode: DownMode = "503"
         self._reopen: threading.Timer | None = None
+        self._placeholder: socket.socket | None = None
         self._window_start = time.monotonic()
         self._window_used = 0
         #: Called with the request's number (from 1) before it is answered, in the
@@ -167,6 +168,7 @@ class FaultServer:
                 self._reopen.cancel()
                 self._reopen = None
         self._close_listener()
+        self._release_port()
 
     def __enter__(self) -> FaultServer:
         return self.start()
@@ -183,13 +185,14 @@ class FaultServer:
         return f"{self.url}/v1"
 
     def _listen(self) -> None:
+        self._release_port()
         server = _Server(self)
         self.port = server.server_address[1]
         thread = threading.Thread(target=server.serve_forever, name="fault-server", daemon=True)
         thread.start()
         self._httpd, self._thread = server, thread
 
-    def _close_listener(self) -> None:
+    def _close_listener(self, *, hold_port: bool = False) -> None:
         httpd, thread = self._httpd, self._thread
         self._httpd = self._thread = None
         if httpd is not None:
@@ -197,6 +200,18 @@ class FaultServer:
             httpd.server_close()
         if thread is not None:
             thread.join(timeout=5)
+        if hold_port:
+            # bound but not listening: connections are refused, and no other server on
+            # the machine can take the port and answer in our place meanwhile
+            placeholder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            placeholder.bind((self.host, self.port))
+            self._placeholder = placeholder
+
+    def _release_port(self) -> None:
+        placeholder, self._placeholder = self._placeholder, None
+        if placeholder is not None:
+            placeholder.close()
 
     # --- control ---------------------------------------------------------------------
 
@@ -212,7 +227,7 @@ class FaultServer:
         with self._lock:
             self._down_until, self._down_mode = until, mode
         if mode == "refuse":
-            self._close_listener()
+            self._close_listener(hold_port=True)
             if seconds is not None:
                 timer = threading.Timer(seconds, self.up)
                 timer.daemon = True
