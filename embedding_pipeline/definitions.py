@@ -7,7 +7,7 @@ import warnings
 import dagster as dg
 
 from embedding_pipeline.assets import build_embedding_asset, build_source_asset
-from embedding_pipeline.checks import build_checks, build_checks_schedule
+from embedding_pipeline.checks import build_checks, build_checks_schedule, per_run_check_keys
 from embedding_pipeline.jobs import build_jobs
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
@@ -52,7 +52,10 @@ def build_definitions(
     for name, spec in settings.tables.items():
         assets.append(build_source_asset(name, spec, settings))
         assets.append(build_embedding_asset(name, spec, settings, partitions_def))
-    jobs = build_jobs(settings)
+    jobs = build_jobs(
+        settings,
+        per_run_check_keys(dg.AssetKey(spec.asset_name) for spec in settings.tables.values()),
+    )
     embed_jobs = [job for job in jobs if job.name.startswith("embed_")]
     return dg.Definitions(
         assets=assets,

@@ -4,8 +4,8 @@ what a run does, and its tags say who started it, for which tables and months.
 - `embed_messages`, `embed_topics`, `embed_atoms`: one table's embeddings for the chosen
   month partitions (the backlog sensor, the extraction sensor, a person);
 - `embed_tables`: several tables' embeddings in one run (the extraction sensor);
-- `materialize_all`: the source tables and every embedding partition in one run
-  (`embedding-pipeline materialize`, the demo);
+- `materialize_all`: the source tables and every embedding partition in one run, with the
+  embedding assets' per-run checks (`embedding-pipeline materialize`, the demo);
 - `run_checks`: every check of the embedding assets (the checks schedule,
   `embedding-pipeline check`).
 
@@ -75,8 +75,11 @@ def range_tags(start: str, end: str) -> Mapping[str, str]:
     }
 
 
-def build_jobs(settings: Settings) -> list[dg.UnresolvedAssetJobDefinition]:
-    """The jobs of the table above for `settings.tables`."""
+def build_jobs(
+    settings: Settings, per_run_checks: Iterable[dg.AssetCheckKey]
+) -> list[dg.UnresolvedAssetJobDefinition]:
+    """The jobs of the table above for `settings.tables`; `per_run_checks` are the checks
+    `materialize_all` carries (`checks.per_run_check_keys`)."""
     tables = list(settings.tables)
     embeddings = {key: dg.AssetKey(spec.asset_name) for key, spec in settings.tables.items()}
     sources = [dg.AssetKey(key) for key in tables]
@@ -100,9 +103,13 @@ def build_jobs(settings: Settings) -> list[dg.UnresolvedAssetJobDefinition]:
         ),
         dg.define_asset_job(
             MATERIALIZE_ALL,
-            selection=dg.AssetSelection.assets(*sources, *embeddings.values()),
+            # the cheap checks only, as on sensor runs: recall and latency sample searches
+            # (seconds at 100k rows) and run on the checks schedule or `check`
+            selection=dg.AssetSelection.assets(*sources, *embeddings.values()).without_checks()
+            | dg.AssetSelection.checks(*per_run_checks),
             tags=run_tags("manual", tables),
-            description="The source tables, then every embedding partition, in one run.",
+            description="The source tables, then every embedding partition, in one run, "
+            "with the embedding assets' per-run checks.",
         ),
         dg.define_asset_job(
             RUN_CHECKS,
