@@ -358,10 +358,16 @@ class FaultServer:
             self._note("cutoff")
             handler.send_json(200, answer, headers, cut=True)
             return
-        if handler.send_json(200, answer, headers):
-            self._note("200", texts)
-        else:
-            self._note("client gone")
+        # counted before it is sent, so a client that has read the answer always finds
+        # it counted; taken back if the client had gone
+        self._note("200", texts)
+        if not handler.send_json(200, answer, headers):
+            with self._lock:
+                self.counts.outcomes["200"] -= 1
+                self.counts.outcomes["client gone"] += 1
+                self.counts.answered.subtract(texts)
+                self.counts.answered += Counter()  # drop the counts that fell to zero
+                self.counts.outcomes += Counter()
 
     def _refuse(self, fate: str, faults: Faults, texts: list[str]) -> None:
         """Raise the error answer `fate` means (nothing for "200" and "cutoff")."""
