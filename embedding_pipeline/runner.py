@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from embedding_pipeline.checks import CHECK_NAMES
+from embedding_pipeline.checks import CHECK_NAMES, per_run_check_keys
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.jobs import MATERIALIZE_ALL, RUN_CHECKS, range_tags, run_tags
 from embedding_pipeline.partitions import monthly_partitions
@@ -107,8 +107,8 @@ def materialize_all(
     defs = defs or build_definitions(settings)
     keys = list(only) if only else list(settings.tables)
     instance = instance or dg.DagsterInstance.get()
-    selection = [dg.AssetKey(key) for key in keys]
-    selection += [dg.AssetKey(settings.tables[key].asset_name) for key in keys]
+    embedding_keys = [dg.AssetKey(settings.tables[key].asset_name) for key in keys]
+    selection = [dg.AssetKey(key) for key in keys] + embedding_keys
     partition_keys = monthly_partitions(settings.partition_start).get_partition_keys()
     result = _execute(
         defs,
@@ -119,6 +119,9 @@ def materialize_all(
             **run_tags(trigger, keys, partition_keys),
         },
         asset_selection=selection,
+        # the job's own checks: a subset would otherwise carry every check of its assets,
+        # the sampled recall and latency searches too
+        check_selection=per_run_check_keys(embedding_keys),
     )
     if not result.success:
         raise RunFailed(f"{MATERIALIZE_ALL} failed: " + "; ".join(failure_reasons(result)))

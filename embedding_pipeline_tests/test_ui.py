@@ -31,7 +31,7 @@ import pytest
 
 from embedding_pipeline.cli import write_local_instance_config
 from embedding_pipeline.lib.pgserver import free_port
-from embedding_pipeline.runner import materialize_all
+from embedding_pipeline.runner import materialize_all, run_embedding_checks
 from embedding_pipeline.sensors import BACKLOG_SENSOR
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database, ingest_small_chat
@@ -131,8 +131,8 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def world(pg_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The small chat ingested and embedded by one `materialize_all` run on the instance
-    `dagster dev` then serves."""
+    """The small chat ingested, embedded by one `materialize_all` run and checked by one
+    `run_checks` run (as `make demo` does) on the instance `dagster dev` then serves."""
     url = create_database(pg_server, "ui_walkthrough")
     settings = ingest_small_chat(Settings(database_url=url))
     home = tmp_path_factory.mktemp("dagster_home")
@@ -142,6 +142,7 @@ def world(pg_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
             materialize_all(settings, instance=instance, trigger="demo")
+            run_embedding_checks(settings, instance=instance, trigger="demo")
             dev = DagsterDev(home, url)
             try:
                 wait_for("dagster dev to serve", dev.ready, 120)
