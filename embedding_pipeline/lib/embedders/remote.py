@@ -19,8 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -58,6 +59,7 @@ OPENAI_MAX_INPUT_TOKENS = 8_191
 OLLAMA_MAX_INPUT_TOKENS = 2_048
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 INPUT_STATUSES = frozenset({400, 413, 422})
+T = TypeVar("T")
 
 
 def classify_status(
@@ -148,8 +150,6 @@ class OpenAIEmbedder(Embedder):
         limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(retry=retry, limiter=limiter)
-        import openai
-
         native = _native_dimension("openai", model)
         self.dimension = resolve_dimension("openai", model, dimensions)
         self.model_id = model_id_for("openai", model, self.dimension)
@@ -158,8 +158,8 @@ class OpenAIEmbedder(Embedder):
         self._request_dimensions = dimensions if dimensions not in (None, native) else None
         self._secret = api_key or None
         self._timeout = timeout
-        self._client = openai.OpenAI(
-            api_key=api_key or "unset", base_url=base_url, timeout=timeout, max_retries=0
+        self._client = _Lazy(
+            lambda: _openai_client(api_key or "unset", base_url=base_url, timeout=timeout)
         )
         self._where = _safe_url(base_url) if base_url else "api.openai.com"
 
@@ -190,7 +190,7 @@ class OpenAIEmbedder(Embedder):
         if self._request_dimensions is not None:
             kwargs["dimensions"] = self._request_dimensions
         try:
-            raw = self._client.embeddings.with_raw_response.create(**kwargs)
+            raw = self._client.get().embeddings.with_raw_response.create(**kwargs)
             if self.limiter is not None:
                 self.limiter.observe(raw.headers)
             # the JSON read directly: the SDK's typed models cost more than the request
@@ -224,6 +224,35 @@ class OpenAIEmbedder(Embedder):
                 f"expected 0..{len(texts) - 1}"
             )
         return _stack(vectors, self.dimension, self._fail)
+
+
+class _Lazy(Generic[T]):
+    """A client made on first use, once across threads: a run with nothing to embed
+    never imports the SDK (the `openai` package alone takes over a second)."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        if self._value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._make()
+        return self._value
+
+
+def _openai_client(api_key: str, *, base_url: str | None, timeout: float) -> Any:
+    import openai
+
+    return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+
+def _ollama_client(host: str, timeout: float) -> Any:
+    import ollama
+
+    return ollama.Client(host=host, timeout=timeout)
 
 
 def _decode(embedding: Any) -> np.ndarray:
@@ -276,8 +305,6 @@ class OllamaEmbedder(Embedder):
         limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(retry=retry, limiter=limiter)
-        import ollama
-
         if max_input_tokens is not None:
             self.max_input_tokens = max_input_tokens
 
@@ -290,7 +317,7 @@ class OllamaEmbedder(Embedder):
         self._model = model
         self._host = _safe_url(host)
         self._timeout = timeout
-        self._client = ollama.Client(host=host, timeout=timeout)
+        self._client = _Lazy(lambda: _ollama_client(host, timeout))
 
     def __repr__(self) -> str:
         return f"OllamaEmbedder({self.model_id!r}, at {self._host!r})"
@@ -303,7 +330,7 @@ class OllamaEmbedder(Embedder):
         import ollama
 
         try:
-            response = self._client.embed(
+            response = self._client.get().embed(
                 model=self._model, input=texts, dimensions=self._request_dimensions
             )
         except ollama.ResponseError as exc:
