@@ -59,18 +59,23 @@ def test_partition_run_embeds_only_its_month(small_data, defs, instance, conn):
 
 def test_a_range_run_records_each_months_own_figures(small_data, defs, instance, conn):
     """A run over August..November records per month what that month holds and got, and
-    an observation of its backlog; the run's totals carry a `run_` prefix."""
+    an observation of the backlog of each month whose latest observation it changed; the
+    run's totals carry a `run_` prefix."""
     conn.execute("UPDATE messages SET embedding = NULL")
     conn.commit()
-    result = _materialize(
-        defs,
-        ["message_embeddings"],
-        instance,
-        tags={
-            "dagster/asset_partition_range_start": "2025-08-01",
-            "dagster/asset_partition_range_end": "2025-11-01",
-        },
+    # what the backlog sensor would have reported for September meanwhile
+    instance.report_runless_asset_event(
+        dg.AssetObservation(
+            asset_key=dg.AssetKey("message_embeddings"),
+            partition=SEPTEMBER,
+            metadata={"backlog_missing": 2, "backlog_stale": 0, "backlog_failed": 0},
+        )
     )
+    tags = {
+        "dagster/asset_partition_range_start": "2025-08-01",
+        "dagster/asset_partition_range_end": "2025-11-01",
+    }
+    result = _materialize(defs, ["message_embeddings"], instance, tags=tags)
     assert result.success
     by_month = {
         m.partition: {k: v.value for k, v in m.metadata.items()}
@@ -93,8 +98,13 @@ def test_a_range_run_records_each_months_own_figures(small_data, defs, instance,
         for e in result.all_events
         if e.event_type_value == "ASSET_OBSERVATION"
     }
-    assert set(observations) == set(by_month)
-    assert all(o["backlog_needs_embedding"] == 0 for o in observations.values())
+    # September was last seen with 2 missing: now 0; October was never observed (as empty)
+    assert set(observations) == {SEPTEMBER}
+    assert observations[SEPTEMBER]["backlog_missing"] == 0
+    assert observations[SEPTEMBER]["backlog_needs_embedding"] == 0
+    again = _materialize(defs, ["message_embeddings"], instance, tags=tags)
+    assert again.success and again.get_asset_materialization_events()
+    assert not [e for e in again.all_events if e.event_type_value == "ASSET_OBSERVATION"]
 
 
 def test_vectors_are_unit_length_and_belong_to_their_rows(small_data, defs, instance, conn):

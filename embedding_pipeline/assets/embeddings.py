@@ -14,7 +14,7 @@ missing, stale or failed) and an observation of its backlog, so the partitions v
 each month as it is, not the run's totals (those carry a `run_` prefix).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -130,18 +130,60 @@ def _record_partitions(
     rows: Sequence[BacklogRow],
     model_id: str,
 ) -> None:
-    """Each month of the run gets its own materialization figures and backlog observation."""
+    """Each month of the run gets its own materialization figures, and an observation of
+    its backlog where that differs from the month's latest observation (a month never
+    observed counts as observed empty): a no-op run over every month writes no
+    observation at all, and a month repaired by the run shows 0 again."""
     by_partition = {r.partition: r for r in rows}
+    observed = _latest_observed_backlogs(context, context.partition_keys)
     for key in context.partition_keys:
         row = by_partition.get(key)
         context.add_asset_metadata(partition_metadata(row, model_id), partition_key=key)
+        backlog = backlog_metadata(row)
+        if observed.get(key, _EMPTY_BACKLOG if observed.complete else None) == _counts(backlog):
+            continue
         context.log_event(
             dg.AssetObservation(
                 asset_key=context.asset_key,
                 partition=key,
-                metadata={**backlog_metadata(row), "observed_by": f"run {context.run.run_id[:8]}"},
+                metadata={**backlog, "observed_by": f"run {context.run.run_id[:8]}"},
             )
         )
+
+
+_BACKLOG_KEYS = ("backlog_missing", "backlog_stale", "backlog_failed")
+_EMPTY_BACKLOG = (0, 0, 0)
+
+
+def _counts(metadata: Mapping[str, Any]) -> tuple[int, ...]:
+    return tuple(
+        int(getattr(metadata.get(k), "value", metadata.get(k)) or 0) for k in _BACKLOG_KEYS
+    )
+
+
+class _Observed(dict[str, tuple[int, ...]]):
+    """The latest observed backlog per month; `complete` when every observation of the
+    months was read (a month absent then was never observed)."""
+
+    complete = False
+
+
+def _latest_observed_backlogs(
+    context: dg.AssetExecutionContext, months: Sequence[str]
+) -> _Observed:
+    """One read of the newest observations of `months` (the run's and the backlog sensor's)."""
+    limit = 2 * len(months) + 10
+    records = context.instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=list(months)),
+        limit=limit,
+    ).records
+    observed = _Observed()
+    observed.complete = len(records) < limit
+    for record in records:  # newest first
+        observation = record.asset_observation
+        if observation is not None and observation.partition not in observed:
+            observed[str(observation.partition)] = _counts(observation.metadata)
+    return observed
 
 
 def run_metadata(result: SyncResult, label: str) -> dict[str, Any]:
