@@ -12,9 +12,9 @@ never shows an old backlog.
 import dagster as dg
 from psycopg import sql
 
-from embedding_pipeline.lib.backlog import render_markdown, table_backlog
+from embedding_pipeline.lib.backlog import render_markdown, table_pending
 from embedding_pipeline.lib.schema import ensure_schema
-from embedding_pipeline.partitions import monthly_partitions, partition_key_for
+from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec
 
@@ -74,12 +74,8 @@ def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.Ass
                 },
             ).fetchone()
             assert changed is not None
-            backlog = table_backlog(
-                conn,
-                spec,
-                embedder.model_id,
-                lambda month: partition_key_for(partitions_def, month),
-            )
+            # the pending rows alone, as the backlog sensor reports them: an index read
+            backlog = table_pending(conn, spec, embedder.model_id, partition_mapper(partitions_def))
         context.log.info(f"{spec.table}: {count} rows, {changed[0]} new, {changed[1]} changed")
         return dg.MaterializeResult(
             metadata={
