@@ -152,6 +152,7 @@ def plain_index_seconds(url: str, settings: Settings) -> float:
 def run_pipeline(
     url: str, embedder: Embedder, options: EngineOptions, settings: Settings
 ) -> SyncResult:
+    embedder.warm_up()  # the SDK imported or the model loaded before the clock, as for raw
     with db.connection(url) as conn:
         return sync_embeddings(
             conn,

@@ -324,6 +324,7 @@ def sync_embeddings(
                 if bulk:
                     result.index_strategy = "built after load"
 
+            embedder.warm_up()
             pipeline = _Pipeline(session, spec, embedder, window, options, on_progress, result)
             if index is not None:
                 pipeline.before_first_write = start_bulk_load

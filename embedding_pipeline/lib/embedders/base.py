@@ -104,6 +104,11 @@ class Embedder(abc.ABC):
         """Return one row per text; called with at most `max_batch_size` texts. Raises
         `TransientEmbeddingError`, `InputRejectedError` or `EmbeddingError`."""
 
+    def warm_up(self) -> None:
+        """Load what the first request needs (a client, a model) now, once, rather than in
+        the first requests racing in parallel. Providers with nothing to load do nothing."""
+        return None
+
     def token_bound(self, text: str) -> int:
         """An upper bound of the tokens `text` costs: its UTF-8 bytes (no BPE token is
         shorter than one byte), so a text cut to N bytes never exceeds N tokens without a

@@ -75,8 +75,14 @@ class LocalEmbedder(Embedder):
         self._chunk_size = chunk_size
         self._lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        self._model()
+
+    def _model(self) -> tuple[Any, Any]:
+        return _load(str(model_file()), str(tokenizer_file()), self._threads)
+
     def _embed(self, texts: list[str]) -> np.ndarray:
-        tokenizer, session = _load(str(model_file()), str(tokenizer_file()), self._threads)
+        tokenizer, session = self._model()
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         # similar lengths together: less padding per chunk
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

@@ -16,7 +16,6 @@ policy, one deadline and one set of figures cover both providers.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import threading
@@ -163,6 +162,9 @@ class OpenAIEmbedder(Embedder):
         )
         self._where = _safe_url(base_url) if base_url else "api.openai.com"
 
+    def warm_up(self) -> None:
+        self._client.get()
+
     def __repr__(self) -> str:
         return f"OpenAIEmbedder({self.model_id!r}, at {self._where!r})"
 
@@ -258,7 +260,9 @@ def _ollama_client(host: str, timeout: float) -> Any:
 def _decode(embedding: Any) -> np.ndarray:
     """A vector from base64 little-endian float32 or from a list of numbers."""
     if isinstance(embedding, str):
-        raw = base64.b64decode(embedding, validate=True)
+        # strict decoding in C: `b64decode(validate=True)` checks with a regular
+        # expression first, a fifth of the client's time on 1536-d answers
+        raw = binascii.a2b_base64(embedding, strict_mode=True)
         if len(raw) % 4:
             raise ValueError(f"base64 vector of {len(raw)} bytes is not float32 values")
         return np.frombuffer(raw, dtype="<f4")
@@ -318,6 +322,9 @@ class OllamaEmbedder(Embedder):
         self._host = _safe_url(host)
         self._timeout = timeout
         self._client = _Lazy(lambda: _ollama_client(host, timeout))
+
+    def warm_up(self) -> None:
+        self._client.get()
 
     def __repr__(self) -> str:
         return f"OllamaEmbedder({self.model_id!r}, at {self._host!r})"
