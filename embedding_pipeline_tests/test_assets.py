@@ -1,13 +1,19 @@
 """The assets, materialized through Dagster against the real database and local model."""
 
+from datetime import UTC, datetime
+
 import dagster as dg
 import numpy as np
 import pytest
 from psycopg import sql
 
-from embedding_pipeline.lib.db import hash_expr, text_expr
+from embedding_pipeline.lib.backlog import window_backlog
+from embedding_pipeline.lib.db import database_now, hash_expr, text_expr
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, LocalEmbedder
+from embedding_pipeline.lib.embedders.local import LOCAL_MODEL_ID
+from embedding_pipeline.lib.sync import Window
 from embedding_pipeline.lib.text import compose_text, content_hash
+from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource
 
 SEPTEMBER = "2025-09-01"
@@ -105,6 +111,31 @@ def test_a_range_run_records_each_months_own_figures(small_data, defs, instance,
     again = _materialize(defs, ["message_embeddings"], instance, tags=tags)
     assert again.success and again.get_asset_materialization_events()
     assert not [e for e in again.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+
+
+def test_a_run_that_wrote_nothing_reads_the_same_month_figures(small_data, settings, conn):
+    """The cheap reading of a run's months (index counts and the pending index, for a run
+    that wrote nothing) gives the figures of the full scan, backlog included."""
+    spec = settings.tables["messages"]
+    mapper = partition_mapper(monthly_partitions(settings.partition_start))
+    # in one transaction rolled back at the end: a row missing, a row edited (stale)
+    conn.execute("UPDATE messages SET embedding = NULL WHERE telegram_message_id = 2")
+    conn.execute(
+        "UPDATE messages SET content = content || ' (edited)' WHERE telegram_message_id = 3"
+    )
+    now = database_now(conn)
+    september = Window(
+        start=datetime(2025, 9, 1, tzinfo=UTC), end=datetime(2025, 10, 1, tzinfo=UTC)
+    )
+    try:
+        for window in (Window(), september):
+            full = window_backlog(conn, spec, LOCAL_MODEL_ID, mapper, window, now)
+            cheap = window_backlog(conn, spec, LOCAL_MODEL_ID, mapper, window, now, wrote=False)
+            assert cheap == full
+            assert sum(r.missing for r in full) == 1 and sum(r.stale for r in full) == 1
+            assert sum(r.rows or 0 for r in full) >= 2
+    finally:
+        conn.rollback()
 
 
 def test_vectors_are_unit_length_and_belong_to_their_rows(small_data, defs, instance, conn):

@@ -257,6 +257,7 @@ def build_embedding_asset(
                     partition_mapper(partitions_def),
                     window,
                     started,
+                    wrote=bool(result.embedded or result.failed),
                 )
         except (EmbeddingError, SchemaError, psycopg.OperationalError) as exc:
             raise dg.Failure(

@@ -13,7 +13,7 @@ not the table (for the backlog sensor's every tick).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
 import psycopg
@@ -185,13 +185,44 @@ def window_backlog(
     partition_for: Callable[[datetime | None], str],
     window: Window,
     embedded_since: datetime,
+    *,
+    wrote: bool = True,
 ) -> list[BacklogRow]:
-    """Per-partition counts of the rows of `window` (one scan of its months), with the rows
-    embedded at or after `embedded_since`: what a run over those months left behind."""
-    query = _counts(
-        spec, model_id, pending_only=False, window=window, embedded_since=embedded_since
-    )
-    return _grouped(conn, spec, query, partition_for)
+    """Per-partition counts of the rows of `window`, with the rows embedded at or after
+    `embedded_since`: what a run over those months left behind. One scan of its months;
+    for a run that wrote nothing (`wrote=False`) the rows per month come from the
+    partition column's index and the backlog from the pending index instead (at 100,000
+    rows: 0.04 s against 0.3 s), every `embedded` being 0."""
+    if wrote:
+        query = _counts(
+            spec, model_id, pending_only=False, window=window, embedded_since=embedded_since
+        )
+        return _grouped(conn, spec, query, partition_for)
+    clause, params = window.clause(spec)
+    months = conn.execute(
+        sql.SQL(
+            "SELECT date_trunc('month', t.{part}, 'UTC'), count(*) FROM {table} t WHERE {w} "
+            "GROUP BY 1"
+        ).format(
+            part=sql.Identifier(spec.partition_column),
+            table=sql.Identifier(spec.table),
+            w=clause,
+        ),
+        params,
+    ).fetchall()
+    rows: dict[str, int] = {}
+    for month, count in months:
+        key = partition_for(month)
+        rows[key] = rows.get(key, 0) + int(count)
+    waiting = {r.partition: r for r in table_pending(conn, spec, model_id, partition_for)}
+    return [
+        replace(
+            waiting.get(key) or BacklogRow(spec.table, key, None, 0, 0),
+            rows=count,
+            embedded=0,
+        )
+        for key, count in sorted(rows.items())
+    ]
 
 
 def backlog(
