@@ -8,7 +8,7 @@ import pytest
 from psycopg import sql
 
 from embedding_pipeline.lib.backlog import window_backlog
-from embedding_pipeline.lib.db import database_now, hash_expr, text_expr
+from embedding_pipeline.lib.db import hash_expr, text_expr
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, LocalEmbedder
 from embedding_pipeline.lib.embedders.local import LOCAL_MODEL_ID
 from embedding_pipeline.lib.sync import Window
@@ -63,77 +63,92 @@ def test_partition_run_embeds_only_its_month(small_data, defs, instance, conn):
     assert rows == [(2, True), (3, True), (5, False), (6, False)]
 
 
-def test_a_range_run_records_each_months_own_figures(small_data, defs, instance, conn):
+def test_a_range_run_records_each_months_own_figures(small_data, defs, conn):
     """A run over August..November records per month what that month holds and got, and
     an observation of the backlog of each month whose latest observation it changed; the
     run's totals carry a `run_` prefix."""
-    conn.execute("UPDATE messages SET embedding = NULL")
-    conn.commit()
-    # what the backlog sensor would have reported for September meanwhile
-    instance.report_runless_asset_event(
-        dg.AssetObservation(
-            asset_key=dg.AssetKey("message_embeddings"),
-            partition=SEPTEMBER,
-            metadata={"backlog_missing": 2, "backlog_stale": 0, "backlog_failed": 0},
+    # an instance of its own: observations other tests recorded would change the answer
+    with dg.instance_for_test() as instance:
+        conn.execute("UPDATE messages SET embedding = NULL")
+        conn.commit()
+        # what the backlog sensor would have reported for September meanwhile
+        instance.report_runless_asset_event(
+            dg.AssetObservation(
+                asset_key=dg.AssetKey("message_embeddings"),
+                partition=SEPTEMBER,
+                metadata={"backlog_missing": 2, "backlog_stale": 0, "backlog_failed": 0},
+            )
         )
-    )
-    tags = {
-        "dagster/asset_partition_range_start": "2025-08-01",
-        "dagster/asset_partition_range_end": "2025-11-01",
-    }
-    result = _materialize(defs, ["message_embeddings"], instance, tags=tags)
-    assert result.success
-    by_month = {
-        m.partition: {k: v.value for k, v in m.metadata.items()}
-        for m in (
-            e.step_materialization_data.materialization
-            for e in result.get_asset_materialization_events()
-        )
-    }
-    assert set(by_month) == {"2025-08-01", SEPTEMBER, OCTOBER, "2025-11-01"}
-    for month, rows in (("2025-08-01", 0), (SEPTEMBER, 2), (OCTOBER, 2), ("2025-11-01", 0)):
-        assert by_month[month]["rows_in_partition"] == rows, month
-        assert by_month[month]["rows_embedded"] == rows, month
-        assert by_month[month]["rows_missing"] == 0
-        assert by_month[month]["run_rows_embedded"] == 4
-        assert by_month[month]["run_partitions"] == "2025-08-01..2025-11-01"
-    observations = {
-        e.asset_observation_data.asset_observation.partition: {
-            k: v.value for k, v in e.asset_observation_data.asset_observation.metadata.items()
+        tags = {
+            "dagster/asset_partition_range_start": "2025-08-01",
+            "dagster/asset_partition_range_end": "2025-11-01",
         }
-        for e in result.all_events
-        if e.event_type_value == "ASSET_OBSERVATION"
-    }
-    # September was last seen with 2 missing: now 0; October was never observed (as empty)
-    assert set(observations) == {SEPTEMBER}
-    assert observations[SEPTEMBER]["backlog_missing"] == 0
-    assert observations[SEPTEMBER]["backlog_needs_embedding"] == 0
-    again = _materialize(defs, ["message_embeddings"], instance, tags=tags)
-    assert again.success and again.get_asset_materialization_events()
-    assert not [e for e in again.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+        result = _materialize(defs, ["message_embeddings"], instance, tags=tags)
+        assert result.success
+        by_month = {
+            m.partition: {k: v.value for k, v in m.metadata.items()}
+            for m in (
+                e.step_materialization_data.materialization
+                for e in result.get_asset_materialization_events()
+            )
+        }
+        assert set(by_month) == {"2025-08-01", SEPTEMBER, OCTOBER, "2025-11-01"}
+        for month, rows in (("2025-08-01", 0), (SEPTEMBER, 2), (OCTOBER, 2), ("2025-11-01", 0)):
+            assert by_month[month]["rows_in_partition"] == rows, month
+            assert by_month[month]["rows_embedded"] == rows, month
+            assert by_month[month]["rows_missing"] == 0
+            assert by_month[month]["run_rows_embedded"] == 4
+            assert by_month[month]["run_partitions"] == "2025-08-01..2025-11-01"
+        observations = {
+            e.asset_observation_data.asset_observation.partition: {
+                k: v.value for k, v in e.asset_observation_data.asset_observation.metadata.items()
+            }
+            for e in result.all_events
+            if e.event_type_value == "ASSET_OBSERVATION"
+        }
+        # September was last seen with 2 missing: now 0; October was never observed (as empty)
+        assert set(observations) == {SEPTEMBER}
+        assert observations[SEPTEMBER]["backlog_missing"] == 0
+        assert observations[SEPTEMBER]["backlog_needs_embedding"] == 0
+        again = _materialize(defs, ["message_embeddings"], instance, tags=tags)
+        assert again.success and again.get_asset_materialization_events()
+        assert not [e for e in again.all_events if e.event_type_value == "ASSET_OBSERVATION"]
 
 
-def test_a_run_that_wrote_nothing_reads_the_same_month_figures(small_data, settings, conn):
+def test_a_run_that_wrote_nothing_reads_the_same_month_figures(
+    small_data, settings, defs, instance, conn
+):
     """The cheap reading of a run's months (index counts and the pending index, for a run
-    that wrote nothing) gives the figures of the full scan, backlog included."""
+    that wrote nothing) gives the figures of the full scan, backlog included, and leaves
+    out what is pending in other months."""
+    keys = monthly_partitions(settings.partition_start).get_partition_keys()
+    everything = {
+        "dagster/asset_partition_range_start": keys[0],
+        "dagster/asset_partition_range_end": keys[-1],
+    }
+    assert _materialize(defs, ["message_embeddings"], instance, tags=everything).success
     spec = settings.tables["messages"]
     mapper = partition_mapper(monthly_partitions(settings.partition_start))
-    # in one transaction rolled back at the end: a row missing, a row edited (stale)
-    conn.execute("UPDATE messages SET embedding = NULL WHERE telegram_message_id = 2")
-    conn.execute(
-        "UPDATE messages SET content = content || ' (edited)' WHERE telegram_message_id = 3"
-    )
-    now = database_now(conn)
     september = Window(
         start=datetime(2025, 9, 1, tzinfo=UTC), end=datetime(2025, 10, 1, tzinfo=UTC)
     )
+    # one transaction, rolled back at the end: in September a row missing and a row
+    # edited (stale), in October a row missing
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    now = row[0]
+    conn.execute("UPDATE messages SET embedding = NULL WHERE telegram_message_id IN (2, 5)")
+    conn.execute(
+        "UPDATE messages SET content = content || ' (edited)' WHERE telegram_message_id = 3"
+    )
     try:
-        for window in (Window(), september):
+        for window, missing in ((Window(), 2), (september, 1)):
             full = window_backlog(conn, spec, LOCAL_MODEL_ID, mapper, window, now)
             cheap = window_backlog(conn, spec, LOCAL_MODEL_ID, mapper, window, now, wrote=False)
             assert cheap == full
-            assert sum(r.missing for r in full) == 1 and sum(r.stale for r in full) == 1
-            assert sum(r.rows or 0 for r in full) >= 2
+            assert sum(r.missing for r in full) == missing
+            assert sum(r.stale for r in full) == 1
+        assert {r.partition for r in cheap} == {SEPTEMBER}
     finally:
         conn.rollback()
 

@@ -705,3 +705,20 @@ def test_dagster_run_answered_401_fails_without_leaking_the_key(
     assert "answered HTTP 401: " in log and "Incorrect API key provided: ***" in log
     assert SECRET not in log
     assert comparable(messages(conn)) == before
+
+
+@pytest.mark.parametrize("host", ["http://user:pw@127.0.0.1:99999", "127.0.0.1:abc"])
+def test_a_client_that_cannot_be_made_is_a_one_line_error_not_a_retry(host: str) -> None:
+    """The SDK client is made on first use; a host it refuses fails at once (no retry
+    deadline spent), naming the service without the host's password."""
+    embedder = build_embedder(
+        "ollama", ollama_host=host, model="all-minilm", retry=RetryPolicy(deadline_seconds=30)
+    )
+    started = time.monotonic()
+    with pytest.raises(EmbeddingError, match="cannot make a client") as raised:
+        embedder.warm_up()
+    assert time.monotonic() - started < 5
+    assert type(raised.value) is EmbeddingError and "pw" not in str(raised.value)
+    with pytest.raises(EmbeddingError, match="cannot make a client"):
+        embedder.embed(["hello"])
+    assert embedder.retry_stats.retries == 0

@@ -8,10 +8,11 @@ when the provider cannot embed at all (unreachable past the retry deadline, key 
 refused), keeping what it wrote.
 
 A run over a range of months is one pass of the engine (one model load, one bulk load of
-the HNSW index when the backlog is large); afterwards one scan of its months records each
+the HNSW index when the backlog is large); afterwards one read of its months records each
 month's own figures on that month's materialization (rows, rows embedded, what is still
-missing, stale or failed) and an observation of its backlog, so the partitions view shows
-each month as it is, not the run's totals (those carry a `run_` prefix).
+missing, stale or failed; index reads when the run wrote nothing) and, where the month's
+backlog differs from its latest observation, an observation of it, so the partitions view
+shows each month as it is, not the run's totals (those carry a `run_` prefix).
 """
 
 from collections.abc import Mapping, Sequence
