@@ -211,6 +211,27 @@ def test_writer_connections_embed_each_row_once_and_release_every_lock(
             assert embedded and digest == content_hash(content)
 
 
+def test_a_run_whose_writer_connections_are_refused_writes_on_its_own(schema, conn, settings):
+    moment = datetime(2025, 6, 1, tzinfo=UTC)
+    ids = insert_messages(conn, [moment] * 40, chat_id=8)
+
+    def refused() -> psycopg.Connection:
+        raise psycopg.OperationalError("FATAL:  sorry, too many clients already")
+
+    options = EngineOptions(batch_size=8, write_connections=2)
+    with db.connection(settings.effective_database_url) as run:
+        result = sync_embeddings(
+            run,
+            settings.tables["messages"],
+            HashEmbedder(),
+            Window(start=moment, end=datetime(2025, 7, 1, tzinfo=UTC)),
+            options=options,
+            reconnect=refused,
+        )
+
+    assert result.embedded == len(ids) and result.reconnects == 0
+
+
 class _WriterKillingEmbedder(HashEmbedder):
     """Cuts the writer connections' sessions (from another connection) once some requests
     were answered, as a failover or an idle timeout would."""

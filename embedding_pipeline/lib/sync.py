@@ -20,6 +20,9 @@ provider thinks:
    temporary table and apply them with one UPDATE, by primary key, only where the row's
    source hash is still the one that was embedded (compare-and-set: text edited
    meanwhile keeps its new text and stays pending). Commit, then release the rows' locks.
+   With `write_connections` above 1, writer threads do this on connections of their own
+   while the run's connection keeps claiming; the locks stay the run session's, released
+   by it once the writer committed.
 
 A crash loses at most the requests in flight; the locks die with the session and the next
 run does only the rest. A lost database connection is re-opened (bounded) and the
@@ -793,8 +796,8 @@ class _Pipeline:
 
     def run(self) -> None:
         inflight: dict[Future[np.ndarray], _Request] = {}
-        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="embed")
         self.writers = self._open_writers()
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="embed")
         try:
             while True:
                 self._top_up()
