@@ -229,6 +229,11 @@ class EmbedderSettings:
         return self.batch_size or DEFAULT_BATCH_SIZES.get(self.provider, 64)
 
 
+#: Connections that write a run's vectors (EP_WRITE_CONNECTIONS). Measured at 1536-d against
+#: an instant provider on 2 cores (docs/benchmarks.md).
+DEFAULT_WRITE_CONNECTIONS = 2
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What a run does with rows the provider refuses, and how often it reports."""
@@ -238,6 +243,9 @@ class EngineSettings:
     progress_interval_seconds: float = 5.0
     #: Rows claimed per claim transaction; None: derived from batch size and concurrency.
     claim_size: int | None = None
+    #: Connections that write a run's vectors; 1: the run's own connection, between its
+    #: claims (docs/operations.md, "Concurrency: the claim design").
+    write_connections: int = DEFAULT_WRITE_CONNECTIONS
     #: A backfill's partitions per run; None: one run for the whole range. With a number,
     #: a backfill fans out over that many partitions a run, which the run queue and the
     #: run launcher spread over workers (docs/deployment.md).
@@ -391,6 +399,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "EP_PROGRESS_INTERVAL_SECONDS", EngineSettings.progress_interval_seconds
         ),
         claim_size=_optional_int(env, "EP_CLAIM_SIZE"),
+        write_connections=_int(env, "EP_WRITE_CONNECTIONS", EngineSettings.write_connections),
         backfill_partitions_per_run=_optional_int(env, "EP_BACKFILL_PARTITIONS_PER_RUN"),
     )
     tables = {key: _table_from_env(env, key, spec) for key, spec in default_tables().items()}
@@ -463,6 +472,7 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
         ("EP_OLLAMA_MAX_INPUT_TOKENS", s.embedder.ollama_max_input_tokens, 1, None),
         ("EP_ROW_MAX_ATTEMPTS", s.engine.row_max_attempts, 1, None),
         ("EP_CLAIM_SIZE", s.engine.claim_size, 1, None),
+        ("EP_WRITE_CONNECTIONS", s.engine.write_connections, 1, 8),
         ("EP_BACKFILL_PARTITIONS_PER_RUN", s.engine.backfill_partitions_per_run, 1, None),
         ("EP_HNSW_M", s.hnsw.m, 2, 100),
         ("EP_HNSW_EF_CONSTRUCTION", s.hnsw.ef_construction, max(4, 2 * s.hnsw.m), 1000),

@@ -9,15 +9,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import psycopg
+import pytest
 
 from embedding_pipeline.lib import db
-from embedding_pipeline.lib.sync import Window, sync_embeddings
+from embedding_pipeline.lib.sync import EngineOptions, Window, sync_embeddings
 from embedding_pipeline.lib.text import content_hash
 from embedding_pipeline_tests.incremental_helpers import (
     HashEmbedder,
@@ -147,3 +150,135 @@ def test_text_edited_during_a_run_keeps_its_new_text_and_is_embedded_next_time(
     row = conn.execute("SELECT embedding_hash FROM messages WHERE id = %s", (ids[1],)).fetchone()
     conn.rollback()
     assert row[0] == content_hash("edited mid-run")
+
+
+class _CountingConnect:
+    """`reconnect` for a run: opens connections and remembers them (the writers')."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.opened: list[psycopg.Connection] = []
+
+    def __call__(self) -> psycopg.Connection:
+        conn = db.connect(self.url)
+        self.opened.append(conn)
+        return conn
+
+
+def advisory_locks_of(conn: psycopg.Connection, pid: int) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s", (pid,)
+    ).fetchone()
+    conn.rollback()
+    return int(row[0])
+
+
+@pytest.mark.parametrize("write_connections", [1, 2])
+def test_writer_connections_embed_each_row_once_and_release_every_lock(
+    schema, conn, settings, write_connections
+):
+    rows = 300
+    moment = datetime(2025, write_connections, 1, tzinfo=UTC)
+    ids = insert_messages(conn, [moment] * rows, chat_id=3 + write_connections)
+    window = Window(start=moment, end=datetime(2025, write_connections + 1, 1, tzinfo=UTC))
+    url = settings.effective_database_url
+    connect = _CountingConnect(url)
+    embedder = _EditingEmbedder(url, ids[150])
+    options = EngineOptions(batch_size=8, concurrency=4, write_connections=write_connections)
+    with db.connection(url) as run:
+        result = sync_embeddings(
+            run, settings.tables["messages"], embedder, window, options=options, reconnect=connect
+        )
+        assert advisory_locks_of(conn, run.info.backend_pid) == 0
+
+    # one connection per writer, none for the old way; all closed by the run
+    assert len(connect.opened) == (write_connections if write_connections > 1 else 0)
+    assert all(c.closed for c in connect.opened)
+    assert embedder.stats.texts == rows
+    assert result.embedded == rows - 1 and result.changed_during_run == 1
+    assert result.reconnects == 0
+    stored = conn.execute(
+        "SELECT id, content, embedding IS NOT NULL, embedding_hash FROM messages "
+        "WHERE id = ANY(%s)",
+        (ids,),
+    ).fetchall()
+    conn.rollback()
+    assert len(stored) == rows
+    for rid, content, embedded, digest in stored:
+        if rid == ids[150]:
+            assert (content, embedded) == ("edited mid-run", False)
+        else:
+            assert embedded and digest == content_hash(content)
+
+
+def test_a_run_whose_writer_connections_are_refused_writes_on_its_own(schema, conn, settings):
+    moment = datetime(2025, 6, 1, tzinfo=UTC)
+    ids = insert_messages(conn, [moment] * 40, chat_id=8)
+
+    def refused() -> psycopg.Connection:
+        raise psycopg.OperationalError("FATAL:  sorry, too many clients already")
+
+    options = EngineOptions(batch_size=8, write_connections=2)
+    with db.connection(settings.effective_database_url) as run:
+        result = sync_embeddings(
+            run,
+            settings.tables["messages"],
+            HashEmbedder(),
+            Window(start=moment, end=datetime(2025, 7, 1, tzinfo=UTC)),
+            options=options,
+            reconnect=refused,
+        )
+
+    assert result.embedded == len(ids) and result.reconnects == 0
+
+
+class _WriterKillingEmbedder(HashEmbedder):
+    """Cuts the writer connections' sessions (from another connection) once some requests
+    were answered, as a failover or an idle timeout would."""
+
+    def __init__(self, url: str, connect: _CountingConnect) -> None:
+        super().__init__()
+        self._url = url
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._answered = 0
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        vectors = super()._embed(texts)
+        with self._lock:
+            self._answered += 1
+            if self._answered == 5:
+                pids = [c.info.backend_pid for c in self._connect.opened]
+                with db.connection(self._url, vector=False, autocommit=True) as other:
+                    other.execute(
+                        "SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) p", (pids,)
+                    )
+        return vectors
+
+
+def test_a_lost_writer_connection_is_reopened_and_loses_no_rows(schema, conn, settings):
+    rows = 200
+    moment = datetime(2024, 11, 1, tzinfo=UTC)
+    ids = insert_messages(conn, [moment] * rows, chat_id=9)
+    window = Window(start=moment, end=datetime(2024, 12, 1, tzinfo=UTC))
+    url = settings.effective_database_url
+    connect = _CountingConnect(url)
+    options = EngineOptions(batch_size=8, concurrency=2, write_connections=2)
+    with db.connection(url) as run:
+        result = sync_embeddings(
+            run,
+            settings.tables["messages"],
+            _WriterKillingEmbedder(url, connect),
+            window,
+            options=options,
+            reconnect=connect,
+        )
+        assert advisory_locks_of(conn, run.info.backend_pid) == 0
+
+    assert result.reconnects >= 1 and len(connect.opened) > 2
+    assert result.embedded == rows
+    missing = conn.execute(
+        "SELECT count(*) FROM messages WHERE id = ANY(%s) AND embedding IS NULL", (ids,)
+    ).fetchone()
+    conn.rollback()
+    assert missing[0] == 0

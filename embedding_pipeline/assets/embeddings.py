@@ -56,6 +56,7 @@ def engine_options(settings: Settings, embedder: EmbedderResource) -> EngineOpti
         ),
         progress_interval_seconds=e.progress_interval_seconds,
         claim_size=e.claim_size,
+        write_connections=e.write_connections,
     )
 
 

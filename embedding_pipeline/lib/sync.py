@@ -20,6 +20,9 @@ provider thinks:
    temporary table and apply them with one UPDATE, by primary key, only where the row's
    source hash is still the one that was embedded (compare-and-set: text edited
    meanwhile keeps its new text and stays pending). Commit, then release the rows' locks.
+   With `write_connections` above 1, writer threads do this on connections of their own
+   while the run's connection keeps claiming; the locks stay the run session's, released
+   by it once the writer committed.
 
 A crash loses at most the requests in flight; the locks die with the session and the next
 run does only the rest. A lost database connection is re-opened (bounded) and the
@@ -41,7 +44,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Literal
+from queue import SimpleQueue
+from typing import Any, Literal
 
 import numpy as np
 import psycopg
@@ -64,7 +68,7 @@ from embedding_pipeline.lib.schema import (
     vector_column_dimension,
 )
 from embedding_pipeline.lib.text import plan_requests
-from embedding_pipeline.settings import HnswSettings, TableSpec
+from embedding_pipeline.settings import DEFAULT_WRITE_CONNECTIONS, HnswSettings, TableSpec
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,11 @@ class EngineOptions:
     refuse_all_after: int = 16
     #: How long a run tries to get its database connection back before it fails.
     reconnect_seconds: float = 60.0
+    #: Connections that write vectors. 1: the run's own connection writes between its
+    #: claims; more: that many writer threads, each with its own connection (opened with
+    #: `reconnect`), write while the run's connection only claims, so PostgreSQL works on
+    #: several cores (docs/operations.md, "Concurrency: the claim design").
+    write_connections: int = DEFAULT_WRITE_CONNECTIONS
 
     def workers(self, embedder: Embedder) -> int:
         return max(1, self.concurrency or embedder.default_concurrency)
@@ -373,10 +382,12 @@ class _Session:
         reconnect: Callable[[], psycopg.Connection] | None,
         reconnect_seconds: float,
         result: SyncResult,
+        *,
+        own: bool = False,
     ) -> None:
         self.conn = conn
-        self._own = False
-        self._reconnect = reconnect
+        self._own = own
+        self.reconnect = reconnect
         self._reconnect_seconds = reconnect_seconds
         self._result = result
         self.on_reconnect: Callable[[], None] | None = None
@@ -391,26 +402,13 @@ class _Session:
             try:
                 return op(self.conn)
             except psycopg.OperationalError:
-                if not self.lost or self._reconnect is None:
+                if not self.lost or self.reconnect is None:
                     raise
                 self._replace()
 
     def _replace(self) -> None:
-        assert self._reconnect is not None
-        deadline = time.monotonic() + self._reconnect_seconds
-        delay = 0.5
-        while True:
-            try:
-                fresh = self._reconnect()
-                break
-            except psycopg.OperationalError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise psycopg.OperationalError(
-                        f"lost the database connection and could not reconnect within "
-                        f"{self._reconnect_seconds:g}s: {str(exc).splitlines()[0]}"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        assert self.reconnect is not None
+        fresh = _connect(self.reconnect, self._reconnect_seconds)
         if self._own:
             self.conn.close()
         self.conn, self._own = fresh, True
@@ -421,6 +419,88 @@ class _Session:
     def close(self) -> None:
         if self._own:
             self.conn.close()
+
+
+def _connect(connect: Callable[[], psycopg.Connection], seconds: float) -> psycopg.Connection:
+    """A new connection in place of a lost one, tried with backoff for up to `seconds`;
+    then the run fails with a one-line reason."""
+    deadline = time.monotonic() + seconds
+    delay = 0.5
+    while True:
+        try:
+            return connect()
+        except psycopg.OperationalError as exc:
+            if time.monotonic() + delay > deadline:
+                raise psycopg.OperationalError(
+                    f"lost the database connection and could not reconnect within "
+                    f"{seconds:g}s: {str(exc).splitlines()[0]}"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class _Writers:
+    """Threads that write finished requests, each on a connection of its own, so that
+    PostgreSQL applies several requests at once on several cores while the run's own
+    connection keeps claiming. A writer holds no row locks (they are the run session's,
+    released by it after the write committed); a lost writer connection is re-opened like
+    the run's own (`_Session`), and a write that fails for good fails the run, its rows
+    left pending for the next run."""
+
+    def __init__(self, sessions: list[_Session]) -> None:
+        self._sessions = sessions
+        self._idle: SimpleQueue[_Session] = SimpleQueue()
+        for session in sessions:
+            self._idle.put(session)
+        self._pool = ThreadPoolExecutor(max_workers=len(sessions), thread_name_prefix="write")
+
+    @classmethod
+    def open(
+        cls,
+        count: int,
+        connect: Callable[[], psycopg.Connection],
+        reconnect_seconds: float,
+        result: SyncResult,
+        prepare: Callable[[psycopg.Connection], None],
+    ) -> _Writers | None:
+        """Up to `count` writers; fewer when the server refuses more connections (its
+        `max_connections`), None when it refuses the first: the run then writes on its
+        own connection rather than fail for want of a faster way."""
+        sessions: list[_Session] = []
+        for _ in range(count):
+            try:
+                conn = connect()
+            except psycopg.OperationalError:
+                break
+            session = _Session(conn, connect, reconnect_seconds, result, own=True)
+            session.on_reconnect = lambda s=session: prepare(s.conn)
+            sessions.append(session)
+            try:
+                prepare(conn)
+            except BaseException:
+                for opened in sessions:
+                    opened.close()
+                raise
+        return cls(sessions) if sessions else None
+
+    def submit(self, op: Callable[[psycopg.Connection], int]) -> Future[int]:
+        """Run `op(conn)` on an idle writer connection (reconnecting under it if lost)."""
+        return self._pool.submit(self._run, op)
+
+    def _run(self, op: Callable[[psycopg.Connection], int]) -> int:
+        session = self._idle.get()
+        try:
+            written = session.run(op)
+        finally:
+            self._idle.put(session)
+        assert isinstance(written, int)
+        return written
+
+    def close(self) -> None:
+        """Wait for the writes in flight, then close the connections."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for session in self._sessions:
+            session.close()
 
 
 @dataclass
@@ -470,6 +550,9 @@ class _Pipeline:
         self.after = -(2**63)
         self.exhausted = False
         self.fatal: BaseException | None = None
+        self.writers: _Writers | None = None
+        #: Writes handed to the writers and not yet accounted.
+        self.writing: dict[Future[int], _Request] = {}
         #: Called once, on the session's connection, before the first vectors are written.
         self.before_first_write: Callable[[psycopg.Connection], None] | None = None
         self.namespace = lock_namespace(spec)
@@ -626,36 +709,65 @@ class _Pipeline:
     # --- write ------------------------------------------------------------------------
 
     def _write(self, request: _Request, vectors: np.ndarray) -> None:
+        """Write a finished request: on a writer connection when there are writers (the
+        rows are accounted and released when it committed, `_written`), else here."""
         if self.before_first_write is not None:
+            # on the run's connection, before any write is even handed to a writer
             first, self.before_first_write = self.before_first_write, None
             self.session.run(first)
+        if self.writers is not None:
+
+            def apart(conn: psycopg.Connection) -> int:
+                with conn.transaction():
+                    return self._apply(conn, request, vectors)
+
+            self.writing[self.writers.submit(apart)] = request
+            return
 
         def op(conn: psycopg.Connection) -> int:
             with self._transaction(conn):
-                with conn.cursor().copy(
-                    "COPY ep_staging (id, hash, embedding) FROM STDIN WITH (FORMAT BINARY)"
-                ) as copy:
-                    copy.set_types(["int8", "text", "vector"])
-                    for row, vector in zip(request.rows, vectors, strict=True):
-                        copy.write_row((row.id, row.source_hash, vector))
-                # one primary-key probe per staged row at every table size: the staging
-                # table has no statistics, and a hash join would scan the whole table
-                conn.execute(
-                    "SELECT set_config('enable_hashjoin', 'off', true), "
-                    "set_config('enable_mergejoin', 'off', true)"
-                )
-                written = {
-                    int(r[0])
-                    for r in conn.execute(
-                        self.write_sql, {"model_id": self.embedder.model_id}
-                    ).fetchall()
-                }
-                retried = [r.id for r in request.rows if r.failed_before and r.id in written]
-                row_errors.clear_rows(conn, self.spec, retried)
-            return len(written)
+                return self._apply(conn, request, vectors)
 
         written = self.session.run(op)
         assert isinstance(written, int)
+        self._wrote(request, written)
+
+    def _apply(self, conn: psycopg.Connection, request: _Request, vectors: np.ndarray) -> int:
+        """Stage the vectors and store those whose row still has the embedded text, inside
+        the caller's transaction; the number stored. Touches no state of the run: a
+        writer thread calls it."""
+        with conn.cursor().copy(
+            "COPY ep_staging (id, hash, embedding) FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["int8", "text", "vector"])
+            for row, vector in zip(request.rows, vectors, strict=True):
+                copy.write_row((row.id, row.source_hash, vector))
+        # one primary-key probe per staged row at every table size: the staging table has
+        # no statistics, and a hash join would scan the whole table
+        conn.execute(
+            "SELECT set_config('enable_hashjoin', 'off', true), "
+            "set_config('enable_mergejoin', 'off', true)"
+        )
+        written = {
+            int(r[0])
+            for r in conn.execute(self.write_sql, {"model_id": self.embedder.model_id}).fetchall()
+        }
+        retried = [r.id for r in request.rows if r.failed_before and r.id in written]
+        row_errors.clear_rows(conn, self.spec, retried)
+        return len(written)
+
+    def _written(self, request: _Request, future: Future[int]) -> None:
+        """A writer finished: account its rows, or fail the run when it could not write
+        (its rows were not written and stay pending; the run's counts exclude them)."""
+        try:
+            written = future.result()
+        except Exception as exc:
+            self.fatal = self.fatal or exc
+            self._release(r.id for r in request.rows)
+            return
+        self._wrote(request, written)
+
+    def _wrote(self, request: _Request, written: int) -> None:
         self.result.embedded += written
         self.result.changed_during_run += len(request.rows) - written
         self._release(r.id for r in request.rows)
@@ -684,6 +796,7 @@ class _Pipeline:
 
     def run(self) -> None:
         inflight: dict[Future[np.ndarray], _Request] = {}
+        self.writers = self._open_writers()
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="embed")
         try:
             while True:
@@ -691,26 +804,53 @@ class _Pipeline:
                 while self.fatal is None and self.queue and len(inflight) < self.workers:
                     request = self.queue.popleft()
                     inflight[pool.submit(self.embedder.embed, request.texts)] = request
-                if not inflight:
+                if not inflight and not self.writing:
                     if self.fatal is not None or (self.exhausted and not self.queue):
                         break
                     continue
-                done, _ = wait(
-                    inflight,
+                pending: list[Future[Any]] = [*inflight, *self.writing]
+                wait(
+                    pending,
                     timeout=self.options.progress_interval_seconds,
                     return_when=FIRST_COMPLETED,
                 )
-                for future in done:
+                for future in [f for f in inflight if f.done()]:
                     self._finish(inflight.pop(future), future)
+                for written in [f for f in self.writing if f.done()]:
+                    self._written(self.writing.pop(written), written)
                 self._report()
         finally:
             for future in inflight:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            self._close_writers()
             self._release_all()
         self._report(final=True)
         if self.fatal is not None:
             raise self.fatal
+
+    def _open_writers(self) -> _Writers | None:
+        """Writer connections, when the options ask for more than one writing connection
+        and the run can open connections (`reconnect`); else the run's own writes."""
+        count = self.options.write_connections
+        if count <= 1 or self.session.reconnect is None:
+            return None
+        connect, seconds = self.session.reconnect, self.options.reconnect_seconds
+        return _Writers.open(count, connect, seconds, self.result, self._prepare)
+
+    def _close_writers(self) -> None:
+        """Let the writes in flight finish and account them (a failed run's counts include
+        what it wrote), then close the writer connections."""
+        if self.writers is None:
+            return
+        self.writers.close()
+        for future, request in list(self.writing.items()):
+            if not future.cancelled():
+                self._written(request, future)
+            else:
+                self._release(r.id for r in request.rows)
+        self.writing.clear()
+        self.writers = None
 
     def _top_up(self) -> None:
         """Claim more rows while the workers could run dry soon."""
@@ -764,17 +904,20 @@ class _Pipeline:
             )
 
     def _release_all(self) -> None:
-        """Give back every lock still held (unless the session died, which freed them)."""
+        """Give back every lock still held (unless the session died, which freed them).
+        Always a round trip: while the writers wrote, the run's connection may have been
+        lost unnoticed, and the work after the load (the index build) needs it back."""
         self._release(list(self.held))
-        if not self.to_release or self.session.lost:
+        if self.session.lost:
             return
-        conn = self.session.conn
-        try:
+
+        def op(conn: psycopg.Connection) -> None:
             conn.rollback()
             conn.execute(self.release_sql, {"ids": self.to_release, "namespace": self.namespace})
             conn.commit()
-        except psycopg.Error:
-            pass  # the locks end with the session
+
+        with contextlib.suppress(psycopg.Error):  # the locks end with the session
+            self.session.run(op)
         self.to_release = []
 
     def _report(self, *, final: bool = False) -> None:
