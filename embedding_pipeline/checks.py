@@ -193,9 +193,19 @@ def no_missing_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         if label is not None:
             metadata["run_partitions"] = label
             metadata["missing_in_run_partitions"] = report.missing_in_window or 0
+            metadata["missing_claimed_by_another_run"] = report.claimed_in_window
             if not report.ok and not report.pending_in_window:
                 severity = WARN
                 description += f" (none pending in this run's partitions {label})"
+            elif report.pending_in_window and (
+                report.pending_in_window == report.claimed_in_window
+            ):
+                # a run beside this one (a scale-out, an overlapping backfill) holds them
+                severity = WARN
+                description += (
+                    f" (the {report.claimed_in_window} pending in this run's partitions "
+                    "are being embedded by another run)"
+                )
         if report.sample_ids:
             description += ": ids " + ", ".join(str(i) for i in report.sample_ids)
         return dg.AssetCheckResult(

@@ -13,9 +13,9 @@ from pgvector.psycopg import register_vector
 
 from embedding_pipeline import checks, runner
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import quality
+from embedding_pipeline.lib import db, quality
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
-from embedding_pipeline.lib.sync import lock_namespace
+from embedding_pipeline.lib.sync import CLAIM_SESSION_NAME, lock_namespace
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
 from embedding_pipeline_tests.conftest import embed_months
 
@@ -212,7 +212,20 @@ def test_missing_check_in_a_partition_run_errors_only_for_its_own_rows(
     assert evaluation.severity == dg.AssetCheckSeverity.ERROR
     assert _meta(evaluation)["missing_in_run_partitions"] == 1
     assert _meta(evaluation)["missing_pending"] == 2
+    assert _meta(evaluation)["missing_claimed_by_another_run"] == 0
     assert not result.success, "the blocking check fails the run"
+
+    # the same row claimed by another run's claiming session (a scale-out, an overlapping
+    # backfill): that run is embedding it now, so this one ends with a WARN
+    with db.connection(settings.effective_database_url, autocommit=True) as other:
+        other.execute("SELECT set_config('application_name', %s, false)", [CLAIM_SESSION_NAME])
+        other.execute(f"SELECT pg_advisory_lock({claim})")
+        result, evaluation = october_run()
+    assert not evaluation.passed
+    assert evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert _meta(evaluation)["missing_claimed_by_another_run"] == 1
+    assert "being embedded by another run" in (evaluation.description or "")
+    assert result.success
 
     # an empty text cannot be embedded: recorded as failed, so the run goes on with a WARN
     _sql(conn, f"UPDATE messages SET content = '' WHERE id = {october[0]}")  # noqa: S608

@@ -27,7 +27,7 @@ from psycopg.pq import TransactionStatus
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr, text_expr
 from embedding_pipeline.lib.engine.errors import recorded_expr
 from embedding_pipeline.lib.schema import vector_column_dimension
-from embedding_pipeline.lib.sync import Window
+from embedding_pipeline.lib.sync import Window, claimed_elsewhere_expr
 from embedding_pipeline.settings import TableSpec
 
 #: The operator class that serves `ORDER BY embedding <=> q` (cosine distance), the order
@@ -106,6 +106,9 @@ class MissingReport:
     missing_in_window: int | None = None
     failed: int = 0
     failed_in_window: int | None = None
+    #: Pending rows of the window whose claim another session holds: another run of the
+    #: same backlog is embedding them at this moment.
+    claimed_in_window: int = 0
 
     @property
     def ok(self) -> bool:
@@ -143,8 +146,16 @@ def count_missing(
                 "SELECT count(*), count(*) FILTER (WHERE {emb} IS NULL), "
                 "count(*) FILTER (WHERE {emb} IS NULL AND {where}), "
                 "count(*) FILTER (WHERE {emb} IS NULL AND {failed}), "
-                "count(*) FILTER (WHERE {emb} IS NULL AND {where} AND {failed}) FROM {table} t"
-            ).format(emb=emb, where=where, failed=failed, table=_table(spec)),
+                "count(*) FILTER (WHERE {emb} IS NULL AND {where} AND {failed}), "
+                "count(*) FILTER (WHERE {emb} IS NULL AND {where} AND NOT {failed} AND {claimed}) "
+                "FROM {table} t"
+            ).format(
+                emb=emb,
+                where=where,
+                failed=failed,
+                claimed=claimed_elsewhere_expr(spec, "t"),
+                table=_table(spec),
+            ),
             params,
         ).fetchone()
         assert row is not None
@@ -167,6 +178,7 @@ def count_missing(
         missing_in_window=int(row[2]) if window is not None else None,
         failed=int(row[3]),
         failed_in_window=int(row[4]) if window is not None else None,
+        claimed_in_window=int(row[5]),
     )
 
 

@@ -215,6 +215,34 @@ def lock_namespace(spec: TableSpec) -> int:
     return zlib.crc32(f"{spec.table}.{spec.embedding_column}".encode()) & 0x7FFFFFFF
 
 
+#: `application_name` of a run's claiming session, so that checks can tell the claims of
+#: a run at work from any other lock on the same key.
+CLAIM_SESSION_NAME = "embedding_pipeline claims"
+
+
+def _name_claim_session(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "SELECT set_config('application_name', %(name)s, false)", {"name": CLAIM_SESSION_NAME}
+    )
+    conn.commit()
+
+
+def claimed_elsewhere_expr(spec: TableSpec, alias: str) -> sql.Composed:
+    """True for a row whose claim another run's claiming session holds: that run is
+    embedding it now. One read of `pg_locks` per statement (the sub-select is not
+    correlated); ids above 2**32 can share a key, as for the claims themselves."""
+    return sql.SQL(
+        "({id} & 4294967295) IN (SELECT l.objid::bigint FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+        "AND l.granted AND l.objsubid = 1 AND l.classid = {ns}::oid "
+        "AND l.pid <> pg_backend_pid() AND a.application_name = {name})"
+    ).format(
+        id=sql.Identifier(alias, spec.id_column),
+        ns=sql.Literal(lock_namespace(spec)),
+        name=sql.Literal(CLAIM_SESSION_NAME),
+    )
+
+
 def count_window(
     conn: psycopg.Connection, spec: TableSpec, window: Window, model_id: str
 ) -> tuple[int, int, int]:
@@ -559,6 +587,7 @@ class _Pipeline:
         self._statements(window)
         session.on_reconnect = self._after_reconnect
         self._prepare(session.conn)
+        _name_claim_session(session.conn)
 
     def _statements(self, window: Window) -> None:
         spec, model_id = self.spec, self.embedder.model_id
@@ -632,6 +661,7 @@ class _Pipeline:
         (compare-and-set keeps any row another run took meanwhile correct)."""
         conn = self.session.conn
         self._prepare(conn)
+        _name_claim_session(conn)
         self.to_release.clear()
         if self.held:
             kept = conn.execute(
