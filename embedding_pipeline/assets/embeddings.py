@@ -142,7 +142,7 @@ def _record_partitions(
         row = by_partition.get(key)
         context.add_asset_metadata(partition_metadata(row, model_id), partition_key=key)
         backlog = backlog_metadata(row)
-        if observed.get(key, _EMPTY_BACKLOG if observed.complete else None) == _counts(backlog):
+        if observed[key] == _backlog_counts(backlog):
             continue
         context.log_event(
             dg.AssetObservation(
@@ -157,35 +157,31 @@ _BACKLOG_KEYS = ("backlog_missing", "backlog_stale", "backlog_failed")
 _EMPTY_BACKLOG = (0, 0, 0)
 
 
-def _counts(metadata: Mapping[str, Any]) -> tuple[int, ...]:
+def _backlog_counts(metadata: Mapping[str, Any]) -> tuple[int, ...]:
+    """(missing, stale, failed) of backlog metadata, plain or as Dagster metadata values."""
     return tuple(
         int(getattr(metadata.get(k), "value", metadata.get(k)) or 0) for k in _BACKLOG_KEYS
     )
 
 
-class _Observed(dict[str, tuple[int, ...]]):
-    """The latest observed backlog per month; `complete` when every observation of the
-    months was read (a month absent then was never observed)."""
-
-    complete = False
-
-
 def _latest_observed_backlogs(
     context: dg.AssetExecutionContext, months: Sequence[str]
-) -> _Observed:
-    """One read of the newest observations of `months` (the run's and the backlog sensor's)."""
+) -> dict[str, tuple[int, ...] | None]:
+    """Per month, its latest observed backlog (the run's or the backlog sensor's), from one
+    read of the newest observations: empty for a month never observed, None (unknown) for
+    a month beyond what the read returned."""
     limit = 2 * len(months) + 10
     records = context.instance.fetch_observations(
         dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=list(months)),
         limit=limit,
     ).records
-    observed = _Observed()
-    observed.complete = len(records) < limit
+    latest: dict[str, tuple[int, ...]] = {}
     for record in records:  # newest first
         observation = record.asset_observation
-        if observation is not None and observation.partition not in observed:
-            observed[str(observation.partition)] = _counts(observation.metadata)
-    return observed
+        if observation is not None and str(observation.partition) not in latest:
+            latest[str(observation.partition)] = _backlog_counts(observation.metadata)
+    unseen = _EMPTY_BACKLOG if len(records) < limit else None
+    return {month: latest.get(month, unseen) for month in months}
 
 
 def run_metadata(result: SyncResult, label: str) -> dict[str, Any]:

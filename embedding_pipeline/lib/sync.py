@@ -220,13 +220,6 @@ def lock_namespace(spec: TableSpec) -> int:
 CLAIM_SESSION_NAME = "embedding_pipeline claims"
 
 
-def _name_claim_session(conn: psycopg.Connection) -> None:
-    conn.execute(
-        "SELECT set_config('application_name', %(name)s, false)", {"name": CLAIM_SESSION_NAME}
-    )
-    conn.commit()
-
-
 def claimed_elsewhere_expr(spec: TableSpec, alias: str) -> sql.Composed:
     """True for a row whose claim another run's claiming session holds: that run is
     embedding it now. One read of `pg_locks` per statement (the sub-select is not
@@ -586,8 +579,7 @@ class _Pipeline:
         self.namespace = lock_namespace(spec)
         self._statements(window)
         session.on_reconnect = self._after_reconnect
-        self._prepare(session.conn)
-        _name_claim_session(session.conn)
+        self._prepare(session.conn, claims=True)
 
     def _statements(self, window: Window) -> None:
         spec, model_id = self.spec, self.embedder.model_id
@@ -649,19 +641,26 @@ class _Pipeline:
         )
 
     @staticmethod
-    def _prepare(conn: psycopg.Connection) -> None:
+    def _prepare(conn: psycopg.Connection, *, claims: bool = False) -> None:
+        """A session ready to write (its staging table); with `claims`, the run's claiming
+        session, named so that checks can tell its locks from any other
+        (`claimed_elsewhere_expr`)."""
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS ep_staging "
             "(id bigint, hash text, embedding vector) ON COMMIT DELETE ROWS"
         )
+        if claims:
+            conn.execute(
+                "SELECT set_config('application_name', %(name)s, false)",
+                {"name": CLAIM_SESSION_NAME},
+            )
         conn.commit()
 
     def _after_reconnect(self) -> None:
         """A new session holds none of the old one's locks: take back those still free
         (compare-and-set keeps any row another run took meanwhile correct)."""
         conn = self.session.conn
-        self._prepare(conn)
-        _name_claim_session(conn)
+        self._prepare(conn, claims=True)
         self.to_release.clear()
         if self.held:
             kept = conn.execute(
