@@ -180,6 +180,11 @@ def _materialize_main(argv: Sequence[str]) -> int:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--log", default="")
     parser.add_argument("--asset", default="message_embeddings")
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--write-connections", type=int, default=EngineSettings.write_connections)
+    parser.add_argument(
+        "--claim-size", type=int, default=None, help="rows per claim (default: the batch size)"
+    )
     parser.add_argument(
         "--go-file",
         default="",
@@ -188,13 +193,18 @@ def _materialize_main(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     # claims as small as a batch, so that two runs over the same rows take turns
+    claim_size = args.batch_size if args.claim_size is None else (args.claim_size or None)
     settings = Settings(
-        database_url=args.database_url, engine=EngineSettings(claim_size=args.batch_size)
+        database_url=args.database_url,
+        engine=EngineSettings(claim_size=claim_size, write_connections=args.write_connections),
     )
     resources = {
         "postgres": PostgresResource(database_url=args.database_url),
         "embedder": HashEmbedderResource(
-            batch_size=args.batch_size, delay=args.delay, log_path=args.log
+            batch_size=args.batch_size,
+            delay=args.delay,
+            log_path=args.log,
+            concurrency=args.concurrency,
         ),
     }
     defs = build_definitions(settings, resources)

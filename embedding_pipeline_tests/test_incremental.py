@@ -308,12 +308,10 @@ def test_a_failing_embedder_keeps_committed_batches_and_the_rerun_does_the_rest(
     conn.rollback()
 
 
-def test_a_sigkilled_run_keeps_its_committed_batches(
-    small_data, hash_defs, hash_resources, instance, conn, settings, tmp_path
-):
-    ids = insert_messages(conn, [datetime(2024, 7, 3, tzinfo=UTC)] * 40, chat_id=902)
-    log = tmp_path / "calls.jsonl"
-    worker = subprocess.Popen(
+def _worker(settings: Settings, log: Path, *options: str) -> subprocess.Popen[bytes]:
+    """A run of message embeddings for July 2024 in another process, with a HashEmbedder
+    that logs every text it is sent to `log`."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -325,18 +323,21 @@ def test_a_sigkilled_run_keeps_its_committed_batches(
             "2024-07-01",
             "--end",
             "2024-07-01",
-            "--batch-size",
-            "4",
-            "--delay",
-            "0.4",
             "--log",
             str(log),
+            *options,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
+
+
+def _kill_after(
+    worker: subprocess.Popen[bytes], conn: psycopg.Connection, ids: list[int], rows: int
+) -> int:
+    """SIGKILL `worker` once `rows` of `ids` are embedded; the rows embedded then."""
 
     def done() -> int:
         row = conn.execute(
@@ -347,19 +348,28 @@ def test_a_sigkilled_run_keeps_its_committed_batches(
 
     try:
         deadline = time.monotonic() + 120
-        while done() < 12:
+        while done() < rows:
             assert worker.poll() is None, worker.communicate()
             assert time.monotonic() < deadline, "the worker made no progress"
             time.sleep(0.05)
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-    committed = done()
-    assert 12 <= committed < 40
     deadline = time.monotonic() + 30
     while advisory_locks(conn):
         assert time.monotonic() < deadline, "the killed run's session kept its locks"
         time.sleep(0.1)
+    return done()
+
+
+def test_a_sigkilled_run_keeps_its_committed_batches(
+    small_data, hash_defs, hash_resources, instance, conn, settings, tmp_path
+):
+    ids = insert_messages(conn, [datetime(2024, 7, 3, tzinfo=UTC)] * 40, chat_id=902)
+    log = tmp_path / "calls.jsonl"
+    worker = _worker(settings, log, "--batch-size", "4", "--delay", "0.4")
+    committed = _kill_after(worker, conn, ids, 12)
+    assert 12 <= committed < 40
     killed_texts = [t for texts in helpers.logged_texts(log).values() for t in texts]
     assert committed <= len(killed_texts) <= committed + 4
 
@@ -371,8 +381,51 @@ def test_a_sigkilled_run_keeps_its_committed_batches(
     )
     assert materialization_metadata(rerun)[MESSAGES]["run_rows_embedded"] == 40 - committed
     assert len(embedded_texts()) == 40 - committed
-    assert done() == 40
+    embedded = conn.execute(
+        "SELECT count(*) FROM messages WHERE id = ANY(%s) AND embedding IS NOT NULL", (ids,)
+    ).fetchone()
+    assert embedded == (40,)
+    conn.rollback()
     assert advisory_locks(conn) == 0
+
+
+def test_a_crash_while_writers_lag_re_sends_at_most_the_unwritten_bound(
+    small_data, hash_defs, hash_resources, instance, conn, settings, tmp_path
+):
+    """The provider answers at once while every write is slow (a trigger sleeps 10 ms per
+    row): without a bound, finished requests would queue for the writers by the hundred
+    and a crash would send them all again. With 4 requests in flight and 2 writers, a
+    SIGKILL re-sends at most (4 + 2) requests of 4 rows."""
+    ids = insert_messages(conn, [datetime(2024, 7, 9, tzinfo=UTC)] * 400, chat_id=903)
+    conn.execute("""
+        CREATE FUNCTION ep_test_slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.embedding IS DISTINCT FROM OLD.embedding THEN
+                PERFORM pg_sleep(0.01);
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER ep_test_slow_write BEFORE UPDATE ON messages
+        FOR EACH ROW EXECUTE FUNCTION ep_test_slow_write();
+    """)
+    conn.commit()
+    log = tmp_path / "calls.jsonl"
+    try:
+        worker = _worker(
+            settings,
+            log,
+            *("--batch-size", "4", "--concurrency", "4", "--write-connections", "2"),
+            *("--claim-size", "0"),  # the default claim: hundreds of rows at once
+        )
+        committed = _kill_after(worker, conn, ids, 60)
+    finally:
+        conn.execute("DROP TRIGGER ep_test_slow_write ON messages")
+        conn.execute("DROP FUNCTION ep_test_slow_write()")
+        conn.commit()
+    sent = [t for texts in helpers.logged_texts(log).values() for t in texts]
+    assert 60 <= committed < 400
+    assert len(set(sent)) == len(sent) and all(" 903-" in t for t in sent)
+    assert committed <= len(sent) <= committed + (4 + 2) * 4, (len(sent), committed)
 
 
 def advisory_locks(conn: psycopg.Connection) -> int:

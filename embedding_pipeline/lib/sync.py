@@ -24,9 +24,11 @@ provider thinks:
    while the run's connection keeps claiming; the locks stay the run session's, released
    by it once the writer committed.
 
-A crash loses at most the requests in flight; the locks die with the session and the next
-run does only the rest. A lost database connection is re-opened (bounded) and the
-finished vectors in memory are written on the new one.
+A crash loses at most `concurrency + write_connections` requests (those in flight at the
+provider and those finished and not yet written: new requests wait while the writers lag
+behind); the locks die with the session and the next run does only the rest. A lost
+database connection is re-opened (bounded) and the finished vectors in memory are written
+on the new one.
 
 A run with a large backlog relative to what the HNSW index already holds loads without the
 index and builds it at the end (`CREATE INDEX CONCURRENTLY`): inserting into the graph row
@@ -336,6 +338,7 @@ def sync_embeddings(
     waited_before = embedder.retry_stats.seconds_waited
     limited_before = embedder.stats.rate_limit_seconds
     truncated_before = embedder.stats.truncated
+    tokens_before = embedder.stats.estimated_tokens
     bulk = False
     session = _Session(conn, reconnect, options.reconnect_seconds, result)
     try:
@@ -388,6 +391,7 @@ def sync_embeddings(
         result.retry_seconds = embedder.retry_stats.seconds_waited - waited_before
         result.rate_limit_seconds = embedder.stats.rate_limit_seconds - limited_before
         result.truncated = embedder.stats.truncated - truncated_before
+        result.estimated_tokens = embedder.stats.estimated_tokens - tokens_before
         session.close()
     result.seconds = time.monotonic() - started
     return result
@@ -474,6 +478,10 @@ class _Writers:
         for session in sessions:
             self._idle.put(session)
         self._pool = ThreadPoolExecutor(max_workers=len(sessions), thread_name_prefix="write")
+
+    @property
+    def count(self) -> int:
+        return len(self._sessions)
 
     @classmethod
     def open(
@@ -574,6 +582,10 @@ class _Pipeline:
         self.writers: _Writers | None = None
         #: Writes handed to the writers and not yet accounted.
         self.writing: dict[Future[int], _Request] = {}
+        #: Most requests sent and not yet written (in flight at the provider, or finished
+        #: and waiting for or in a writer): what a crash can make the next run send again.
+        #: New requests wait while writers lag behind, so finished vectors never pile up.
+        self.unwritten_bound = self.workers
         #: Called once, on the session's connection, before the first vectors are written.
         self.before_first_write: Callable[[psycopg.Connection], None] | None = None
         self.namespace = lock_namespace(spec)
@@ -826,11 +838,17 @@ class _Pipeline:
     def run(self) -> None:
         inflight: dict[Future[np.ndarray], _Request] = {}
         self.writers = self._open_writers()
+        self.unwritten_bound = self.workers + (self.writers.count if self.writers else 0)
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="embed")
         try:
             while True:
                 self._top_up()
-                while self.fatal is None and self.queue and len(inflight) < self.workers:
+                while (
+                    self.fatal is None
+                    and self.queue
+                    and len(inflight) < self.workers
+                    and len(inflight) + len(self.writing) < self.unwritten_bound
+                ):
                     request = self.queue.popleft()
                     inflight[pool.submit(self.embedder.embed, request.texts)] = request
                 if not inflight and not self.writing:
@@ -909,7 +927,6 @@ class _Pipeline:
             self._release(r.id for r in request.rows)
             return
         self.result.provider_requests += 1
-        self.result.estimated_tokens += sum(max(1, (len(t) + 3) // 4) for t in request.texts)
         self._write(request, vectors)
 
     def _refused(self, request: _Request, exc: InputRejectedError) -> None:

@@ -84,6 +84,9 @@ class Embedder(abc.ABC):
     max_input_tokens: int | None = None
     #: Requests in flight at once that suit this provider (a run's default concurrency).
     default_concurrency: int = 1
+    #: True when `_embed` adds the exact tokens it sent to `stats` itself (a model with
+    #: its tokenizer at hand); otherwise `embed` adds an estimate of the text it sent.
+    counts_tokens: bool = False
     #: Rows a run claims at once, at least: the engine sorts a claim by length before it
     #: splits it into requests, so a model that pads to the longest text in a batch (the
     #: local one) wastes less the more rows it can sort.
@@ -154,7 +157,7 @@ class Embedder(abc.ABC):
         vectors = call_with_retries(attempt, self.retry_policy, self.retry_stats)
         self.stats.add(
             texts=len(batch),
-            tokens=sum(estimate_tokens(t) for t in batch),
+            tokens=0 if self.counts_tokens else sum(estimate_tokens(t) for t in batch),
             truncated=sum(1 for _, cut in prepared if cut),
             waited=waited,
         )
