@@ -126,16 +126,16 @@ def run(
         scenario=scenario,
         completed=completed,
         reason=reason,
-        embedded=int(metadata.get("rows_embedded", 0)),
+        embedded=int(metadata.get("run_rows_embedded", 0)),
         missing=missing(url),
         requests=counts.requests,
         faults=counts.faults,
         fault_kinds={k: n for k, n in sorted(counts.outcomes.items()) if k != "200"},
-        retries=int(metadata.get("retries", 0)),
+        retries=int(metadata.get("run_details", {}).get("retries", 0)),
         sent_again=len(counts.sent_more_than_once()),
         answered_again=len(counts.answered_more_than_once()),
         wall_seconds=seconds,
-        seconds=float(metadata.get("seconds", 0.0)),
+        seconds=float(metadata.get("run_seconds", 0.0)),
     )
 
 

@@ -189,11 +189,12 @@ def _materialize(args: argparse.Namespace, settings: Settings, *, trigger: str) 
         raise CliError(str(exc)) from None
     failed = 0
     for name, metadata in results.items():
-        failed += metadata["rows_failed"]
+        run_failed = metadata["run_rows_failed"]
+        failed += run_failed
         print(
             f"  {name:<20} embedded {metadata['run_rows_embedded']:>6}, up to date "
-            f"{metadata['run_rows_skipped_up_to_date']:>6}, {metadata['seconds']:.2f}s"
-            + (f", failed {metadata['rows_failed']}" if metadata["rows_failed"] else "")
+            f"{metadata['run_details']['up_to_date']:>6}, {metadata['run_seconds']:.2f}s"
+            + (f", failed {run_failed}" if run_failed else "")
         )
     print(f"materialized in {time.monotonic() - started:.1f}s (one run of materialize_all)")
     if failed:

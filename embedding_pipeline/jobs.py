@@ -9,8 +9,14 @@ what a run does, and its tags say who started it, for which tables and months.
 - `run_checks`: every check of the embedding assets (the checks schedule,
   `embedding-pipeline check`).
 
-Runs launched from the asset graph's *Materialize* button run Dagster's own
-`__ASSET_JOB`; Dagster tags those (`dagster/backfill`, `dagster/partition`).
+Runs launched from the asset graph's *Materialize* button or a backfill run Dagster's
+own `__ASSET_JOB`; the embedding step adds the missing tags to such a run when it starts
+(`missing_run_tags`), so the runs list shows them as embedding work too.
+
+Every run carries `dagster/retry_strategy: ALL_STEPS`: when the daemon retries a failed
+run (`run_retries` in the instance config), the retry embeds again and runs every check,
+instead of re-running only the failed step (Dagster's default, `FROM_FAILURE`), which
+would re-run a check over rows nothing embeds.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from embedding_pipeline.settings import Settings
 TRIGGER_TAG = "embedding_pipeline/trigger"
 TABLES_TAG = "embedding_pipeline/tables"
 PARTITIONS_TAG = "embedding_pipeline/partitions"
+#: Dagster's tag for what a retry of a failed run re-executes.
+RETRY_STRATEGY_TAG = "dagster/retry_strategy"
+#: Dagster's tag on the runs of a backfill.
+BACKFILL_ID_TAG = "dagster/backfill"
 #: Who starts runs: the extraction sensor, the backlog sensor, a backfill, the demo, the
 #: CLI, the checks schedule, or a person (the default of every job, for runs launched
 #: from the UI or with `dg launch --job`).
@@ -61,10 +71,34 @@ def run_tags(
     """The tags every run of this code location carries."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger {trigger!r}")
-    tags = {TRIGGER_TAG: trigger, TABLES_TAG: ",".join(sorted(set(table_keys)))}
+    tags = {
+        TRIGGER_TAG: trigger,
+        TABLES_TAG: ",".join(sorted(set(table_keys))),
+        RETRY_STRATEGY_TAG: "ALL_STEPS",
+    }
     if partitions:
         tags[PARTITIONS_TAG] = describe_partitions(partitions)
     return tags
+
+
+def missing_run_tags(
+    existing: Mapping[str, str], table_keys: Iterable[str], partitions: Sequence[str]
+) -> dict[str, str]:
+    """The project's tags that a run launched outside its sensors and CLI lacks (a UI
+    materialization or backfill, which Dagster runs as `__ASSET_JOB` or as the job's
+    run with the job's `manual` trigger): its trigger (`backfill` for a run of a backfill,
+    else `manual`), tables, months and retry strategy. Tags a sensor, the CLI or a person
+    set are kept; a second embedding step of the same run adds its table to the list."""
+    backfill = BACKFILL_ID_TAG in existing and existing.get(TRIGGER_TAG, "manual") == "manual"
+    wanted = run_tags("backfill" if backfill else "manual", table_keys, partitions)
+    tables = {t for t in existing.get(TABLES_TAG, "").split(",") if t} | set(table_keys)
+    wanted[TABLES_TAG] = ",".join(sorted(tables))
+    return {
+        key: value
+        for key, value in wanted.items()
+        if existing.get(key) != value
+        and (key not in existing or key == TABLES_TAG or (key == TRIGGER_TAG and backfill))
+    }
 
 
 def range_tags(start: str, end: str) -> Mapping[str, str]:

@@ -16,9 +16,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -158,12 +159,20 @@ def embedded_state(
     return {int(r[0]): (r[1], r[2]) for r in rows}
 
 
-def materialization_metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, object]]:
-    """Asset name -> metadata of its (first) materialization in a run."""
-    out: dict[str, dict[str, object]] = {}
+def figures(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A materialization's metadata values by key, with the engine's `run_details` (one
+    JSON value) spread beside the month's and the run's own figures."""
+    values = {k: getattr(v, "value", v) for k, v in metadata.items()}
+    details = values.get("run_details")
+    return {**details, **values} if isinstance(details, dict) else values
+
+
+def materialization_metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
+    """Asset name -> `figures` of its (first) materialization in a run."""
+    out: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
         m = event.step_materialization_data.materialization
-        out.setdefault(m.asset_key.to_user_string(), {k: v.value for k, v in m.metadata.items()})
+        out.setdefault(m.asset_key.to_user_string(), figures(m.metadata))
     return out
 
 

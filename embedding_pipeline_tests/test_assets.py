@@ -15,6 +15,7 @@ from embedding_pipeline.lib.sync import Window
 from embedding_pipeline.lib.text import compose_text, content_hash
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource
+from embedding_pipeline_tests.incremental_helpers import figures
 
 SEPTEMBER = "2025-09-01"
 OCTOBER = "2025-10-01"
@@ -34,9 +35,7 @@ def _metadata(result, name):
         if e.step_materialization_data.materialization.asset_key.to_user_string() == name
     ]
     assert events, f"no materialization of {name}"
-    return {
-        k: v.value for k, v in events[0].step_materialization_data.materialization.metadata.items()
-    }
+    return figures(events[0].step_materialization_data.materialization.metadata)
 
 
 def test_source_assets_report_counts_and_changes(small_data, defs, instance):
@@ -63,6 +62,39 @@ def test_partition_run_embeds_only_its_month(small_data, defs, instance, conn):
     assert rows == [(2, True), (3, True), (5, False), (6, False)]
 
 
+def test_a_materialization_lists_the_months_figures_first_with_one_type_per_key(
+    small_data, defs, instance, conn
+):
+    """About a dozen keys, the month's own first; counts are ints in every run (embedding
+    or not), the start a timestamp, the engine's details one JSON value."""
+    conn.execute("UPDATE messages SET embedding = NULL WHERE telegram_message_id = 2")
+    conn.commit()
+    types = []
+    for _ in range(2):  # the first run embeds a row, the second finds nothing to do
+        result = _materialize(defs, ["message_embeddings"], instance, partition_key=SEPTEMBER)
+        [event] = result.get_asset_materialization_events()
+        metadata = event.step_materialization_data.materialization.metadata
+        keys = list(metadata)
+        assert keys[:7] == [
+            "rows_in_partition",
+            "rows_embedded",
+            "rows_skipped_up_to_date",
+            "rows_missing",
+            "rows_stale",
+            "rows_failed",
+            "model",
+        ]
+        assert len(keys) <= 14, keys
+        assert isinstance(metadata["run_started_at"], dg.TimestampMetadataValue)
+        assert isinstance(metadata["run_details"], dg.JsonMetadataValue)
+        types.append({k: type(v) for k, v in metadata.items()})
+        details = metadata["run_details"].value
+        assert isinstance(details, dict)
+        types.append({f"run_details.{k}": type(v) for k, v in details.items()})
+    assert types[0] == types[2] and types[1] == types[3]
+    assert _metadata(result, "message_embeddings")["rows_embedded"] == 0
+
+
 def test_a_range_run_records_each_months_own_figures(small_data, defs, conn):
     """A run over August..November records per month what that month holds and got, and
     an observation of the backlog of each month whose latest observation it changed; the
@@ -86,7 +118,7 @@ def test_a_range_run_records_each_months_own_figures(small_data, defs, conn):
         result = _materialize(defs, ["message_embeddings"], instance, tags=tags)
         assert result.success
         by_month = {
-            m.partition: {k: v.value for k, v in m.metadata.items()}
+            m.partition: figures(m.metadata)
             for m in (
                 e.step_materialization_data.materialization
                 for e in result.get_asset_materialization_events()

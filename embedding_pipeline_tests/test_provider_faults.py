@@ -275,7 +275,7 @@ def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
 
     assert first.success
     meta = metadata(first)
-    assert meta["rows_embedded"] == len(ids) - 1 and meta["rows_failed"] == 1
+    assert meta["rows_embedded"] == len(ids) - 1 and meta["run_rows_failed"] == 1
     [sample] = meta["failed_samples"]
     assert sample["id"] == bad and "HTTP 400" in sample["reason"] and "POISON" in sample["reason"]
     assert_embedded(settings, [i for i in ids if i != bad], OPENAI_ID)
@@ -360,7 +360,7 @@ def test_a_1_mb_text_is_cut_to_the_model_limit_and_keeps_its_full_hash(
 
     assert result.success
     meta = metadata(result)
-    assert (meta["rows_embedded"], meta["rows_truncated"], meta["rows_failed"]) == (1, 1, 0)
+    assert (meta["rows_embedded"], meta["truncated"], meta["rows_failed"]) == (1, 1, 0)
     assert fault_server.snapshot().received == {cut: 1}  # the server refuses anything over 32 KB
     _, embedding, model, digest, source = stored(faults_db, [row])[row]
     np.testing.assert_allclose(embedding.to_numpy(), fake_vector(cut), atol=1e-6)

@@ -16,11 +16,13 @@ shows each month as it is, not the run's totals (those carry a `run_` prefix).
 """
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
 import psycopg
 
+from embedding_pipeline.jobs import missing_run_tags
 from embedding_pipeline.lib.backlog import BacklogRow, window_backlog
 from embedding_pipeline.lib.db import database_now
 from embedding_pipeline.lib.embedders import EmbeddingError
@@ -66,35 +68,35 @@ def provider_pool(settings: Settings) -> str:
     return f"embeddings_{settings.embedder.provider}"
 
 
-def result_metadata(result: SyncResult) -> dict[str, Any]:
-    """What an operator wants to see of a run over one or more partitions."""
+def run_details(result: SyncResult) -> dict[str, Any]:
+    """The engine's figures for the whole run, grouped in one `run_details` value so that
+    a materialization lists a dozen keys, the month's own first. Types never change from
+    run to run: counts are ints, times floats in seconds."""
     return {
-        "rows_in_partition": result.rows_in_window,
-        "rows_embedded": result.embedded,
-        "rows_skipped_up_to_date": result.skipped_up_to_date,
-        "rows_failed": result.failed,
-        "failed_samples": dg.MetadataValue.json(
-            [{"id": rid, "reason": reason} for rid, reason in result.failed_samples[:10]]
-        ),
-        "rows_failed_empty_text": len(result.empty_text_ids),
-        "rows_truncated": result.truncated,
-        "rows_changed_during_run": result.changed_during_run,
-        "rows_skipped_locked": result.skipped_locked,
-        "rows_stale_model_at_start": result.stale_model_at_start,
-        "index_strategy": result.index_strategy,
-        "index_build_seconds": round(result.index_seconds, 3),
-        "seconds_without_index": round(result.seconds_without_index, 3),
-        "model": result.model_id,
+        "rows_in_run": result.rows_in_window,
+        "pending_at_start": result.pending_at_start,
+        "up_to_date": result.skipped_up_to_date,
+        "failed": result.failed,
+        "failed_samples": [
+            {"id": rid, "reason": reason} for rid, reason in result.failed_samples[:10]
+        ],
+        "empty_text": len(result.empty_text_ids),
+        "truncated": result.truncated,
+        "changed_during_run": result.changed_during_run,
+        "skipped_locked": result.skipped_locked,
+        "stale_model_at_start": result.stale_model_at_start,
         "dimension": result.dimension,
         "claims": result.claims,
         "provider_requests": result.provider_requests,
         "isolation_requests": result.isolation_requests,
+        "estimated_tokens": result.estimated_tokens,
         "retries": result.retries,
         "retry_seconds_waited": round(result.retry_seconds, 3),
         "rate_limit_seconds_waited": round(result.rate_limit_seconds, 3),
         "reconnects": result.reconnects,
-        "estimated_tokens": result.estimated_tokens,
-        "seconds": round(result.seconds, 3),
+        "index_strategy": result.index_strategy,
+        "index_build_seconds": round(result.index_seconds, 3),
+        "seconds_without_index": round(result.seconds_without_index, 3),
         "rows_per_second": round(result.rows_per_second, 1),
     }
 
@@ -111,8 +113,9 @@ def backlog_metadata(row: BacklogRow | None) -> dict[str, Any]:
 
 
 def partition_metadata(row: BacklogRow | None, model_id: str) -> dict[str, Any]:
-    """One month's own figures after a run over it: its rows, those embedded since the run
-    started, those already current, and what is still missing, stale or failed."""
+    """One month's own figures after a run over it, listed first: its rows, those
+    embedded since the run started, those already current, and what is still missing,
+    stale or failed (the provider refused its current text)."""
     rows = row.rows or 0 if row else 0
     embedded = row.embedded or 0 if row else 0
     pending = (row.needs_embedding + row.failed) if row else 0
@@ -122,15 +125,35 @@ def partition_metadata(row: BacklogRow | None, model_id: str) -> dict[str, Any]:
         "rows_skipped_up_to_date": max(rows - embedded - pending, 0),
         "rows_missing": row.missing if row else 0,
         "rows_stale": row.stale if row else 0,
-        "rows_failed_waiting": row.failed if row else 0,
+        "rows_failed": row.failed if row else 0,
         "model": model_id,
     }
+
+
+def run_metadata(result: SyncResult, label: str, started: datetime) -> dict[str, Any]:
+    """The run's own figures, after each month's: which months, rows embedded and failed
+    in all of them, when it started (the database's clock, which the checks compare
+    with `embedding_pending_since`), how long it took, and the engine's details."""
+    return {
+        "run_partitions": label,
+        "run_rows_embedded": result.embedded,
+        "run_rows_failed": result.failed,
+        "run_seconds": round(result.seconds, 3),
+        RUN_STARTED_KEY: dg.MetadataValue.timestamp(started),
+        "run_details": dg.MetadataValue.json(run_details(result)),
+    }
+
+
+#: Metadata key of the database time a run's embedding step started: the blocking check
+#: `no_missing_embeddings` holds the run to the rows that needed embedding before it.
+RUN_STARTED_KEY = "run_started_at"
 
 
 def _record_partitions(
     context: dg.AssetExecutionContext,
     rows: Sequence[BacklogRow],
     model_id: str,
+    run: Mapping[str, Any],
 ) -> None:
     """Each month of the run gets its own materialization figures, and an observation of
     its backlog where that differs from the month's latest observation (a month never
@@ -140,7 +163,7 @@ def _record_partitions(
     observed = _latest_observed_backlogs(context, context.partition_keys)
     for key in context.partition_keys:
         row = by_partition.get(key)
-        context.add_asset_metadata(partition_metadata(row, model_id), partition_key=key)
+        context.add_asset_metadata({**partition_metadata(row, model_id), **run}, partition_key=key)
         backlog = backlog_metadata(row)
         if observed[key] == _backlog_counts(backlog):
             continue
@@ -184,23 +207,6 @@ def _latest_observed_backlogs(
     return {month: latest.get(month, unseen) for month in months}
 
 
-def run_metadata(result: SyncResult, label: str) -> dict[str, Any]:
-    """The run's own figures, on every month of the run: `result_metadata` with the
-    per-month counts renamed `run_*` (each month's are its own, `partition_metadata`)."""
-    metadata = result_metadata(result)
-    for key, run_key in _RUN_KEYS.items():
-        metadata[run_key] = metadata.pop(key)
-    metadata["run_partitions"] = label
-    return metadata
-
-
-_RUN_KEYS = {
-    "rows_in_partition": "run_rows",
-    "rows_embedded": "run_rows_embedded",
-    "rows_skipped_up_to_date": "run_rows_skipped_up_to_date",
-}
-
-
 def build_embedding_asset(
     source: str,
     spec: TableSpec,
@@ -228,6 +234,10 @@ def build_embedding_asset(
             if partitions.start == partitions.end
             else f"{partitions.start}..{partitions.end}"
         )
+
+        tags = missing_run_tags(context.run.tags, [source], context.partition_keys)
+        if tags:
+            context.instance.add_run_tags(context.run.run_id, tags)
 
         def progress(p: Progress) -> None:
             context.log.info(f"{spec.table} {label}: {p.describe()}")
@@ -282,8 +292,8 @@ def build_embedding_asset(
             f"{spec.table} {label}: embedded {result.embedded}, failed {result.failed}, up to "
             f"date {result.skipped_up_to_date}, in {result.seconds:.2f}s"
         )
-        _record_partitions(context, months, model.model_id)
-        return dg.MaterializeResult(metadata=run_metadata(result, label))
+        _record_partitions(context, months, model.model_id, run_metadata(result, label, started))
+        return dg.MaterializeResult()
 
     return _embeddings
 
