@@ -27,6 +27,7 @@ from typing import Any
 import dagster as dg
 import psycopg
 
+from embedding_pipeline.assets.embeddings import START_SNAPSHOT_KEY
 from embedding_pipeline.jobs import RUN_CHECKS, run_tags
 from embedding_pipeline.lib import quality
 from embedding_pipeline.lib.backlog import BacklogRow, table_pending
@@ -152,17 +153,39 @@ class CheckTarget:
         return f"`{self.spec.table}.{self.spec.embedding_column}`"
 
 
+def _run_start_snapshot(context: dg.AssetCheckExecutionContext, asset: dg.AssetKey) -> str | None:
+    """The start snapshot the asset's embedding step recorded in this run, if it ran."""
+    records = context.instance.get_records_for_run(
+        context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1000
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        materialization = event.step_materialization_data.materialization if event else None
+        if materialization is None or materialization.asset_key != asset:
+            continue
+        details = materialization.metadata.get("run_details")
+        value = getattr(details, "value", None)
+        if isinstance(value, dict) and value.get(START_SNAPSHOT_KEY):
+            return str(value[START_SNAPSHOT_KEY])
+    return None
+
+
 def no_missing_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     spec = t.spec
     cfg = t.cfg
     partitions_def = t.partitions_def
+    overdue = cfg.freshness_warn_minutes
 
     @dg.asset_check(
         asset=t.asset,
         name=NO_MISSING,
         blocking=True,
-        description=f"No row of `{spec.table}` lacks an embedding: such rows are invisible to "
-        "search. ERROR; inside a partitioned run, rows of other partitions only WARN.",
+        description=f"No row of `{spec.table}` lacks an embedding it should have by now: such "
+        "rows are invisible to search. In a run, ERROR when rows of the run's months that "
+        "existed when it started are still missing (the run's own work); alone, ERROR when "
+        f"rows have waited over {overdue:g} min and no run is embedding them. Rows another "
+        "run holds, rows written during the run, refused rows (no_failed_rows) and empty "
+        "texts are reported, never failed.",
     )
     @_measured
     def no_missing(
@@ -171,48 +194,96 @@ def no_missing_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         embedder: EmbedderResource,
     ) -> dg.AssetCheckResult:
         window, label = _run_window(context, partitions_def)
+        snapshot = _run_start_snapshot(context, t.asset) if window is not None else None
         with postgres.connection(vector=False) as conn:
             report = quality.count_missing(
-                conn, spec, sample_ids=cfg.sample_ids, model_id=embedder.model_id, window=window
+                conn,
+                spec,
+                sample_ids=cfg.sample_ids,
+                model_id=embedder.model_id,
+                overdue_minutes=overdue,
+                window=window,
+                start_snapshot=snapshot,
             )
-        metadata: dict[str, Any] = {
-            "missing": report.missing,
-            "missing_pending": report.pending,
-            "missing_failed": report.failed,
-            "rows": report.rows,
-            "sample_ids": _ids(report.sample_ids),
-            "sampled": f"whole table counted; first {cfg.sample_ids} missing ids listed",
-        }
-        severity = ERROR
-        description = f"missing {report.missing} of {report.rows} rows"
-        if report.failed:
-            description += f" ({report.pending} pending, {report.failed} failed: no_failed_rows)"
-        if not report.pending:
-            # only refused rows: the errors table and no_failed_rows own them
-            severity = WARN
-        if label is not None:
-            metadata["run_partitions"] = label
-            metadata["missing_in_run_partitions"] = report.missing_in_window or 0
-            metadata["missing_claimed_by_another_run"] = report.claimed_in_window
-            if not report.ok and not report.pending_in_window:
-                severity = WARN
-                description += f" (none pending in this run's partitions {label})"
-            elif report.pending_in_window and (
-                report.pending_in_window == report.claimed_in_window
-            ):
-                # a run beside this one (a scale-out, an overlapping backfill) holds them
-                severity = WARN
-                description += (
-                    f" (the {report.claimed_in_window} pending in this run's partitions "
-                    "are being embedded by another run)"
-                )
-        if report.sample_ids:
-            description += ": ids " + ", ".join(str(i) for i in report.sample_ids)
-        return dg.AssetCheckResult(
-            passed=report.ok, severity=severity, description=description, metadata=metadata
-        )
+        return missing_outcome(report, label if report.in_run else None, overdue)
 
     return no_missing
+
+
+def missing_outcome(
+    report: quality.MissingReport, run_partitions: str | None, overdue_minutes: float
+) -> dg.AssetCheckResult:
+    """Pass, WARN or ERROR for a `MissingReport` (see `no_missing_check`)."""
+    metadata: dict[str, Any] = {
+        "missing": report.missing,
+        "missing_pending": report.pending,
+        "missing_overdue": report.overdue,
+        "missing_claimed_by_another_run": report.claimed,
+        "missing_failed": report.failed,
+        "missing_empty_text": report.empty,
+        "rows": report.rows,
+        "sample_ids": _ids(report.sample_ids),
+        "claimed_by": dg.MetadataValue.json(report.claimed_by),
+    }
+    notes = []
+    if report.claimed:
+        notes.append(
+            f"{report.claimed} being embedded by another run ({', '.join(report.claimed_by)})"
+        )
+    if report.failed:
+        notes.append(f"{report.failed} refused by the provider (no_failed_rows)")
+    if report.empty:
+        notes.append(f"{report.empty} with empty text (nothing to embed)")
+    ids = f": ids {', '.join(str(i) for i in report.sample_ids)}" if report.sample_ids else ""
+    if run_partitions is not None:
+        metadata.update(
+            {
+                "run_partitions": run_partitions,
+                "missing_owed_by_run": report.owed,
+                "missing_written_during_run": report.new_in_run,
+                "missing_in_run_partitions": report.pending_in_run,
+            }
+        )
+        if report.new_in_run:
+            notes.insert(0, f"{report.new_in_run} written after this run started (the next run's)")
+        if report.owed:
+            return dg.AssetCheckResult(
+                passed=False,
+                severity=ERROR,
+                metadata=metadata,
+                description=f"{report.owed} rows of this run's months {run_partitions} that "
+                f"existed when it started are still missing{ids}",
+            )
+        elsewhere = report.pending - report.pending_in_run
+        if elsewhere:
+            notes.append(f"{elsewhere} pending in other months")
+        head = f"none missing that this run ({run_partitions}) should have embedded"
+    else:
+        if report.overdue:
+            return dg.AssetCheckResult(
+                passed=False,
+                severity=ERROR,
+                metadata=metadata,
+                description=f"{report.overdue} rows have waited over {overdue_minutes:g} "
+                f"min for an embedding and no run is embedding them{ids}",
+            )
+        waiting = report.pending - report.claimed
+        if waiting:
+            notes.insert(0, f"{waiting} waiting less than {overdue_minutes:g} min for a run")
+        head = f"missing {report.missing} of {report.rows} rows"
+    passed = not (run_partitions is not None and report.overdue)
+    if not passed:
+        notes.append(
+            f"{report.overdue} waited over {overdue_minutes:g} min and no run is embedding them"
+        )
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=WARN,
+        metadata=metadata,
+        description=head
+        + (f" ({'; '.join(notes)})" if notes else "")
+        + (ids if report.pending and not passed else ""),
+    )
 
 
 def no_stale_check(t: CheckTarget) -> dg.AssetChecksDefinition:
@@ -270,9 +341,11 @@ def no_failed_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=t.asset,
         name=NO_FAILED,
-        description=f"No row of `{spec.table}` is recorded as refused by the provider. WARN: "
-        "such rows are skipped until they are due again, their text changes, or "
-        "`embedding-pipeline errors retry` resets them.",
+        description=f"No row of `{spec.table}` is recorded as refused by the provider. ERROR "
+        "(not blocking) when rows are given up: they have no vector, search cannot find "
+        "them, and only new text or `embedding-pipeline errors retry` brings them back; "
+        "WARN while refused rows still wait for another try. Empty texts are counted apart "
+        "(nothing to embed, not a fault).",
     )
     @_measured
     def no_failed(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
@@ -282,17 +355,21 @@ def no_failed_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         description = f"failed {report.total} rows"
         if report.total:
             description += (
-                f" ({report.given_up} given up, {report.retrying} to be tried again): "
+                f" ({report.given_up} given up without a vector, {report.retrying} to be "
+                "tried again): "
                 + "; ".join(f"id {r.row_id}: {r.message[:120]}" for r in report.samples[:3])
             )
+        if report.empty:
+            description += f"; {report.empty} with empty text (nothing to embed)"
         return dg.AssetCheckResult(
             passed=report.total == 0,
-            severity=WARN,
+            severity=ERROR if report.given_up else WARN,
             description=description,
             metadata={
                 "failed": report.total,
                 "given_up": report.given_up,
                 "retrying": report.retrying,
+                "empty_text": report.empty,
                 "model": model_id,
                 "sample_ids": _ids(r.row_id for r in report.samples),
                 "samples": dg.MetadataValue.json(
@@ -324,29 +401,42 @@ class LagOutcome:
 
 
 def lag_outcome(rows: Iterable[BacklogRow], now: datetime, warn_minutes: float) -> LagOutcome:
-    """Passed while no row due for embedding has waited longer than `warn_minutes`."""
+    """Passed while no row due for embedding has waited longer than `warn_minutes` and no
+    row was given up (it would wait for ever)."""
+    rows = list(rows)
     waiting = [r for r in rows if r.needs_embedding]
     times = [r.oldest_pending for r in waiting if r.oldest_pending is not None]
     oldest = min(times) if times else None
     minutes = max((now - oldest).total_seconds() / 60, 0.0) if oldest else 0.0
     pending = sum(r.needs_embedding for r in waiting)
     by_month = {r.partition: r.needs_embedding for r in waiting}
+    given_up = sum(r.given_up for r in rows)
     metadata: dict[str, Any] = {
         "pending_rows": pending,
         "oldest_pending_minutes": round(minutes, 1),
-        "oldest_pending_since": oldest.isoformat() if oldest else "none",
         "warn_minutes": warn_minutes,
         "pending_by_partition": dg.MetadataValue.json(by_month),
         "failed_rows_waiting": sum(r.failed for r in rows),
+        "given_up_rows": given_up,
     }
+    if oldest is not None:
+        metadata["oldest_pending_since"] = dg.MetadataValue.timestamp(oldest)
+    gave_up = (
+        f"{given_up} rows the provider refused for good will get no embedding until their "
+        "text changes or `embedding-pipeline errors retry` (no_failed_rows)"
+    )
     if not pending:
+        if given_up:
+            return LagOutcome(False, f"no row is due, but {gave_up}", metadata)
         return LagOutcome(True, "no row waits for its embedding", metadata)
     months = ", ".join(f"{key}: {n}" for key, n in sorted(by_month.items()))
     description = (
         f"{pending} rows wait for their embedding, the oldest for {minutes:.1f} min "
         f"(warn above {warn_minutes:g}); per month {months}"
     )
-    return LagOutcome(minutes <= warn_minutes, description, metadata)
+    if given_up:
+        description += f"; {gave_up}"
+    return LagOutcome(minutes <= warn_minutes and not given_up, description, metadata)
 
 
 def embedding_lag_check(t: CheckTarget) -> dg.AssetChecksDefinition:

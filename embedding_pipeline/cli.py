@@ -209,13 +209,25 @@ def _print_status(settings: Settings) -> int:
     from embedding_pipeline.lib.status import table_status
 
     model_id = _embedder(settings).model_id
-    missing_total = 0
-    print(f"{'table':<10} {'rows':>7} {'missing':>8} {'stale':>6}   model {model_id}")
+    missing_total = failed_total = 0
+    print(
+        f"{'table':<10} {'rows':>7} {'missing':>8} {'stale':>6} {'failed':>7} {'empty':>6}"
+        f"   model {model_id}"
+    )
     with db.connection(settings.effective_database_url) as conn:
         for spec in settings.tables.values():
-            status = table_status(conn, spec, model_id)
-            missing_total += status.needs_embedding
-            print(f"{spec.table:<10} {status.rows:>7} {status.missing:>8} {status.stale:>6}")
+            s = table_status(conn, spec, model_id)
+            missing_total += s.needs_embedding
+            failed_total += s.failed
+            print(
+                f"{spec.table:<10} {s.rows:>7} {s.missing:>8} {s.stale:>6} {s.failed:>7} "
+                f"{s.empty:>6}"
+            )
+    if failed_total:
+        print(
+            f"{failed_total} row(s) the provider refused have no current vector: "
+            "`embedding-pipeline errors list`"
+        )
     return missing_total
 
 

@@ -4,6 +4,7 @@ ef_search, a column of another dimension) and then to pass again once the pipeli
 it. Results are read from the run (`get_asset_check_evaluations`) and from the instance."""
 
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import dagster as dg
 import numpy as np
@@ -15,7 +16,7 @@ from embedding_pipeline import checks, runner
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db, quality
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
-from embedding_pipeline.lib.sync import CLAIM_SESSION_NAME, lock_namespace
+from embedding_pipeline.lib.sync import CLAIM_SESSION_NAME, Window, lock_namespace
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
 from embedding_pipeline_tests.conftest import embed_months
 
@@ -120,16 +121,43 @@ def test_all_checks_pass_on_a_freshly_embedded_database(embedded, defs, instance
     assert any("p95" in line for line in lines)
 
 
-def test_missing_embeddings_fail_with_count_and_ids_then_pass(embedded, defs, instance, conn):
+def test_missing_embeddings_wait_for_a_run_then_fail_once_overdue_then_pass(
+    embedded, defs, instance, conn, settings
+):
+    """Alone (no run materialized the asset), rows missing for less than the freshness
+    limit are the next run's and pass; rows overdue with no run embedding them are an
+    ERROR that names them, whoever else holds some of them."""
     nulled = _ids(conn, "messages")[:2]
     _sql(conn, f"UPDATE messages SET embedding = NULL WHERE id IN ({nulled[0]}, {nulled[1]})")  # noqa: S608
     result, evaluations = _run_checks(defs, instance, MESSAGES, checks.NO_MISSING)
+    waiting = evaluations[checks.NO_MISSING]
+    assert waiting.passed and result.success
+    assert _meta(waiting)["missing"] == 2 and _meta(waiting)["missing_overdue"] == 0
+    assert "2 waiting less than 15 min for a run" in (waiting.description or "")
+
+    conn.execute(
+        "UPDATE messages SET embedding_pending_since = now() - interval '20 minutes' "
+        "WHERE id = ANY(%s)",
+        (nulled,),
+    )
+    conn.commit()
+    claim = (lock_namespace(settings.tables["messages"]) << 32) + nulled[1]
+    with db.connection(settings.effective_database_url, autocommit=True) as other:
+        other.execute(
+            "SELECT set_config('application_name', %s, false)",
+            [f"{CLAIM_SESSION_NAME} run feedf00d"],
+        )
+        other.execute(f"SELECT pg_advisory_lock({claim})")
+        result, evaluations = _run_checks(defs, instance, MESSAGES, checks.NO_MISSING)
     failed = evaluations[checks.NO_MISSING]
     assert not failed.passed
     assert failed.severity == dg.AssetCheckSeverity.ERROR
-    assert _meta(failed)["missing"] == 2
-    assert _meta(failed)["rows"] == 4
-    assert _meta(failed)["sample_ids"] == nulled
+    meta = _meta(failed)
+    assert (meta["missing"], meta["missing_overdue"], meta["rows"]) == (2, 1, 4)
+    assert meta["missing_claimed_by_another_run"] == 1
+    assert meta["sample_ids"][0] == nulled[0]
+    assert "run feedf00d" in meta["claimed_by"][0]
+    assert "no run is embedding them" in (failed.description or "")
     assert not result.success, "a blocking ERROR check fails its run"
     key = dg.AssetCheckKey(dg.AssetKey(MESSAGES), checks.NO_MISSING)
     recorded = instance.get_latest_asset_check_evaluation_record(key).evaluation
@@ -141,6 +169,55 @@ def test_missing_embeddings_fail_with_count_and_ids_then_pass(embedded, defs, in
     assert evaluations[checks.NO_MISSING].passed
     assert result.success
     assert instance.get_latest_asset_check_evaluation_record(key).evaluation.passed
+
+
+def test_the_rows_a_run_owes_are_those_of_its_months_that_existed_when_it_started(
+    embedded, defs, instance, conn, settings
+):
+    """The measurement behind the check: a row missing since before the start snapshot is
+    owed; one inserted after it, or edited after it (a new row version), is not."""
+    spec = settings.tables["messages"]
+    october = _ids(conn, "messages", "sent_at >= '2025-10-01'")
+    _sql(conn, f"UPDATE messages SET embedding = NULL WHERE id = {october[0]}")  # noqa: S608
+    snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+    conn.commit()
+    _sql(conn, f"UPDATE messages SET embedding = NULL WHERE id = {october[1]}")  # noqa: S608
+    window = Window(start=datetime(2025, 10, 1, tzinfo=UTC))
+    with db.connection(settings.effective_database_url, vector=False) as measure:
+        report = quality.count_missing(
+            measure,
+            spec,
+            sample_ids=5,
+            model_id=LOCAL_MODEL_ID,
+            overdue_minutes=15,
+            window=window,
+            start_snapshot=snapshot,
+        )
+    assert report.in_run
+    assert (report.owed, report.new_in_run, report.pending_in_run) == (1, 1, 2)
+    assert report.sample_ids[0] == october[0]
+    assert check_outcome(report).severity == dg.AssetCheckSeverity.ERROR
+    _sql(conn, f"UPDATE messages SET content = content || ' (edited)' WHERE id = {october[0]}")  # noqa: S608
+    with db.connection(settings.effective_database_url, vector=False) as measure:
+        report = quality.count_missing(
+            measure,
+            spec,
+            sample_ids=5,
+            model_id=LOCAL_MODEL_ID,
+            overdue_minutes=15,
+            window=window,
+            start_snapshot=snapshot,
+        )
+    assert (report.owed, report.new_in_run) == (0, 2)
+    outcome = check_outcome(report)
+    assert outcome.passed
+    assert "2 written after this run started" in (outcome.description or "")
+    _sql(conn, f"UPDATE messages SET content = 'Lunch order for Friday' WHERE id = {october[0]}")  # noqa: S608
+    _embed(defs, instance, MESSAGES)
+
+
+def check_outcome(report: quality.MissingReport) -> dg.AssetCheckResult:
+    return checks.missing_outcome(report, OCTOBER, 15)
 
 
 def test_embedding_lag_warns_with_the_months_of_rows_waiting_too_long_then_passes(
@@ -191,16 +268,28 @@ def test_missing_check_in_a_partition_run_errors_only_for_its_own_rows(
         )
         return result, result.get_asset_check_evaluations()[0]
 
+    # a row of another month, missing for minutes: the next run's, this one passes
     _sql(conn, f"UPDATE messages SET embedding = NULL WHERE id = {september[0]}")  # noqa: S608
+    result, evaluation = october_run()
+    assert evaluation.passed and result.success
+    assert _meta(evaluation)["missing_in_run_partitions"] == 0
+    assert _meta(evaluation)["missing_owed_by_run"] == 0
+    assert _meta(evaluation)["run_partitions"] == OCTOBER
+    assert "1 pending in other months" in (evaluation.description or "")
+    # ... overdue, with no run at it: a WARN to act on, but not this run's failure
+    conn.execute(
+        "UPDATE messages SET embedding_pending_since = now() - interval '1 hour' WHERE id = %s",
+        (september[0],),
+    )
+    conn.commit()
     result, evaluation = october_run()
     assert not evaluation.passed
     assert evaluation.severity == dg.AssetCheckSeverity.WARN
-    assert _meta(evaluation)["missing_in_run_partitions"] == 0
-    assert _meta(evaluation)["run_partitions"] == OCTOBER
     assert _meta(evaluation)["sample_ids"] == [september[0]]
     assert result.success, "rows of other months do not fail this month's run"
 
-    # a row of the run's own month left pending (another session holds its claim): ERROR
+    # a row of the run's own month that another session (not a run) keeps locked while
+    # the run goes by: it existed when the run started, the run owes it: ERROR
     _sql(conn, f"UPDATE messages SET embedding = NULL WHERE id = {october[0]}")  # noqa: S608
     claim = (lock_namespace(settings.tables["messages"]) << 32) + october[0]
     _sql(conn, f"SELECT pg_advisory_lock({claim})")
@@ -210,40 +299,49 @@ def test_missing_check_in_a_partition_run_errors_only_for_its_own_rows(
         _sql(conn, f"SELECT pg_advisory_unlock({claim})")
     assert not evaluation.passed
     assert evaluation.severity == dg.AssetCheckSeverity.ERROR
+    assert _meta(evaluation)["missing_owed_by_run"] == 1
     assert _meta(evaluation)["missing_in_run_partitions"] == 1
-    assert _meta(evaluation)["missing_pending"] == 2
     assert _meta(evaluation)["missing_claimed_by_another_run"] == 0
+    assert f"ids {october[0]}" in (evaluation.description or "")
     assert not result.success, "the blocking check fails the run"
 
     # the same row claimed by another run's claiming session (a scale-out, an overlapping
-    # backfill): that run is embedding it now, so this one ends with a WARN
+    # backfill): that run is embedding it now, named in the result; this one passes
     with db.connection(settings.effective_database_url, autocommit=True) as other:
-        other.execute("SELECT set_config('application_name', %s, false)", [CLAIM_SESSION_NAME])
+        other.execute(
+            "SELECT set_config('application_name', %s, false)",
+            [f"{CLAIM_SESSION_NAME} run 0badcafe"],
+        )
         other.execute(f"SELECT pg_advisory_lock({claim})")
         result, evaluation = october_run()
-    assert not evaluation.passed
     assert evaluation.severity == dg.AssetCheckSeverity.WARN
     assert _meta(evaluation)["missing_claimed_by_another_run"] == 1
+    assert _meta(evaluation)["missing_owed_by_run"] == 0
     assert "being embedded by another run" in (evaluation.description or "")
+    assert "run 0badcafe" in (evaluation.description or "")
     assert result.success
 
-    # an empty text cannot be embedded: recorded as failed, so the run goes on with a WARN
+    # an empty text: nothing to embed, no vector, counted apart; neither check fails
     _sql(conn, f"UPDATE messages SET content = '' WHERE id = {october[0]}")  # noqa: S608
+    conn.execute(
+        "UPDATE messages SET embedding_pending_since = now() WHERE id = %s", (september[0],)
+    )
+    conn.commit()
     result, evaluation = october_run()
-    assert not evaluation.passed
-    assert evaluation.severity == dg.AssetCheckSeverity.WARN
-    assert _meta(evaluation)["missing_in_run_partitions"] == 1
-    assert _meta(evaluation)["missing_failed"] == 1
+    assert evaluation.passed, evaluation.description
+    assert _meta(evaluation)["missing_empty_text"] == 1
+    assert _meta(evaluation)["missing_failed"] == 0
+    assert "1 with empty text" in (evaluation.description or "")
     assert result.success
-    failed = _check(defs, instance, MESSAGES, checks.NO_FAILED)
-    assert not failed.passed and failed.severity == dg.AssetCheckSeverity.WARN
-    assert _meta(failed)["sample_ids"] == [october[0]]
-    assert "the text is empty" in (failed.description or "")
+    no_failed = _check(defs, instance, MESSAGES, checks.NO_FAILED)
+    assert no_failed.passed
+    assert _meta(no_failed)["empty_text"] == 1
 
     _sql(conn, f"UPDATE messages SET content = 'Lunch order for Friday' WHERE id = {october[0]}")  # noqa: S608
     _embed(defs, instance, MESSAGES)
     assert _check(defs, instance, MESSAGES, checks.NO_MISSING).passed
     assert _check(defs, instance, MESSAGES, checks.NO_FAILED).passed
+    assert _check(defs, instance, MESSAGES, checks.NO_FAILED).description == "failed 0 rows"
 
 
 def test_stale_embeddings_warn_for_edited_text_and_other_model_then_pass(

@@ -17,14 +17,18 @@ import numpy as np
 import pytest
 
 from embedding_pipeline import cli
-from embedding_pipeline.checks import NO_FAILED
+from embedding_pipeline.checks import LAG, NO_FAILED
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, build_embedder
 from embedding_pipeline.lib.engine import errors as row_errors
 from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.lib.status import table_status
 from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.runner import run_embedding_checks
+from embedding_pipeline.search import Searcher
+from embedding_pipeline.search.api import engine_for
+from embedding_pipeline.sensors import BACKLOG_SENSOR
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.fault_helpers import (
     OLLAMA_ID,
@@ -311,7 +315,7 @@ def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
         tables=["messages"],
     )
     outcome = {o.check: o for o in checks.outcomes}
-    assert not outcome[NO_FAILED].passed and outcome[NO_FAILED].severity == "WARN"
+    assert not outcome[NO_FAILED].passed and outcome[NO_FAILED].severity == "ERROR"
     assert f"id {bad}: " in outcome[NO_FAILED].description
     assert "HTTP 400" in outcome[NO_FAILED].description
     # the missing check counts the given-up row as failed, not pending: a warning only
@@ -338,6 +342,91 @@ def test_a_poisoned_row_is_isolated_recorded_bounded_and_cleared_by_an_edit(
     with db.connection(fresh_database_url) as conn:
         assert row_errors.list_errors(conn, [spec]) == []
     assert fault_server.snapshot().received == {"a harmless text": 1}
+
+
+def test_a_row_given_up_serves_no_stale_vector_and_counts_as_failed_everywhere(
+    fresh_database_url: str,
+    fault_server: FaultServer,
+    instance: dg.DagsterInstance,
+    run_cli: Callable[..., tuple[int, str, str]],
+) -> None:
+    """A row embedded once, then edited into text the provider refuses for good: while it
+    waits for its next tries it still has its old vector; once given up, the vector is
+    withdrawn, so no search mode finds the old text, and status, the checks and the
+    backlog sensor count the row as failed. Emptying a row's text withdraws its vector at
+    once and is counted apart, not as a failure."""
+    settings = schema_for(fresh_database_url)
+    month = "2025-06-01"
+    ids = month_rows(settings, month, 6, "given up")
+    bad, emptied = ids[2], ids[4]
+    embedder = resource("openai", fault_server, batch_size=4)
+    assert materialize(settings, embedder, month, instance).success
+    with db.connection(fresh_database_url) as conn:
+        old_text = conn.execute("SELECT content FROM messages WHERE id = %s", (bad,)).fetchone()[0]
+        conn.execute("UPDATE messages SET content = 'POISON: refuse me' WHERE id = %s", (bad,))
+        conn.execute("UPDATE messages SET content = '  ' WHERE id = %s", (emptied,))
+        conn.commit()
+    fault_server.configure(poison=("POISON",))
+    searcher = Searcher(settings, embedder=embedder.build())
+    engine = engine_for(fresh_database_url)
+
+    def found(text: str, mode: str) -> list[int]:
+        with engine.connect() as conn:
+            hits = searcher.search(conn, text, table="messages", k=10, mode=mode)
+        return [int(h.id) for h in hits]
+
+    first = materialize(settings, embedder, month, instance)
+    assert first.success and metadata(first)["vectors_withdrawn"] == 1  # the emptied row
+    assert stored(settings, [bad])[bad][1] is not None  # refused once: tried again later
+    assert found(old_text, "vector")[0] == bad
+    for _ in range(2):
+        assert materialize(settings, embedder, month, instance).success
+    assert stored(settings, [bad, emptied]) and all(
+        row[1] is None for row in stored(settings, [bad, emptied]).values()
+    )
+    for mode in ("vector", "hybrid"):
+        assert bad not in found(old_text, mode), mode
+        assert emptied not in found(old_text, mode), mode
+
+    with db.connection(fresh_database_url) as conn:
+        status = table_status(conn, settings.tables["messages"], OPENAI_ID)
+    assert (status.missing, status.failed, status.empty) == (0, 1, 1)
+    code, out, err = run_cli(
+        "status",
+        DATABASE_URL=fresh_database_url,
+        EP_EMBEDDING_PROVIDER="openai",
+        EP_EMBEDDING_DIMENSIONS="384",
+        OPENAI_API_KEY=SECRET,
+    )
+    assert code == 0, err
+    assert "1 row(s) the provider refused have no current vector" in out
+    defs = build_definitions(
+        settings,
+        {"postgres": PostgresResource(database_url=fresh_database_url), "embedder": embedder},
+    )
+    outcome = {
+        o.check: o
+        for o in run_embedding_checks(
+            settings, defs=defs, instance=instance, tables=["messages"]
+        ).outcomes
+    }
+    assert (outcome[NO_FAILED].passed, outcome[NO_FAILED].severity) == (False, "ERROR")
+    assert outcome[NO_FAILED].metadata["empty_text"] == 1
+    assert not outcome[LAG].passed and "refused for good" in outcome[LAG].description
+    assert outcome["no_missing_embeddings"].passed
+    tick = defs.resolve_sensor_def(BACKLOG_SENSOR)(
+        dg.build_sensor_context(instance=instance, resources=defs.resources)
+    )
+    assert not tick.run_requests
+    assert tick.skip_reason is not None
+    reason = tick.skip_reason.skip_message or ""
+    assert "1 given up" in reason and "1 with empty text" in reason
+
+    with db.connection(fresh_database_url) as conn:
+        conn.execute("UPDATE messages SET content = 'fixed again' WHERE id = %s", (bad,))
+        conn.commit()
+    assert materialize(settings, embedder, month, instance).success
+    assert found("fixed again", "vector")[0] == bad
 
 
 @pytest.mark.parametrize(("provider", "limit"), [("openai", 8191), ("ollama", 2048)])

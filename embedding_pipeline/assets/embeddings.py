@@ -47,10 +47,14 @@ def backfill_policy(settings: Settings) -> dg.BackfillPolicy:
     return dg.BackfillPolicy.multi_run(max_partitions_per_run=per_run)
 
 
-def engine_options(settings: Settings, embedder: EmbedderResource) -> EngineOptions:
-    """The engine's options for a run, from the settings and the embedder resource."""
+def engine_options(
+    settings: Settings, embedder: EmbedderResource, run_label: str = ""
+) -> EngineOptions:
+    """The engine's options for a run, from the settings and the embedder resource;
+    `run_label` names the run in its claiming session."""
     e = settings.engine
     return EngineOptions(
+        session_label=run_label,
         batch_size=embedder.effective_batch_size,
         concurrency=embedder.concurrency,
         row_errors=RowErrorPolicy(
@@ -81,6 +85,7 @@ def run_details(result: SyncResult) -> dict[str, Any]:
             {"id": rid, "reason": reason} for rid, reason in result.failed_samples[:10]
         ],
         "empty_text": len(result.empty_text_ids),
+        "vectors_withdrawn": result.withdrawn,
         "truncated": result.truncated,
         "changed_during_run": result.changed_during_run,
         "skipped_locked": result.skipped_locked,
@@ -98,7 +103,13 @@ def run_details(result: SyncResult) -> dict[str, Any]:
         "index_build_seconds": round(result.index_seconds, 3),
         "seconds_without_index": round(result.seconds_without_index, 3),
         "rows_per_second": round(result.rows_per_second, 1),
+        START_SNAPSHOT_KEY: result.start_snapshot,
     }
+
+
+#: Key, in `run_details`, of the database snapshot taken when the run started: the
+#: blocking check `no_missing_embeddings` holds the run to the rows that existed then.
+START_SNAPSHOT_KEY = "start_snapshot"
 
 
 def backlog_metadata(row: BacklogRow | None) -> dict[str, Any]:
@@ -132,8 +143,8 @@ def partition_metadata(row: BacklogRow | None, model_id: str) -> dict[str, Any]:
 
 def run_metadata(result: SyncResult, label: str, started: datetime) -> dict[str, Any]:
     """The run's own figures, after each month's: which months, rows embedded and failed
-    in all of them, when it started (the database's clock, which the checks compare
-    with `embedding_pending_since`), how long it took, and the engine's details."""
+    in all of them, when it started (the database's clock), how long it took, and the
+    engine's details."""
     return {
         "run_partitions": label,
         "run_rows_embedded": result.embedded,
@@ -144,8 +155,7 @@ def run_metadata(result: SyncResult, label: str, started: datetime) -> dict[str,
     }
 
 
-#: Metadata key of the database time a run's embedding step started: the blocking check
-#: `no_missing_embeddings` holds the run to the rows that needed embedding before it.
+#: Metadata key of the database time a run's embedding step started.
 RUN_STARTED_KEY = "run_started_at"
 
 
@@ -252,7 +262,7 @@ def build_embedding_asset(
                     spec,
                     model,
                     window,
-                    options=engine_options(settings, embedder),
+                    options=engine_options(settings, embedder, f"run {context.run.run_id[:8]}"),
                     on_progress=progress,
                     index=settings.hnsw,
                     reconnect=postgres.connect,

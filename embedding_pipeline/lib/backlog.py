@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from embedding_pipeline.lib.db import needs_embedding_expr
-from embedding_pipeline.lib.engine.errors import blocked_expr
+from embedding_pipeline.lib.engine.errors import blocked_expr, recorded_expr
 from embedding_pipeline.lib.sync import Window
 from embedding_pipeline.settings import TableSpec
 
@@ -30,6 +30,7 @@ class BacklogRow:
     """One table's rows in one partition: `missing` have no embedding, `stale` have one
     made from other text or by another model (both due for embedding), `failed` need one
     but their text failed and waits for its next try or for an operator (errors table).
+    `given_up` of the failed have no try left; `empty` rows have no text to embed.
     `rows` is None where only pending rows were visited. `oldest_pending` is the earliest
     time a row that is due started to need its embedding (the tracking trigger's
     `embedding_pending_since`)."""
@@ -43,6 +44,10 @@ class BacklogRow:
     oldest_pending: datetime | None = None
     #: Rows embedded at or after a given moment (`window_backlog`); None elsewhere.
     embedded: int | None = None
+    #: Of `failed`, rows given up for good: no vector until new text or a reset.
+    given_up: int = 0
+    #: Rows whose text is empty: nothing to embed, so no vector (not failed, not missing).
+    empty: int = 0
 
     @property
     def needs_embedding(self) -> int:
@@ -62,13 +67,17 @@ def _counts(
     window: Window | None = None,
     embedded_since: datetime | None = None,
 ) -> tuple[sql.Composed, dict[str, object]]:
-    """(month, rows, missing, stale, failed, oldest pending, embedded since) grouped by
+    """(month, rows, missing, stale, failed, oldest pending, embedded since, given up,
+    empty) grouped by
     UTC month of the partition column (NULL month: no value), with its parameters;
     `pending_only` reads the pending rows alone, `window` the rows of a run's months."""
     emb = sql.Identifier("t", spec.embedding_column)
     needs = needs_embedding_expr(spec, "t", model_id=model_id)
     blocked = blocked_expr(spec, model_id)
     due = sql.SQL("{} AND NOT {}").format(needs, blocked)
+    refused = recorded_expr(spec, model_id, "t", waiting_only=True, kind="failed")
+    given_up = recorded_expr(spec, model_id, "t", given_up_only=True, kind="failed")
+    empty = recorded_expr(spec, model_id, "t", kind="empty")
     conditions: list[sql.Composable] = [needs] if pending_only else []
     params: dict[str, object] = {"since": embedded_since}
     if window is not None:
@@ -80,8 +89,10 @@ def _counts(
         "SELECT date_trunc('month', t.{part}, 'UTC') AS month, {rows}, "
         "count(*) FILTER (WHERE {emb} IS NULL AND {due}), "
         "count(*) FILTER (WHERE {emb} IS NOT NULL AND {due}), "
-        "count(*) FILTER (WHERE {needs} AND {blocked}), "
-        "min(t.{pending_since}) FILTER (WHERE {due}), {embedded} "
+        "count(*) FILTER (WHERE {needs} AND {refused}), "
+        "min(t.{pending_since}) FILTER (WHERE {due}), {embedded}, "
+        "count(*) FILTER (WHERE {needs} AND {given_up}), "
+        "count(*) FILTER (WHERE {needs} AND {empty}) "
         "FROM {table} t {where} GROUP BY 1 ORDER BY 1 NULLS FIRST"
     ).format(
         part=sql.Identifier(spec.partition_column),
@@ -89,7 +100,9 @@ def _counts(
         emb=emb,
         due=due,
         needs=needs,
-        blocked=blocked,
+        refused=refused,
+        given_up=given_up,
+        empty=empty,
         pending_since=sql.Identifier(spec.pending_since_column),
         embedded=sql.SQL("NULL::bigint")
         if embedded_since is None
@@ -109,7 +122,9 @@ def _grouped(
     partition_for: Callable[[datetime | None], str],
 ) -> list[BacklogRow]:
     merged: dict[str, BacklogRow] = {}
-    for month, rows, missing, stale, failed, oldest, embedded in conn.execute(*query):
+    for month, rows, missing, stale, failed, oldest, embedded, given_up, empty in conn.execute(
+        *query
+    ):
         key = partition_for(month)
         row = BacklogRow(
             table=spec.table,
@@ -120,6 +135,8 @@ def _grouped(
             failed=int(failed),
             oldest_pending=oldest,
             embedded=None if embedded is None else int(embedded),
+            given_up=int(given_up),
+            empty=int(empty),
         )
         merged[key] = _merge(merged[key], row) if key in merged else row
     return [merged[key] for key in sorted(merged)]
@@ -141,6 +158,8 @@ def _merge(a: BacklogRow, b: BacklogRow) -> BacklogRow:
         failed=a.failed + b.failed,
         oldest_pending=min(oldest) if oldest else None,
         embedded=_sum(a.embedded, b.embedded),
+        given_up=a.given_up + b.given_up,
+        empty=a.empty + b.empty,
     )
 
 

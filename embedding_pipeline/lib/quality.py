@@ -27,7 +27,7 @@ from psycopg.pq import TransactionStatus
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr, text_expr
 from embedding_pipeline.lib.engine.errors import recorded_expr
 from embedding_pipeline.lib.schema import vector_column_dimension
-from embedding_pipeline.lib.sync import Window, claimed_elsewhere_expr
+from embedding_pipeline.lib.sync import Window, claimed_elsewhere_expr, claiming_sessions
 from embedding_pipeline.settings import TableSpec
 
 #: The operator class that serves `ORDER BY embedding <=> q` (cosine distance), the order
@@ -95,32 +95,51 @@ def _array(value: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MissingReport:
-    """Rows with a NULL embedding: in the whole table and, when asked, in one window.
-    `failed` of them are recorded in the errors table (the provider refused their text);
-    the others are pending."""
+    """Rows with a NULL embedding, and why each has none.
+
+    Of the `missing`: `failed` the provider refused (no_failed_rows owns them), `empty`
+    have no text to embed (not a fault); the others are `pending`. Of those, `claimed`
+    are held by another run's claiming session right now (named in `claimed_by`) and
+    `overdue` are held by nobody and have waited longer than the freshness limit: nothing
+    is embedding them. With a run's window and start snapshot, `owed` are the pending
+    rows of the run's months that no one holds and that existed, as they are now, when
+    the run started: the rows the run should have embedded. `new_in_run` are rows of its
+    months written after it started (inserted or edited by the application): the next
+    run's."""
 
     table: str
     rows: int
     missing: int
-    sample_ids: list[int]
-    missing_in_window: int | None = None
     failed: int = 0
-    failed_in_window: int | None = None
-    #: Pending rows of the window whose claim another session holds: another run of the
-    #: same backlog is embedding them at this moment.
-    claimed_in_window: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.missing == 0
+    empty: int = 0
+    claimed: int = 0
+    overdue: int = 0
+    sample_ids: list[int] = field(default_factory=list)
+    claimed_by: list[str] = field(default_factory=list)
+    in_run: bool = False
+    owed: int = 0
+    new_in_run: int = 0
+    claimed_in_run: int = 0
+    pending_in_run: int = 0
 
     @property
     def pending(self) -> int:
-        return self.missing - self.failed
+        return self.missing - self.failed - self.empty
 
     @property
-    def pending_in_window(self) -> int:
-        return (self.missing_in_window or 0) - (self.failed_in_window or 0)
+    def ok(self) -> bool:
+        return self.pending == 0
+
+
+def _full_xid(xid: sql.Composable) -> sql.Composed:
+    """The 64-bit id (`xid8`) of a 32-bit transaction id seen recently (a row's `xmin`):
+    its epoch is the current one, or the one before when it is above the current
+    counter. Frozen and very old ids come out below every snapshot's horizon."""
+    return sql.SQL(
+        "(SELECT ((c >> 32) << 32) + x - CASE WHEN x > (c & 4294967295) THEN 4294967296 "
+        "ELSE 0 END FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS c, "
+        "{}::text::bigint AS x) v)::text::xid8"
+    ).format(xid)
 
 
 def count_missing(
@@ -129,56 +148,86 @@ def count_missing(
     *,
     sample_ids: int,
     model_id: str,
+    overdue_minutes: float,
     window: Window | None = None,
+    start_snapshot: str | None = None,
 ) -> MissingReport:
-    """Count NULL embeddings (one pass over the table), those of them recorded as failed,
-    and list the first `sample_ids` ids.
-
-    `window` additionally counts the missing rows a partitioned run was responsible for.
-    """
+    """Count NULL embeddings by reason (one pass over the table's missing rows) and list
+    up to `sample_ids` ids of those that need action: rows the run owed (with `window` and
+    `start_snapshot`, `pg_current_snapshot()` taken when the run started), else overdue
+    rows, else pending ones."""
     emb = sql.Identifier("t", spec.embedding_column)
-    where, params = window.clause(spec, "t") if window is not None else (sql.SQL("FALSE"), {})
-    # the same rows no_failed_rows counts, due for another try or not
-    failed = recorded_expr(spec, model_id)
+    in_run = window is not None and bool(start_snapshot)
+    where: sql.Composable
+    existed: sql.Composable
+    if in_run:
+        assert window is not None
+        where, params = window.clause(spec, "t")
+        existed = sql.SQL("pg_visible_in_snapshot({}, %(snapshot)s::pg_snapshot)").format(
+            _full_xid(sql.Identifier("t", "xmin"))
+        )
+        params = {**params, "snapshot": start_snapshot}
+    else:
+        where, existed, params = sql.SQL("FALSE"), sql.SQL("FALSE"), {}
+    params = {**params, "overdue": f"{overdue_minutes} minutes", "n": sample_ids}
     with _own_transaction(conn):
-        row = conn.execute(
-            sql.SQL(
-                "SELECT count(*), count(*) FILTER (WHERE {emb} IS NULL), "
-                "count(*) FILTER (WHERE {emb} IS NULL AND {where}), "
-                "count(*) FILTER (WHERE {emb} IS NULL AND {failed}), "
-                "count(*) FILTER (WHERE {emb} IS NULL AND {where} AND {failed}), "
-                "count(*) FILTER (WHERE {emb} IS NULL AND {where} AND NOT {failed} AND {claimed}) "
-                "FROM {table} t"
-            ).format(
-                emb=emb,
-                where=where,
-                failed=failed,
+        rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(_table(spec))).fetchone()
+        assert rows is not None
+        missing = conn.execute(
+            sql.SQL("""
+            WITH m AS MATERIALIZED (
+                SELECT t.{id} AS id,
+                       {failed} AS failed,
+                       {empty} AS empty,
+                       {claimed} AS claimed,
+                       coalesce(t.{since}, '-infinity') < now() - %(overdue)s::interval
+                           AS overdue,
+                       {where} AS in_run,
+                       {existed} AS existed
+                FROM {table} t WHERE {emb} IS NULL
+            ), p AS (SELECT * FROM m WHERE NOT failed AND NOT empty)
+            SELECT (SELECT count(*) FROM m),
+                   (SELECT count(*) FROM m WHERE failed),
+                   (SELECT count(*) FROM m WHERE empty AND NOT failed),
+                   (SELECT count(*) FROM p WHERE claimed),
+                   (SELECT count(*) FROM p WHERE NOT claimed AND overdue),
+                   (SELECT count(*) FROM p WHERE in_run AND NOT claimed AND existed),
+                   (SELECT count(*) FROM p WHERE in_run AND NOT claimed AND NOT existed),
+                   (SELECT count(*) FROM p WHERE in_run AND claimed),
+                   (SELECT count(*) FROM p WHERE in_run),
+                   ARRAY(SELECT id FROM p ORDER BY
+                         (in_run AND NOT claimed AND existed) DESC,
+                         (NOT claimed AND overdue) DESC, id LIMIT %(n)s)
+            """).format(
+                id=sql.Identifier(spec.id_column),
+                failed=recorded_expr(spec, model_id, kind="failed"),
+                empty=recorded_expr(spec, model_id, kind="empty"),
                 claimed=claimed_elsewhere_expr(spec, "t"),
+                since=sql.Identifier(spec.pending_since_column),
+                where=where,
+                existed=existed,
                 table=_table(spec),
+                emb=emb,
             ),
             params,
         ).fetchone()
-        assert row is not None
-        ids: list[int] = []
-        if row[1]:
-            ids = [
-                int(r[0])
-                for r in conn.execute(
-                    sql.SQL(
-                        "SELECT {id} FROM {table} t WHERE {emb} IS NULL ORDER BY {id} LIMIT %(n)s"
-                    ).format(id=sql.Identifier("t", spec.id_column), table=_table(spec), emb=emb),
-                    {"n": sample_ids},
-                ).fetchall()
-            ]
+        assert missing is not None
+        claimed_by = claiming_sessions(conn, spec) if missing[3] else []
     return MissingReport(
         table=spec.table,
-        rows=int(row[0]),
-        missing=int(row[1]),
-        sample_ids=ids,
-        missing_in_window=int(row[2]) if window is not None else None,
-        failed=int(row[3]),
-        failed_in_window=int(row[4]) if window is not None else None,
-        claimed_in_window=int(row[5]),
+        rows=int(rows[0]),
+        missing=int(missing[0]),
+        failed=int(missing[1]),
+        empty=int(missing[2]),
+        claimed=int(missing[3]),
+        overdue=int(missing[4]),
+        sample_ids=[int(i) for i in missing[9]],
+        claimed_by=claimed_by,
+        in_run=in_run,
+        owed=int(missing[5]),
+        new_in_run=int(missing[6]),
+        claimed_in_run=int(missing[7]),
+        pending_in_run=int(missing[8]),
     )
 
 

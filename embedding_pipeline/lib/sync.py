@@ -126,6 +126,9 @@ class EngineOptions:
     #: `reconnect`), write while the run's connection only claims, so PostgreSQL works on
     #: several cores (docs/operations.md, "Concurrency: the claim design").
     write_connections: int = DEFAULT_WRITE_CONNECTIONS
+    #: Names the run in its claiming session's `application_name` (e.g. the Dagster run
+    #: id), so that checks and operators can tell which run holds a row or builds an index.
+    session_label: str = ""
 
     def workers(self, embedder: Embedder) -> int:
         return max(1, self.concurrency or embedder.default_concurrency)
@@ -185,6 +188,11 @@ class SyncResult:
     failed: int = 0
     failed_samples: list[tuple[int, str]] = field(default_factory=list)
     empty_text_ids: list[int] = field(default_factory=list)
+    #: Old vectors set to NULL because their row's current text was given up or is empty.
+    withdrawn: int = 0
+    #: The database snapshot (`pg_current_snapshot()`) taken before the first claim: the
+    #: row versions that existed when the run started (`quality.count_missing`).
+    start_snapshot: str = ""
     claims: int = 0
     provider_requests: int = 0
     isolation_requests: int = 0
@@ -217,25 +225,44 @@ def lock_namespace(spec: TableSpec) -> int:
     return zlib.crc32(f"{spec.table}.{spec.embedding_column}".encode()) & 0x7FFFFFFF
 
 
-#: `application_name` of a run's claiming session, so that checks can tell the claims of
-#: a run at work from any other lock on the same key.
+#: `application_name` of a run's claiming session (followed by the run's label), so that
+#: checks can tell the claims of a run at work from any other lock on the same key.
 CLAIM_SESSION_NAME = "embedding_pipeline claims"
+
+
+def claim_session_name(label: str) -> str:
+    """The `application_name` of a run's claiming session (PostgreSQL keeps 63 bytes)."""
+    return f"{CLAIM_SESSION_NAME} {label}".strip()[:63]
+
+
+def _claims_elsewhere(spec: TableSpec) -> sql.Composed:
+    """The advisory locks on `spec`'s rows held by other runs' claiming sessions."""
+    return sql.SQL(
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.classid = {ns}::oid AND l.pid <> pg_backend_pid() "
+        "AND starts_with(a.application_name, {name})"
+    ).format(ns=sql.Literal(lock_namespace(spec)), name=sql.Literal(CLAIM_SESSION_NAME))
 
 
 def claimed_elsewhere_expr(spec: TableSpec, alias: str) -> sql.Composed:
     """True for a row whose claim another run's claiming session holds: that run is
     embedding it now. One read of `pg_locks` per statement (the sub-select is not
     correlated); ids above 2**32 can share a key, as for the claims themselves."""
-    return sql.SQL(
-        "({id} & 4294967295) IN (SELECT l.objid::bigint FROM pg_locks l "
-        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-        "AND l.granted AND l.objsubid = 1 AND l.classid = {ns}::oid "
-        "AND l.pid <> pg_backend_pid() AND a.application_name = {name})"
-    ).format(
-        id=sql.Identifier(alias, spec.id_column),
-        ns=sql.Literal(lock_namespace(spec)),
-        name=sql.Literal(CLAIM_SESSION_NAME),
+    return sql.SQL("({id} & 4294967295) IN (SELECT l.objid::bigint {claims})").format(
+        id=sql.Identifier(alias, spec.id_column), claims=_claims_elsewhere(spec)
     )
+
+
+def claiming_sessions(conn: psycopg.Connection, spec: TableSpec) -> list[str]:
+    """Who else holds claims on `spec`'s rows now: each claiming session's name (with its
+    run's label) and process id."""
+    rows = conn.execute(
+        sql.SQL("SELECT DISTINCT a.application_name, l.pid {claims} ORDER BY 1, 2").format(
+            claims=_claims_elsewhere(spec)
+        )
+    ).fetchall()
+    return [f"{name} (pid {pid})" for name, pid in rows]
 
 
 def count_window(
@@ -333,6 +360,8 @@ def sync_embeddings(
     result.rows_in_window, result.pending_at_start, result.stale_model_at_start = count_window(
         conn, spec, window, embedder.model_id
     )
+    snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+    result.start_snapshot = str(snapshot[0]) if snapshot else ""
     conn.commit()
     retries_before = embedder.retry_stats.retries
     waited_before = embedder.retry_stats.seconds_waited
@@ -578,6 +607,7 @@ class _Pipeline:
         self.to_release: list[int] = []
         self.after = -(2**63)
         self.exhausted = False
+        self.swept_again = False
         self.fatal: BaseException | None = None
         self.writers: _Writers | None = None
         #: Writes handed to the writers and not yet accounted.
@@ -590,8 +620,9 @@ class _Pipeline:
         self.before_first_write: Callable[[psycopg.Connection], None] | None = None
         self.namespace = lock_namespace(spec)
         self._statements(window)
+        self.session_name = claim_session_name(options.session_label)
         session.on_reconnect = self._after_reconnect
-        self._prepare(session.conn, claims=True)
+        self._prepare(session.conn, claim_session=self.session_name)
 
     def _statements(self, window: Window) -> None:
         spec, model_id = self.spec, self.embedder.model_id
@@ -653,18 +684,18 @@ class _Pipeline:
         )
 
     @staticmethod
-    def _prepare(conn: psycopg.Connection, *, claims: bool = False) -> None:
-        """A session ready to write (its staging table); with `claims`, the run's claiming
-        session, named so that checks can tell its locks from any other
-        (`claimed_elsewhere_expr`)."""
+    def _prepare(conn: psycopg.Connection, *, claim_session: str | None = None) -> None:
+        """A session ready to write (its staging table); with `claim_session`, the run's
+        claiming session, named so that checks can tell its locks from any other
+        (`claimed_elsewhere_expr`) and name the run."""
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS ep_staging "
             "(id bigint, hash text, embedding vector) ON COMMIT DELETE ROWS"
         )
-        if claims:
+        if claim_session is not None:
             conn.execute(
                 "SELECT set_config('application_name', %(name)s, false)",
-                {"name": CLAIM_SESSION_NAME},
+                {"name": claim_session},
             )
         conn.commit()
 
@@ -672,7 +703,7 @@ class _Pipeline:
         """A new session holds none of the old one's locks: take back those still free
         (compare-and-set keeps any row another run took meanwhile correct)."""
         conn = self.session.conn
-        self._prepare(conn, claims=True)
+        self._prepare(conn, claim_session=self.session_name)
         self.to_release.clear()
         if self.held:
             kept = conn.execute(
@@ -738,7 +769,11 @@ class _Pipeline:
         if empty:
             self.result.empty_text_ids.extend(r.id for r in empty)
             self._record_failures(
-                [RowFailure(r.id, r.source_hash, "empty_text", "the text is empty") for r in empty]
+                [
+                    RowFailure(r.id, r.source_hash, row_errors.EMPTY_TEXT, "nothing to embed")
+                    for r in empty
+                ],
+                empty=True,
             )
         rest = sorted((r for r in rows if r.text.strip()), key=lambda r: len(r.text))
         self.queue.extend(_Request([r]) for r in rest if r.failed_before)
@@ -813,18 +848,24 @@ class _Pipeline:
         self.result.changed_during_run += len(request.rows) - written
         self._release(r.id for r in request.rows)
 
-    def _record_failures(self, failures: list[RowFailure]) -> None:
-        def op(conn: psycopg.Connection) -> None:
+    def _record_failures(self, failures: list[RowFailure], *, empty: bool = False) -> None:
+        """Record rows that cannot be embedded (refused by the provider, or `empty` text:
+        nothing to embed, counted apart); those given up lose their old vector."""
+
+        def op(conn: psycopg.Connection) -> int:
             with self._transaction(conn):
-                row_errors.record_failures(
+                return row_errors.record_failures(
                     conn, self.spec, self.embedder.model_id, failures, self.options.row_errors
                 )
 
-        self.session.run(op)
-        self.result.failed += len(failures)
-        for f in failures:
-            if len(self.result.failed_samples) < 20:
-                self.result.failed_samples.append((f.row_id, f.message))
+        withdrawn = self.session.run(op)
+        assert isinstance(withdrawn, int)
+        self.result.withdrawn += withdrawn
+        if not empty:
+            self.result.failed += len(failures)
+            for f in failures:
+                if len(self.result.failed_samples) < 20:
+                    self.result.failed_samples.append((f.row_id, f.message))
         self._release(f.row_id for f in failures)
 
     def _release(self, ids: Iterable[int]) -> None:
@@ -852,7 +893,11 @@ class _Pipeline:
                     request = self.queue.popleft()
                     inflight[pool.submit(self.embedder.embed, request.texts)] = request
                 if not inflight and not self.writing:
-                    if self.fatal is not None or (self.exhausted and not self.queue):
+                    if self.fatal is None and self.exhausted and not self.queue:
+                        if self._sweep_again():
+                            continue
+                        break
+                    if self.fatal is not None:
                         break
                     continue
                 pending: list[Future[Any]] = [*inflight, *self.writing]
@@ -875,6 +920,18 @@ class _Pipeline:
         self._report(final=True)
         if self.fatal is not None:
             raise self.fatal
+
+    def _sweep_again(self) -> bool:
+        """Once the window is exhausted: if rows were skipped because another run held
+        them, walk the window once more. Rows that run released without embedding them
+        (it failed, or was killed) are this run's to embed; rows still held are that
+        run's."""
+        if self.swept_again or not self.result.skipped_locked:
+            return False
+        self.swept_again = True
+        self.after = -(2**63)
+        self.exhausted = False
+        return True
 
     def _open_writers(self) -> _Writers | None:
         """Writer connections, when the options ask for more than one writing connection
@@ -1084,6 +1141,7 @@ __all__ = [
     "Progress",
     "SyncResult",
     "Window",
+    "claiming_sessions",
     "count_window",
     "sync_embeddings",
 ]

@@ -271,6 +271,22 @@ def _source_event(
     return event, fingerprint
 
 
+def _unembeddable(state: TableState) -> str:
+    """What the table holds that no run will embed: rows given up or waiting for another
+    try, and empty texts (nothing to embed)."""
+    given_up = sum(r.given_up for r in state.rows)
+    waiting = sum(r.failed for r in state.rows) - given_up
+    empty = sum(r.empty for r in state.rows)
+    parts = []
+    if given_up:
+        parts.append(f"{given_up} given up (no vector; `embedding-pipeline errors list`)")
+    if waiting:
+        parts.append(f"{waiting} refused, to be tried again")
+    if empty:
+        parts.append(f"{empty} with empty text")
+    return f"{state.key}: " + ", ".join(parts) if parts else ""
+
+
 def build_backlog_sensor(
     settings: Settings,
     partitions_def: dg.TimeWindowPartitionsDefinition,
@@ -352,7 +368,9 @@ def build_backlog_sensor(
                 run_requests=requests, asset_events=events, cursor=next_cursor.serialize()
             )
         next_cursor.tick = cursor.tick
-        reason = "; ".join(waiting) if waiting else "every row has a current embedding"
+        reason = "; ".join(waiting + [s for s in map(_unembeddable, states) if s])
+        if not waiting:
+            reason = reason or "every row has a current embedding"
         return dg.SensorResult(
             skip_reason=reason, asset_events=events, cursor=next_cursor.serialize()
         )

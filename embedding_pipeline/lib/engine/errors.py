@@ -6,6 +6,15 @@ text that failed and the model that refused it; the row is skipped by every run 
 good (`next_attempt_at` = infinity) until its text changes (a new source hash no longer
 matches the record, so the row is pending again), the model changes, or an operator resets
 it (`embedding-pipeline errors retry`). A successful embedding deletes the record.
+
+A row given up keeps no vector: the vector of its old text would otherwise keep answering
+searches for text the row no longer has. Its vector is withdrawn (set to NULL, compare-and-
+set on the text that failed) when it is given up, so no search mode returns it, and the
+row counts as failed everywhere until its text changes or an operator resets it.
+
+Empty text is not an error but "nothing to embed": the row gets no vector (an old one is
+withdrawn), is recorded with the class `empty_text` so that no run picks it up again until
+its text changes, and is counted apart (`empty`), neither missing nor failed.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 import psycopg
 from psycopg import sql
@@ -20,8 +30,12 @@ from psycopg import sql
 from embedding_pipeline.lib.schema import ERRORS_TABLE
 from embedding_pipeline.settings import TableSpec
 
+#: The class of rows whose text is empty: nothing to embed (not an error).
+EMPTY_TEXT = "empty_text"
 #: Error classes recorded without trying again: nothing but new text can change them.
-FINAL_CLASSES = frozenset({"empty_text"})
+FINAL_CLASSES = frozenset({EMPTY_TEXT})
+#: Which records `recorded_expr` matches: any, the provider's refusals, or empty texts.
+RecordKind = Literal["any", "failed", "empty"]
 
 
 @dataclass(frozen=True)
@@ -88,14 +102,33 @@ def _same_text(spec: TableSpec) -> sql.Composed:
 
 
 def recorded_expr(
-    spec: TableSpec, model_id: str, alias: str = "t", *, waiting_only: bool = False
+    spec: TableSpec,
+    model_id: str,
+    alias: str = "t",
+    *,
+    waiting_only: bool = False,
+    kind: RecordKind = "any",
+    given_up_only: bool = False,
 ) -> sql.Composable:
-    """True for a row of `spec` whose current text is recorded as failed with `model_id`;
-    with `waiting_only`, only while it is not due for another try yet."""
+    """True for a row of `spec` whose current text is recorded with `model_id`: any
+    record, the provider's refusals only (`failed`), or empty texts only (`empty`); with
+    `waiting_only`, only while it is not due for another try yet; with `given_up_only`,
+    only once no try is left."""
+    extra: list[sql.Composable] = []
+    if waiting_only:
+        extra.append(sql.SQL(" AND e.next_attempt_at > now()"))
+    if given_up_only:
+        extra.append(sql.SQL(" AND e.next_attempt_at = 'infinity'"))
+    if kind != "any":
+        extra.append(
+            sql.SQL(" AND e.error_class {} {}").format(
+                sql.SQL("=" if kind == "empty" else "<>"), sql.Literal(EMPTY_TEXT)
+            )
+        )
     return sql.SQL(
         "EXISTS (SELECT 1 FROM {errors} e WHERE e.table_name = {table} "
         "AND e.column_name = {column} AND e.row_id = {id} AND e.model_id = {model} "
-        "AND e.source_hash IS NOT DISTINCT FROM {source}{waiting})"
+        "AND e.source_hash IS NOT DISTINCT FROM {source}{extra})"
     ).format(
         errors=_table(),
         table=sql.Literal(spec.table),
@@ -103,7 +136,7 @@ def recorded_expr(
         id=sql.Identifier(alias, spec.id_column),
         model=sql.Literal(model_id),
         source=sql.Identifier(alias, spec.source_hash_column),
-        waiting=sql.SQL(" AND e.next_attempt_at > now()") if waiting_only else sql.SQL(""),
+        extra=sql.Composed(extra),
     )
 
 
@@ -132,11 +165,12 @@ def record_failures(
     model_id: str,
     failures: Sequence[RowFailure],
     policy: RowErrorPolicy,
-) -> None:
+) -> int:
     """Upsert one record per failed row (in the caller's transaction). The attempt count
-    grows while the text and model stay the same and starts again at 1 otherwise."""
+    grows while the text and model stay the same and starts again at 1 otherwise. Rows
+    given up with this failure lose their vector (`withdraw_given_up`); returns how many."""
     if not failures:
-        return
+        return 0
     same = sql.SQL(
         "(e.source_hash IS NOT DISTINCT FROM excluded.source_hash "
         "AND e.model_id = excluded.model_id)"
@@ -178,6 +212,38 @@ def record_failures(
             "messages": [f.message for f in failures],
         },
     )
+    return withdraw_given_up(conn, spec, [f.row_id for f in failures])
+
+
+def withdraw_given_up(
+    conn: psycopg.Connection, spec: TableSpec, ids: Sequence[int] | None = None
+) -> int:
+    """Set to NULL the vector of every row (of `ids`, or all) whose current text is given
+    up (no try left) or empty, in the caller's transaction; the number withdrawn. Only
+    while the row still has the text that failed: a row edited meanwhile keeps its vector
+    until it is embedded again."""
+    only = sql.SQL("AND e.row_id = ANY(%(ids)s)") if ids is not None else sql.SQL("")
+    cursor = conn.execute(
+        sql.SQL("""
+        UPDATE {t} t SET {emb} = NULL, {hash} = NULL, {model} = NULL, {at} = NULL
+        FROM {errors} e
+        WHERE e.table_name = %(table)s AND e.column_name = %(column)s {only}
+          AND e.next_attempt_at = 'infinity' AND t.{id} = e.row_id
+          AND t.{source} IS NOT DISTINCT FROM e.source_hash AND t.{emb} IS NOT NULL
+        """).format(
+            t=sql.Identifier(spec.table),
+            emb=sql.Identifier(spec.embedding_column),
+            hash=sql.Identifier(spec.hash_column),
+            model=sql.Identifier(spec.model_column),
+            at=sql.Identifier(spec.embedded_at_column),
+            errors=_table(),
+            only=only,
+            id=sql.Identifier(spec.id_column),
+            source=sql.Identifier(spec.source_hash_column),
+        ),
+        {"table": spec.table, "column": spec.embedding_column, "ids": list(ids or [])},
+    )
+    return max(cursor.rowcount, 0)
 
 
 def clear_rows(conn: psycopg.Connection, spec: TableSpec, ids: Iterable[int]) -> int:
@@ -196,8 +262,10 @@ def clear_rows(conn: psycopg.Connection, spec: TableSpec, ids: Iterable[int]) ->
 
 def prune_obsolete(conn: psycopg.Connection, spec: TableSpec) -> int:
     """Delete the records of rows that are gone or whose text changed since they failed
-    (the new text gets its own chance). Commits."""
+    (the new text gets its own chance), and withdraw any vector a row given up still has
+    (given up before vectors were withdrawn). Commits."""
     with conn.transaction():
+        withdraw_given_up(conn, spec)
         cursor = conn.execute(
             sql.SQL(
                 "DELETE FROM {errors} e WHERE e.table_name = %s AND e.column_name = %s "
@@ -271,12 +339,14 @@ def clear_errors(
 
 @dataclass(frozen=True)
 class FailedRows:
-    """Rows whose current text is recorded as failed: `given_up` wait for new text or a
-    reset, `retrying` are tried again when due."""
+    """Rows whose current text the provider refused: `given_up` wait for new text or a
+    reset (and hold no vector), `retrying` are tried again when due. `empty` rows have no
+    text to embed: counted apart, not failures."""
 
     given_up: int
     retrying: int
     samples: list[ErrorRecord]
+    empty: int = 0
 
     @property
     def total(self) -> int:
@@ -292,19 +362,32 @@ def failed_rows(
         "FROM {errors} e JOIN {t} t ON {same} "
         "WHERE e.table_name = %(table)s AND e.column_name = %(column)s AND e.model_id = %(model)s"
     ).format(errors=_table(), t=sql.Identifier(spec.table), same=_same_text(spec))
-    params = {"table": spec.table, "column": spec.embedding_column, "model": model_id}
+    params = {
+        "table": spec.table,
+        "column": spec.embedding_column,
+        "model": model_id,
+        "empty": EMPTY_TEXT,
+    }
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*) FILTER (WHERE e.next_attempt_at = 'infinity'), "
-            "count(*) FILTER (WHERE e.next_attempt_at <> 'infinity') {}"
+            "SELECT count(*) FILTER (WHERE e.next_attempt_at = 'infinity' "
+            "AND e.error_class <> %(empty)s), "
+            "count(*) FILTER (WHERE e.next_attempt_at <> 'infinity' "
+            "AND e.error_class <> %(empty)s), "
+            "count(*) FILTER (WHERE e.error_class = %(empty)s) {}"
         ).format(current),
         params,
     ).fetchone()
     samples = conn.execute(
-        sql.SQL("SELECT {} {} ORDER BY e.row_id LIMIT %(sample)s").format(_RECORD_COLUMNS, current),
+        sql.SQL(
+            "SELECT {} {} AND e.error_class <> %(empty)s ORDER BY e.row_id LIMIT %(sample)s"
+        ).format(_RECORD_COLUMNS, current),
         {**params, "sample": sample},
     ).fetchall()
     assert row is not None
     return FailedRows(
-        given_up=int(row[0]), retrying=int(row[1]), samples=[ErrorRecord(*r) for r in samples]
+        given_up=int(row[0]),
+        retrying=int(row[1]),
+        empty=int(row[2]),
+        samples=[ErrorRecord(*r) for r in samples],
     )
