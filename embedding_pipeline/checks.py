@@ -575,8 +575,17 @@ def index_present_check(t: CheckTarget) -> dg.AssetChecksDefinition:
                 "(search orders by <=>)"
             )
             description += f"; found {', '.join(found)}" if found else "; no HNSW index at all"
+            with postgres.connection(vector=False) as conn:
+                builds = quality.index_builds(conn, spec)
+            metadata["built_by"] = dg.MetadataValue.json(builds)
+            if builds:
+                # another run builds it now: search uses an exact scan until it is done
+                description += f"; {'; '.join(builds)}: search scans exactly meanwhile"
             return dg.AssetCheckResult(
-                passed=False, severity=ERROR, description=description, metadata=metadata
+                passed=False,
+                severity=WARN if builds else ERROR,
+                description=description,
+                metadata=metadata,
             )
         metadata.update(
             {
@@ -650,13 +659,16 @@ def index_used_check(t: CheckTarget) -> dg.AssetChecksDefinition:
             "forced_plan": dg.MetadataValue.json(report.forced_plan),
         }
         if not report.can_serve:
+            with postgres.connection(vector=False) as conn:
+                builds = quality.index_builds(conn, spec)
+            metadata["built_by"] = dg.MetadataValue.json(builds)
             return dg.AssetCheckResult(
                 passed=False,
-                severity=ERROR,
+                severity=WARN if builds else ERROR,
                 metadata=metadata,
                 description=(
                     "no usable HNSW index: even with sequential scans off the plan is "
-                    f"{report.forced_outline}"
+                    f"{report.forced_outline}" + (f"; {'; '.join(builds)}" if builds else "")
                 ),
             )
         description = f"index used: yes; {planner}"

@@ -16,6 +16,7 @@ from embedding_pipeline import checks, runner
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db, quality
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
+from embedding_pipeline.lib.schema import bulk_load_lock_key
 from embedding_pipeline.lib.sync import CLAIM_SESSION_NAME, Window, lock_namespace
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
 from embedding_pipeline_tests.conftest import embed_months
@@ -417,7 +418,7 @@ def test_dimension_check_samples_stored_vectors_of_an_undeclared_column(
 
 
 def test_index_checks_fail_without_the_index_and_with_the_wrong_operator_class(
-    embedded, defs, instance, conn
+    embedded, defs, instance, conn, settings
 ):
     names = (checks.INDEX_PRESENT, checks.INDEX_USED)
     _sql(conn, f"DROP INDEX {MESSAGES_INDEX}")
@@ -428,6 +429,25 @@ def test_index_checks_fail_without_the_index_and_with_the_wrong_operator_class(
     assert "no HNSW index at all" in evaluations[checks.INDEX_PRESENT].description
     assert _meta(evaluations[checks.INDEX_USED])["can_serve"] is False
     assert not result.success
+
+    # another run holds the column's build lock (it loads without the index and builds it
+    # at its end, or is building it): reported with the run, a warning, not a failed run
+    with db.connection(settings.effective_database_url, autocommit=True) as other:
+        other.execute(
+            "SELECT set_config('application_name', %s, false)",
+            [f"{CLAIM_SESSION_NAME} run b1d0b1d0"],
+        )
+        other.execute(
+            "SELECT pg_advisory_lock(%s)", [bulk_load_lock_key(settings.tables["messages"])]
+        )
+        result, evaluations = _run_checks(defs, instance, MESSAGES, *names)
+    for name in names:
+        assert not evaluations[name].passed
+        assert evaluations[name].severity == dg.AssetCheckSeverity.WARN, name
+        assert "run b1d0b1d0" in (evaluations[name].description or ""), name
+    [builder] = _meta(evaluations[checks.INDEX_PRESENT])["built_by"]
+    assert "holds the build lock" in builder
+    assert result.success
 
     _sql(conn, f"CREATE INDEX {MESSAGES_INDEX} ON messages USING hnsw (embedding vector_l2_ops)")
     _result, evaluations = _run_checks(defs, instance, MESSAGES, *names)

@@ -16,6 +16,7 @@ import pytest
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, temporary_server
+from embedding_pipeline.lib.quality import index_builds
 from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_name, index_state
 from embedding_pipeline.lib.sync import EngineOptions, Window, sync_embeddings
 from embedding_pipeline.settings import HnswSettings, Settings
@@ -219,3 +220,73 @@ def test_a_run_failing_on_its_provider_still_builds_a_missing_index(
 
     assert not result.success
     assert hnsw_state(settings) == "valid"
+
+
+@pytest.mark.parametrize("bulk_load_min_rows", [10_000, 50])
+def test_a_database_restart_during_the_index_build_is_retried_in_the_same_run(
+    bulk_load_min_rows: int, pg: EmbeddedPostgres, fault_server: FaultServer
+) -> None:
+    """The run's final `CREATE INDEX CONCURRENTLY` (of a missing index, or after a bulk
+    load) is cut by a database restart: the run reconnects, drops what the cut build
+    left invalid, builds again, and ends with a valid index. An open writing transaction
+    holds the build in its first phase, so the restart lands while it is in progress."""
+    settings, ids = prepared(pg, f"restart_build_{bulk_load_min_rows}", bulk_load_min_rows)
+    spec = settings.tables["messages"]
+    url = settings.effective_database_url
+    if bulk_load_min_rows > ROWS:  # no bulk load: the index is missing before the run
+        with db.connection(url, autocommit=True) as conn:
+            conn.execute(f"DROP INDEX {hnsw_index_name(spec)}")
+    blocker = db.connect(url, vector=False)
+    restarted = threading.Event()
+    seen: list[str] = []
+
+    def block_then_restart() -> None:
+        # once every row is written: a writer's open transaction holds the build back
+        wait_for(lambda: _embedded(url) == ROWS, 60)
+        blocker.execute("LOCK TABLE messages IN ROW EXCLUSIVE MODE")
+        wait_for(lambda: _building(url), 60)
+        with db.connection(url, vector=False) as conn:
+            seen.extend(index_builds(conn, spec))
+        pg.stop()
+        pg.start()
+        restarted.set()
+
+    watcher = threading.Thread(target=block_then_restart, daemon=True)
+    watcher.start()
+    embedder = resource("openai", fault_server, batch_size=8).build()
+    try:
+        with db.connection(url) as conn:
+            result = sync_embeddings(
+                conn,
+                spec,
+                embedder,
+                Window(),
+                options=EngineOptions(batch_size=8),
+                index=settings.hnsw,
+                reconnect=lambda: db.connect(url),
+            )
+    finally:
+        watcher.join(timeout=120)
+        blocker.close()
+    assert restarted.is_set()
+    # what the index checks report meanwhile: the run's claiming session, building it
+    [builder] = seen
+    assert builder.startswith("embedding_pipeline claims (pid ") and "is building it" in builder
+    assert result.reconnects >= 1
+    assert result.index_strategy == "built after load"
+    assert hnsw_state(settings) == "valid"
+    assert_embedded(settings, ids, OPENAI_ID)
+
+
+def _embedded(url: str) -> int:
+    with db.connection(url, vector=False) as conn:
+        row = conn.execute("SELECT count(embedding) FROM messages").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _building(url: str) -> bool:
+    with db.connection(url, vector=False) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_progress_create_index WHERE relid = 'messages'::regclass"
+        ).fetchone()
+    return bool(row and row[0])

@@ -26,7 +26,7 @@ from psycopg.pq import TransactionStatus
 
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr, text_expr
 from embedding_pipeline.lib.engine.errors import recorded_expr
-from embedding_pipeline.lib.schema import vector_column_dimension
+from embedding_pipeline.lib.schema import bulk_load_lock_key, vector_column_dimension
 from embedding_pipeline.lib.sync import Window, claimed_elsewhere_expr, claiming_sessions
 from embedding_pipeline.settings import TableSpec
 
@@ -441,6 +441,41 @@ class IndexReport:
     @property
     def ok(self) -> bool:
         return self.usable is not None
+
+
+def index_builds(conn: psycopg.Connection, spec: TableSpec) -> list[str]:
+    """Other sessions building `spec`'s indexes now (`CREATE INDEX`, with its progress),
+    or holding the column's build lock (a run loading without the HNSW index, to build it
+    at its end): each named by its `application_name` (a run's claiming session carries
+    the run's id) and process id. Empty when nobody is at work on them."""
+    with _own_transaction(conn):
+        rows = conn.execute(
+            """
+            SELECT a.application_name, p.pid, p.phase,
+                   CASE WHEN p.tuples_total > 0
+                        THEN round(100.0 * p.tuples_done / p.tuples_total) END
+            FROM pg_stat_progress_create_index p JOIN pg_stat_activity a ON a.pid = p.pid
+            WHERE p.relid = to_regclass(%(table)s) AND p.pid <> pg_backend_pid()
+            UNION ALL
+            SELECT a.application_name, l.pid, NULL, NULL
+            FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+            WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0
+              AND l.objid = %(key)s AND l.objsubid = 1 AND l.pid <> pg_backend_pid()
+              AND l.mode = 'ExclusiveLock'
+              AND l.pid NOT IN (SELECT pid FROM pg_stat_progress_create_index)
+            ORDER BY 2
+            """,
+            {"table": _table(spec).as_string(conn), "key": bulk_load_lock_key(spec)},
+        ).fetchall()
+    out = []
+    for name, pid, phase, percent in rows:
+        who = f"{name or 'a session'} (pid {pid})"
+        if phase is None:
+            out.append(f"{who} holds the build lock (loading without the index, builds it next)")
+        else:
+            done = f", {percent:.0f}% of rows" if percent is not None else ""
+            out.append(f"{who} is building it ({phase}{done})")
+    return out
 
 
 def _index_options(reloptions: Sequence[str] | None) -> dict[str, int]:

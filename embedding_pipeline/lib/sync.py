@@ -369,6 +369,7 @@ def sync_embeddings(
     truncated_before = embedder.stats.truncated
     tokens_before = embedder.stats.estimated_tokens
     bulk = False
+    bulk_conn: psycopg.Connection | None = None
     session = _Session(conn, reconnect, options.reconnect_seconds, result)
     try:
         if result.pending_at_start:
@@ -379,11 +380,12 @@ def sync_embeddings(
             def start_bulk_load(conn: psycopg.Connection) -> None:
                 # only once the provider has answered: a run that cannot embed (provider
                 # down) must not drop the index and rebuild it as it fails, run after run
-                nonlocal bulk, dropped_at
+                nonlocal bulk, dropped_at, bulk_conn
                 assert index is not None
                 dropped_at = time.monotonic()
                 bulk = _start_bulk_load(conn, spec, index, result.pending_at_start)
                 if bulk:
+                    bulk_conn = conn
                     result.index_strategy = "built after load"
 
             embedder.warm_up()
@@ -402,16 +404,18 @@ def sync_embeddings(
                 if index is not None and not bulk and not session.lost:
                     # a run that cannot embed (provider down) still leaves the column indexed
                     with contextlib.suppress(psycopg.Error):
-                        _build_missing_index(session.conn, spec, index)
+                        build_index(session, spec, index)
                 raise
             finally:
                 if bulk:
                     assert index is not None
-                    result.index_seconds = _finish_bulk_load(session.conn, spec, index)
+                    built = time.monotonic()
+                    build_index(session, spec, index, release=bulk_conn)
+                    result.index_seconds = time.monotonic() - built
                     result.seconds_without_index = time.monotonic() - dropped_at
         if index is not None and not bulk:
             built = time.monotonic()
-            if _build_missing_index(session.conn, spec, index):
+            if build_index(session, spec, index):
                 result.index_strategy = "built after load"
                 result.index_seconds = time.monotonic() - built
         row_errors.prune_obsolete(session.conn, spec)
@@ -1099,41 +1103,50 @@ def _start_bulk_load(
     return True
 
 
-def _finish_bulk_load(conn: psycopg.Connection, spec: TableSpec, index: HnswSettings) -> float:
-    """Build the index concurrently and release the bulk-load lock; seconds spent."""
-    started = time.monotonic()
-    if conn.closed or conn.broken:
-        return 0.0
-    conn.rollback()
-    conn.autocommit = True
-    try:
-        build_hnsw_index_concurrently(conn, spec, index)
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (bulk_load_lock_key(spec),))
-        conn.autocommit = False
-    return time.monotonic() - started
+def build_index(
+    session: _Session,
+    spec: TableSpec,
+    index: HnswSettings,
+    *,
+    release: psycopg.Connection | None = None,
+) -> bool:
+    """Build the HNSW index concurrently when it is missing or invalid (whoever left it
+    so); True if built. Builders take the column's build lock (`bulk_load_lock_key`,
+    exclusive): while another session holds it (a bulk load, another run's build), its
+    holder builds and this does nothing, so no build drops an index another one is
+    still building. A connection lost during the build (a database restart) is re-opened
+    and the build tried again, the invalid leftover dropped first. `release`: the
+    connection that took the lock for a bulk load, whose hold ends here."""
+    key = bulk_load_lock_key(spec)
 
-
-def _build_missing_index(conn: psycopg.Connection, spec: TableSpec, index: HnswSettings) -> bool:
-    """Build the HNSW index concurrently if it is missing or invalid and no bulk load owns
-    the column; True if built."""
-    state = index_state(conn, hnsw_index_name(spec))
-    conn.rollback()
-    if state == "valid":
-        return False
-    conn.autocommit = True
-    try:
-        locked = conn.execute(
-            "SELECT pg_try_advisory_lock_shared(%s)", (bulk_load_lock_key(spec),)
-        ).fetchone()
-        if not (locked and locked[0]):
-            return False
+    def op(conn: psycopg.Connection) -> bool:
+        conn.rollback()
+        conn.autocommit = True
         try:
-            return build_hnsw_index_concurrently(conn, spec, index)
+            if index_state(conn, hnsw_index_name(spec)) == "valid":
+                return False
+            locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            if not (locked and locked[0]):
+                return False
+            try:
+                return build_hnsw_index_concurrently(conn, spec, index)
+            finally:
+                if not session.lost:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
         finally:
-            conn.execute("SELECT pg_advisory_unlock_shared(%s)", (bulk_load_lock_key(spec),))
+            if not session.lost:
+                conn.autocommit = False
+
+    try:
+        if session.lost and session.reconnect is None:
+            return False
+        built = session.run(op)
+        assert isinstance(built, bool)
+        return built
     finally:
-        conn.autocommit = False
+        if release is not None and release is session.conn and not session.lost:
+            release.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            release.commit()
 
 
 __all__ = [
