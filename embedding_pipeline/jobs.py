@@ -3,7 +3,8 @@ what a run does, and its tags say who started it, for which tables and months.
 
 - `embed_messages`, `embed_topics`, `embed_atoms`: one table's embeddings for the chosen
   month partitions (the backlog sensor, the extraction sensor, a person);
-- `embed_tables`: several tables' embeddings in one run (the extraction sensor);
+- `embed_tables`: several tables' embeddings in one run (a person, from the UI or
+  `dg launch`; the sensors launch one run per table);
 - `materialize_all`: the source tables and every embedding partition in one run, with the
   embedding assets' per-run checks (`embedding-pipeline materialize`, the demo);
 - `run_checks`: every check of the embedding assets (the checks schedule,
@@ -48,12 +49,6 @@ _MAX_TAG_CHARS = 200
 
 def embed_job_name(table_key: str) -> str:
     return f"embed_{table_key}"
-
-
-def job_for_tables(table_keys: Iterable[str]) -> str:
-    """The job of a run over `table_keys`: the table's own job, or `embed_tables`."""
-    keys = sorted(set(table_keys))
-    return embed_job_name(keys[0]) if len(keys) == 1 else EMBED_TABLES
 
 
 def describe_partitions(keys: Sequence[str]) -> str:

@@ -42,21 +42,24 @@ SAMPLE = ROOT / "embedding_pipeline" / "sample_data"
 def evaluate(defs: dg.Definitions, resources, instance, cursor: str | None):
     sensor = defs.resolve_sensor_def(SENSOR_NAME)
     with dg.build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        definitions=defs,
-        resources={"postgres": resources["postgres"]},
+        instance=instance, cursor=cursor, definitions=defs, resources=resources
     ) as context:
         result = sensor(context)
     assert isinstance(result, dg.SensorResult)
     return result
 
 
-def requested(result: dg.SensorResult) -> dict[str, list[str]]:
-    return {
-        r.partition_key: sorted(k.to_user_string() for k in r.asset_selection or [])
-        for r in result.run_requests or []
-    }
+def requested(result: dg.SensorResult) -> dict[str, tuple[str, str]]:
+    """Embedding asset -> (first, last) month of the one run requested for it."""
+    out = {}
+    for r in result.run_requests or []:
+        [asset] = r.asset_selection or []
+        assert r.job_name == f"embed_{asset.to_user_string().split('_')[0]}s"
+        first = r.partition_key or r.tags["dagster/asset_partition_range_start"]
+        last = r.partition_key or r.tags["dagster/asset_partition_range_end"]
+        assert asset.to_user_string() not in out, "one run per table"
+        out[asset.to_user_string()] = (first, last)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +107,14 @@ def test_new_extraction_requests_runs_for_exactly_its_partitions(
     extraction_id = conn.execute("SELECT max(id) FROM extractions").fetchone()[0]
     result = evaluate(defs, resources, instance, state["cursor"])
     assert requested(result) == {
-        "2025-09-01": ["message_embeddings"],
-        "2025-10-01": ["atom_embeddings", "message_embeddings", "topic_embeddings"],
+        "message_embeddings": ("2025-09-01", "2025-10-01"),
+        "atom_embeddings": ("2025-10-01", "2025-10-01"),
+        "topic_embeddings": ("2025-10-01", "2025-10-01"),
     }
     for request in result.run_requests:
-        assert request.run_key == run_key_for([extraction_id], request.partition_key)
+        table = request.job_name.removeprefix("embed_")
+        months = request.tags["embedding_pipeline/partitions"].split(",")
+        assert request.run_key == run_key_for([extraction_id], table, months, state["cursor"])
         assert request.tags[EXTRACTIONS_TAG] == str(extraction_id)
         assert {(k.asset_key, k.name) for k in request.asset_check_keys or []} == {
             (asset, name) for asset in request.asset_selection for name in PER_RUN_CHECKS
@@ -134,7 +140,7 @@ def test_edit_of_one_message_requests_only_its_partition(
     report = ingest(conn, small_data, export, None)
     assert report.messages.updated == 1 and report.messages.created == 0
     result = evaluate(defs, resources, instance, state["cursor"])
-    assert requested(result) == {"2025-10-01": ["message_embeddings"]}
+    assert requested(result) == {"message_embeddings": ("2025-10-01", "2025-10-01")}
     state["cursor"] = result.cursor
 
 
@@ -163,7 +169,7 @@ def test_rows_outside_the_partition_range_map_to_the_edge_partitions(
     result = evaluate(defs, resources, instance, state["cursor"])
     partitions_def = defs.get_assets_def("message_embeddings").partitions_def
     keys = partitions_def.get_partition_keys()
-    assert set(requested(result)) == {keys[0], keys[-1]}
+    assert requested(result) == {"message_embeddings": (keys[0], keys[-1])}
     state["cursor"] = result.cursor
 
 
@@ -179,14 +185,16 @@ def test_an_extraction_committed_after_a_later_one_is_not_lost(
             fast, [datetime(2025, 3, 5, tzinfo=UTC)], extraction_id=fast_id, chat_id=601
         )
         first = evaluate(defs, resources, instance, state["cursor"])
-        assert requested(first) == {"2025-03-01": ["message_embeddings"]}
+        assert requested(first) == {"message_embeddings": ("2025-03-01", "2025-03-01")}
         assert slow_id in ExtractionCursor.parse(first.cursor).gaps
         insert_messages(
             slow, [datetime(2025, 4, 5, tzinfo=UTC)], extraction_id=slow_id, chat_id=602
         )
     second = evaluate(defs, resources, instance, first.cursor)
-    assert requested(second) == {"2025-04-01": ["message_embeddings"]}
-    assert second.run_requests[0].run_key == run_key_for([slow_id], "2025-04-01")
+    assert requested(second) == {"message_embeddings": ("2025-04-01", "2025-04-01")}
+    assert second.run_requests[0].run_key == run_key_for(
+        [slow_id], "messages", ["2025-04-01"], first.cursor
+    )
     assert not ExtractionCursor.parse(second.cursor).gaps
     state["cursor"] = second.cursor
 
@@ -337,8 +345,12 @@ def test_daemon_tick_launches_runs_that_embed_exactly_the_new_rows(
                 load_extraction(DATA / "small_extraction.json"),
             )
         tick()
-        first_runs = wait_for_runs(2)
-        assert {r.tags["dagster/partition"] for r in first_runs} == {"2025-09-01", "2025-10-01"}
+        first_runs = wait_for_runs(3)
+        assert {r.job_name: r.tags["embedding_pipeline/partitions"] for r in first_runs} == {
+            "embed_messages": "2025-09-01,2025-10-01",
+            "embed_topics": "2025-10-01",
+            "embed_atoms": "2025-10-01",
+        }
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in first_runs)
         assert null_count() == 0
         with db.connection(fresh_database_url, vector=False) as conn:
@@ -355,7 +367,7 @@ def test_daemon_tick_launches_runs_that_embed_exactly_the_new_rows(
             state.with_data(data._replace(cursor=cursor_before_ingest))
         )
         tick()
-        assert len(sensor_runs()) == 2
+        assert len(sensor_runs()) == 3
         ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1)
         assert ticks[0].status == TickStatus.SKIPPED
 
@@ -367,7 +379,7 @@ def test_daemon_tick_launches_runs_that_embed_exactly_the_new_rows(
             report = ingest(conn, settings, export, None)
         assert report.extraction_id == 2 and report.messages.updated == 1
         tick()
-        runs = wait_for_runs(3)
+        runs = wait_for_runs(4)
         new_runs = [r for r in runs if r.run_id not in {f.run_id for f in first_runs}]
         assert [r.tags["dagster/partition"] for r in new_runs] == ["2025-09-01"]
         assert new_runs[0].status == dg.DagsterRunStatus.SUCCESS

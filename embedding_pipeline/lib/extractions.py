@@ -30,7 +30,9 @@ MAX_GAPS = 1000
 class ExtractionCursor:
     """The sensor's position: the largest extraction id seen and the gaps below it.
 
-    `gaps` maps a missing id to the time (epoch seconds) it was first noticed missing.
+    `gaps` maps a missing id to the time (epoch seconds) it was first noticed missing;
+    the sensor also puts back there the ids of extractions whose tables a run in flight
+    covered (`deferring`), so that they are read again on the next ticks.
     """
 
     last_id: int = 0
@@ -41,6 +43,23 @@ class ExtractionCursor:
             {"last_id": self.last_id, "gaps": {str(k): v for k, v in sorted(self.gaps.items())}},
             separators=(",", ":"),
         )
+
+    def deferring(
+        self,
+        ids: Iterable[int],
+        *,
+        now: float,
+        grace_seconds: float,
+        since: Mapping[int, float] | None = None,
+    ) -> ExtractionCursor:
+        """This cursor with `ids` to be read again, like gaps. An id deferred before keeps
+        the time it was first deferred (`since`: the previous cursor's gaps) and is not
+        deferred again once `grace_seconds` have passed since (the backlog sensor takes
+        whatever is still due then)."""
+        earlier = since or {}
+        kept = {i: earlier.get(i, now) for i in ids}
+        gaps = {**self.gaps, **{i: t for i, t in kept.items() if now - t < grace_seconds}}
+        return ExtractionCursor(last_id=self.last_id, gaps=gaps)
 
     @classmethod
     def parse(cls, raw: str | None) -> ExtractionCursor:

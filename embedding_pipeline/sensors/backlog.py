@@ -40,23 +40,17 @@ import dagster as dg
 import psycopg
 
 from embedding_pipeline.assets.embeddings import backlog_metadata
-from embedding_pipeline.checks import LAG, lag_outcome, per_run_check_keys
-from embedding_pipeline.jobs import RUN_CHECKS, embed_job_name, range_tags, run_tags
+from embedding_pipeline.checks import LAG, lag_outcome
 from embedding_pipeline.lib.backlog import BacklogRow, render_markdown, table_pending
 from embedding_pipeline.lib.db import database_now
 from embedding_pipeline.lib.schema import hnsw_index_name, index_state, relation_exists
 from embedding_pipeline.partitions import partition_mapper
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.sensors.planning import busy_with, in_flight, table_run
 from embedding_pipeline.settings import Settings, TableSpec
 
 BACKLOG_SENSOR = "backlog_sensor"
 REASON_TAG = "embedding_pipeline/backlog"
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 @dataclass
@@ -117,43 +111,6 @@ class TableState:
         return ", ".join(parts)
 
 
-@dataclass(frozen=True)
-class RunSpan:
-    """The tables and months a queued or running run covers (None: every month)."""
-
-    run_id: str
-    asset_keys: frozenset[dg.AssetKey]
-    first: str | None
-    last: str | None
-
-    def covers(self, asset: dg.AssetKey, first: str, last: str) -> bool:
-        if asset not in self.asset_keys:
-            return False
-        if self.first is None or self.last is None:
-            return True
-        return self.first <= last and first <= self.last
-
-
-def run_span(run: dg.DagsterRun, settings: Settings) -> RunSpan:
-    tags = run.tags
-    partition = tags.get("dagster/partition")
-    first = tags.get("dagster/asset_partition_range_start", partition)
-    last = tags.get("dagster/asset_partition_range_end", partition)
-    assets = run.asset_selection or _job_assets(run.job_name, settings)
-    return RunSpan(run.run_id, frozenset(assets), first, last)
-
-
-def _job_assets(job_name: str, settings: Settings) -> frozenset[dg.AssetKey]:
-    """The embedding assets a run of `job_name` covers when it carries no asset selection."""
-    assets = {key: dg.AssetKey(spec.asset_name) for key, spec in settings.tables.items()}
-    if job_name == RUN_CHECKS:
-        return frozenset()
-    for key, asset in assets.items():
-        if job_name == embed_job_name(key):
-            return frozenset([asset])
-    return frozenset(assets.values())
-
-
 def read_tables(
     conn: psycopg.Connection,
     tables: Iterable[tuple[str, TableSpec]],
@@ -178,29 +135,6 @@ def read_tables(
 def _fingerprint(value: object) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
-
-
-def _run_request(
-    state: TableState,
-    months: Sequence[str],
-    last_partition: str,
-    tick: int,
-) -> dg.RunRequest:
-    asset = dg.AssetKey(state.spec.asset_name)
-    first, last = (months[0], months[-1]) if months else (last_partition, last_partition)
-    span = first if first == last else f"{first}...{last}"
-    tags = {
-        **run_tags("backlog", [state.key], list(months) or [last]),
-        REASON_TAG: state.reason(),
-    }
-    return dg.RunRequest(
-        run_key=f"backlog:{state.key}:{span}:{tick}",
-        job_name=embed_job_name(state.key),
-        asset_selection=[asset],
-        asset_check_keys=per_run_check_keys([asset]),
-        partition_key=first if first == last else None,
-        tags=tags if first == last else {**tags, **range_tags(first, last)},
-    )
 
 
 def _month_events(
@@ -324,28 +258,29 @@ def build_backlog_sensor(
             now = database_now(conn)
             states = read_tables(conn, settings.tables.items(), embedder.model_id, partitions_def)
 
-        in_flight = [
-            run_span(run, settings)
-            for run in context.instance.get_runs(
-                filters=dg.RunsFilter(statuses=IN_FLIGHT), limit=500
-            )
-        ]
+        spans = in_flight(context.instance, settings)
         requests: list[dg.RunRequest] = []
         waiting: list[str] = []
         events: list[dg.AssetObservation | dg.AssetCheckEvaluation | dg.AssetMaterialization] = []
         next_cursor = BacklogCursor(tick=cursor.tick + 1)
         for state in states:
-            months = state.months_due
-            if months or state.index_missing:
-                first, last = (
-                    (months[0], months[-1]) if months else (last_partition, last_partition)
-                )
-                asset = dg.AssetKey(state.spec.asset_name)
-                busy = [r.run_id[:8] for r in in_flight if r.covers(asset, first, last)]
+            months = state.months_due or ([last_partition] if state.index_missing else [])
+            if months:
+                busy = busy_with(spans, dg.AssetKey(state.spec.asset_name), months)
                 if busy:
-                    waiting.append(f"{state.key} ({state.reason()}) waits for run {busy[0]}")
+                    waiting.append(f"{state.key} ({state.reason()}) waits for run {busy}")
                 else:
-                    requests.append(_run_request(state, months, last_partition, cursor.tick))
+                    span = months[0] if len(months) == 1 else f"{months[0]}...{months[-1]}"
+                    requests.append(
+                        table_run(
+                            settings,
+                            state.key,
+                            months,
+                            run_key=f"backlog:{state.key}:{span}:{cursor.tick}",
+                            trigger="backlog",
+                            tags={REASON_TAG: state.reason()},
+                        )
+                    )
             observations, next_cursor.months[state.key] = _month_events(
                 state, cursor.months.get(state.key, {})
             )

@@ -1,10 +1,17 @@
-"""`extraction_sensor`: new extractions launch embedding runs for the partitions they touched.
+"""`extraction_sensor`: new extractions launch embedding runs for the months they touched.
 
 Each tick reads the extractions committed since its cursor (primary-key lookups), finds
 the months of the rows they created or changed (the `<table>_extraction_id_idx` index),
-and requests one run per month partition for the embedding assets of the tables touched
-there. A run embeds only the rows of its partition that need it, so the work done equals
-the new and changed rows. Run keys name the extractions and the partition: a tick
+keeps, per table, those months that still have rows due for embedding (the partial
+pending index: a row another run embedded meanwhile is not work), and requests at most
+one run per table, of `embed_<table>` over those months. A table whose months a queued
+or running run already covers (a backlog run, a backfill, this sensor's own earlier run)
+gets no second run: its extractions are looked at again on the next ticks (as the
+cursor's gaps are, for up to `gap_grace_seconds`), and launch a run then only if rows
+are still due. So one ingest is at most one run per table, whichever sensor sees it first
+(`sensors/planning.py`), and no run is launched that would embed nothing.
+
+Run keys name the extractions, the table, its months and the tick's cursor: a tick
 evaluated again after a crash requests the same keys, and Dagster launches nothing twice.
 
 The first tick (no cursor yet) starts after the newest extraction (or at the very first
@@ -23,12 +30,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import dagster as dg
+import psycopg
 
-from embedding_pipeline.checks import per_run_check_keys
-from embedding_pipeline.jobs import job_for_tables, run_tags
+from embedding_pipeline.jobs import PARTITIONS_TAG
+from embedding_pipeline.lib.backlog import BacklogRow, table_pending
 from embedding_pipeline.lib.extractions import (
     ExtractionCursor,
     initial_cursor,
@@ -36,8 +44,9 @@ from embedding_pipeline.lib.extractions import (
     touched_months,
 )
 from embedding_pipeline.lib.schema import relation_exists
-from embedding_pipeline.partitions import partition_key_for
-from embedding_pipeline.resources import PostgresResource
+from embedding_pipeline.partitions import partition_key_for, partition_mapper, window_for
+from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.sensors.planning import busy_with, in_flight, table_run
 from embedding_pipeline.settings import Settings
 
 SENSOR_NAME = "extraction_sensor"
@@ -53,10 +62,13 @@ def describe_ids(ids: list[int]) -> str:
     return f"{ids[0]}..{ids[-1]} ({len(ids)})"
 
 
-def run_key_for(ids: list[int], partition_key: str) -> str:
-    """Stable for the same extractions and partition, different for any other set."""
-    digest = hashlib.sha1(",".join(map(str, ids)).encode(), usedforsecurity=False).hexdigest()
-    return f"extractions:{ids[0]}-{ids[-1]}:{digest[:12]}:{partition_key}"
+def run_key_for(ids: list[int], table_key: str, months: Sequence[str], cursor: str) -> str:
+    """Stable for the same extractions, table, months and input cursor; different for
+    any other (a later tick that finds the rows still due asks again)."""
+    text = ",".join(map(str, ids)) + "|" + cursor
+    digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+    span = months[0] if len(months) == 1 else f"{months[0]}...{months[-1]}"
+    return f"extractions:{ids[0]}-{ids[-1]}:{digest[:12]}:{table_key}:{span}"
 
 
 def build_extraction_sensor(
@@ -64,21 +76,41 @@ def build_extraction_sensor(
     partitions_def: dg.TimeWindowPartitionsDefinition,
     jobs: Sequence[dg.UnresolvedAssetJobDefinition],
 ) -> dg.SensorDefinition:
-    """The sensor for `settings` (interval, tables) over `partitions_def`, launching `jobs`
-    (`embed_<table>` for one table, `embed_tables` for several)."""
+    """The sensor for `settings` (interval, tables) over `partitions_def`, launching the
+    `embed_<table>` jobs among `jobs`."""
     asset_keys = {key: dg.AssetKey(spec.asset_name) for key, spec in settings.tables.items()}
     sensor_settings = settings.sensor
+    partition_for = partition_mapper(partitions_def)
+
+    def pending_rows(
+        conn: psycopg.Connection,
+        settings: Settings,
+        touched: Mapping[str, set[str]],
+        model_id: str,
+    ) -> dict[str, list[BacklogRow]]:
+        """Per touched table, its pending rows per month within the touched months."""
+        out = {}
+        for key, keys in touched.items():
+            first = partitions_def.time_window_for_partition_key(min(keys))
+            last = partitions_def.time_window_for_partition_key(max(keys))
+            window = window_for(partitions_def, dg.TimeWindow(first.start, last.end))
+            out[key] = table_pending(conn, settings.tables[key], model_id, partition_for, window)
+        conn.rollback()
+        return out
 
     @dg.sensor(
         name=SENSOR_NAME,
         minimum_interval_seconds=sensor_settings.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         jobs=jobs,
-        description="Launches embedding runs for the month partitions that new extractions "
-        "touched; the cursor is the last extraction id seen.",
+        description="Launches one embedding run per table for the months that new "
+        "extractions touched and that still have rows due, unless a queued or running run "
+        "covers them; the cursor is the last extraction id seen.",
     )
     def extraction_sensor(
-        context: dg.SensorEvaluationContext, postgres: PostgresResource
+        context: dg.SensorEvaluationContext,
+        postgres: PostgresResource,
+        embedder: EmbedderResource,
     ) -> dg.SensorResult:
         cursor = ExtractionCursor.parse(context.cursor)
         with postgres.connection(vector=False) as conn:
@@ -112,32 +144,59 @@ def build_extraction_sensor(
                 skip_reason=f"no new extraction after id {cursor.last_id}", cursor=next_cursor
             )
 
-        tables_by_partition: dict[str, set[str]] = defaultdict(set)
+        touched: dict[str, set[str]] = defaultdict(set)
         for key, moments in months.items():
             for moment in moments:
-                tables_by_partition[partition_key_for(partitions_def, moment)].add(key)
+                touched[key].add(partition_key_for(partitions_def, moment))
         label = describe_ids(new.ids)
-        if not tables_by_partition:
+        if not touched:
             return dg.SensorResult(
                 skip_reason=f"extractions {label} changed no embedded text", cursor=next_cursor
             )
 
-        run_requests = [
-            dg.RunRequest(
-                run_key=run_key_for(new.ids, partition_key),
-                job_name=job_for_tables(keys),
-                partition_key=partition_key,
-                asset_selection=[asset_keys[key] for key in sorted(keys)],
-                asset_check_keys=per_run_check_keys(asset_keys[key] for key in sorted(keys)),
-                tags={EXTRACTIONS_TAG: label, **run_tags("sensor", keys, [partition_key])},
+        with postgres.connection(vector=False) as conn:
+            due = {
+                key: {r.partition for r in rows if r.needs_embedding}
+                for key, rows in pending_rows(conn, settings, touched, embedder.model_id).items()
+            }
+        spans = in_flight(context.instance, settings)
+        run_requests: list[dg.RunRequest] = []
+        notes: list[str] = []
+        deferred = False
+        for key in sorted(touched):
+            work = sorted(touched[key] & due.get(key, set()))
+            if not work:
+                notes.append(f"{key}: nothing due (embedded meanwhile)")
+                continue
+            busy = busy_with(spans, asset_keys[key], work)
+            if busy:
+                notes.append(f"{key} waits for run {busy}")
+                deferred = True
+                continue
+            run_requests.append(
+                table_run(
+                    settings,
+                    key,
+                    work,
+                    run_key=run_key_for(new.ids, key, work, context.cursor or ""),
+                    trigger="sensor",
+                    tags={EXTRACTIONS_TAG: label},
+                )
             )
-            for partition_key, keys in sorted(tables_by_partition.items())
-        ]
-        context.log.info(
-            f"extractions {label}: {len(run_requests)} run(s) for partitions "
-            f"{', '.join(sorted(tables_by_partition))}"
-            + (" (more extractions pending)" if new.more else "")
+        if deferred:
+            # look at these extractions again on the next ticks, as at gaps
+            next_cursor = new.cursor.deferring(
+                new.ids,
+                now=time.time(),
+                grace_seconds=sensor_settings.gap_grace_seconds,
+                since=cursor.gaps,
+            ).serialize()
+        summary = f"extractions {label}: " + "; ".join(
+            [f"{r.job_name} over {r.tags[PARTITIONS_TAG]}" for r in run_requests] + notes
         )
+        context.log.info(summary + (" (more extractions pending)" if new.more else ""))
+        if not run_requests:
+            return dg.SensorResult(skip_reason=summary, cursor=next_cursor)
         return dg.SensorResult(run_requests=run_requests, cursor=next_cursor)
 
     return extraction_sensor
