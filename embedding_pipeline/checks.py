@@ -59,10 +59,12 @@ CHECK_NAMES = (
     RECALL,
     LATENCY,
 )
-#: Checks that cost a few indexed queries whatever the table size: these run with every
-#: sensor run. Recall and latency sample many searches (seconds at 100k rows) and run on
-#: the checks schedule, from the UI or with `embedding-pipeline check`.
-PER_RUN_CHECKS = (NO_MISSING, NO_STALE, NO_FAILED, LAG, DIMENSION, INDEX_PRESENT, INDEX_USED)
+#: The checks every embedding run carries: all nine, so that after any run every badge
+#: describes the vectors it left (a check not run would show "not evaluated" against the
+#: new materialization). Inside a run, recall and latency sample fewer queries
+#: (`run_recall_sample_size`, `run_latency_sample_size`); the checks schedule and
+#: `embedding-pipeline check` take the full samples.
+PER_RUN_CHECKS = CHECK_NAMES
 CHECKS_SCHEDULE = "embedding_checks_schedule"
 
 ERROR = dg.AssetCheckSeverity.ERROR
@@ -692,6 +694,7 @@ def index_used_check(t: CheckTarget) -> dg.AssetChecksDefinition:
 def recall_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     spec = t.spec
     cfg = t.cfg
+    partitions_def = t.partitions_def
     ef_search = t.ef_search
     expected_index = t.expected_index
 
@@ -699,11 +702,14 @@ def recall_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         asset=t.asset,
         name=RECALL,
         description=f"recall@{cfg.k} of the HNSW search against an exact scan in the same "
-        f"snapshot, over up to {cfg.recall_sample_size} stored vectors; WARN "
-        f"below {cfg.recall_threshold}.",
+        f"snapshot, over up to {cfg.recall_sample_size} stored vectors (in an embedding "
+        f"run, {cfg.run_recall_sample_size}); WARN below {cfg.recall_threshold}.",
     )
     @_measured
-    def recall(postgres: PostgresResource) -> dg.AssetCheckResult:
+    def recall(
+        context: dg.AssetCheckExecutionContext, postgres: PostgresResource
+    ) -> dg.AssetCheckResult:
+        in_run = _run_window(context, partitions_def)[0] is not None
         with postgres.connection() as conn:
             usable = quality.find_hnsw_indexes(conn, spec, expected_index).usable
             report = quality.measure_recall(
@@ -711,18 +717,14 @@ def recall_check(t: CheckTarget) -> dg.AssetChecksDefinition:
                 spec,
                 usable.name if usable else None,
                 k=cfg.k,
-                sample_size=cfg.recall_sample_size,
+                sample_size=cfg.run_recall_sample_size if in_run else cfg.recall_sample_size,
                 ef_search=ef_search,
             )
         metadata: dict[str, Any] = {
-            "recall": round(report.recall, 4) if report.recall is not None else "n/a",
             "threshold": cfg.recall_threshold,
             "k": cfg.k,
             "ef_search": ef_search,
             "queries": report.queries,
-            "min_query_recall": round(report.min_query_recall, 4)
-            if report.min_query_recall is not None
-            else "n/a",
             "worst_query_ids": _ids(report.worst_query_ids),
             "sampled": report.sample_method,
             "hnsw_plan": report.hnsw_plan,
@@ -735,6 +737,9 @@ def recall_check(t: CheckTarget) -> dg.AssetChecksDefinition:
                 metadata=metadata,
                 description="no stored vectors to measure recall with",
             )
+        metadata["recall"] = round(report.recall, 4)
+        if report.min_query_recall is not None:
+            metadata["min_query_recall"] = round(report.min_query_recall, 4)
         if not report.index_used or not report.exact_is_sequential:
             return dg.AssetCheckResult(
                 passed=False,
@@ -763,18 +768,24 @@ def latency_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     spec = t.spec
     cfg = t.cfg
     ef_search = t.ef_search
+    partitions_def = t.partitions_def
 
     @dg.asset_check(
         asset=t.asset,
         name=LATENCY,
         description=f"p50/p95 of the search statement over up to {cfg.latency_sample_size} "
-        f"queries; WARN when p95 exceeds {cfg.latency_warn_ms} ms.",
+        f"queries (in an embedding run, {cfg.run_latency_sample_size}); WARN when p95 "
+        f"exceeds {cfg.latency_warn_ms} ms.",
     )
     @_measured
-    def latency(postgres: PostgresResource) -> dg.AssetCheckResult:
+    def latency(
+        context: dg.AssetCheckExecutionContext, postgres: PostgresResource
+    ) -> dg.AssetCheckResult:
+        in_run = _run_window(context, partitions_def)[0] is not None
+        sample = cfg.run_latency_sample_size if in_run else cfg.latency_sample_size
         with postgres.connection() as conn:
             report = quality.measure_latency(
-                conn, spec, k=cfg.k, sample_size=cfg.latency_sample_size, ef_search=ef_search
+                conn, spec, k=cfg.k, sample_size=sample, ef_search=ef_search
             )
         if report.p95_ms is None or report.p50_ms is None or report.max_ms is None:
             return dg.AssetCheckResult(
@@ -834,7 +845,7 @@ def build_checks(settings: Settings) -> list[dg.AssetChecksDefinition]:
 
 
 def per_run_check_keys(asset_keys: Iterable[dg.AssetKey]) -> list[dg.AssetCheckKey]:
-    """The cheap checks of `asset_keys`, for runs that materialize them often."""
+    """The checks an embedding run of `asset_keys` carries (`PER_RUN_CHECKS`)."""
     return [dg.AssetCheckKey(key, name) for key in asset_keys for name in PER_RUN_CHECKS]
 
 
@@ -848,5 +859,5 @@ def build_checks_schedule(settings: Settings) -> dg.ScheduleDefinition:
         tags=run_tags("schedule", settings.tables),
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=f"All {len(CHECK_NAMES)} checks of each embedding asset, recall and "
-        "latency included (sensor runs carry only the cheap ones).",
+        "latency on their full samples (embedding runs take smaller ones).",
     )

@@ -132,8 +132,7 @@ def build_jobs(
         ),
         dg.define_asset_job(
             MATERIALIZE_ALL,
-            # the cheap checks only, as on sensor runs: recall and latency sample searches
-            # (seconds at 100k rows) and run on the checks schedule or `check`
+            # the checks every embedding run carries (recall and latency on small samples)
             selection=dg.AssetSelection.assets(*sources, *embeddings.values()).without_checks()
             | dg.AssetSelection.checks(*per_run_checks),
             tags=run_tags("manual", tables),

@@ -147,6 +147,11 @@ class CheckSettings:
     schedule_cron: str = "0 * * * *"
     #: `embedding_lag` warns when a row has needed an embedding for longer than this.
     freshness_warn_minutes: float = 15.0
+    #: Queries of the recall and latency checks inside an embedding run (each recall query
+    #: costs one sequential scan): every run that writes vectors evaluates all nine checks,
+    #: on a sample cheap enough to afford; the schedule and `check` use the full samples.
+    run_recall_sample_size: int = 10
+    run_latency_sample_size: int = 20
 
 
 #: hnsw.iterative_scan values (pgvector 0.8): off, or keep scanning the index until enough
@@ -314,6 +319,12 @@ def _checks_from_env(env: Mapping[str, str]) -> CheckSettings:
         sample_ids=_int(env, "EP_CHECK_SAMPLE_IDS", d.sample_ids),
         dimension_sample_size=_int(env, "EP_CHECK_DIMENSION_SAMPLE_SIZE", d.dimension_sample_size),
         schedule_cron=env.get("EP_CHECK_SCHEDULE", d.schedule_cron),
+        run_recall_sample_size=_int(
+            env, "EP_CHECK_RUN_RECALL_SAMPLE_SIZE", d.run_recall_sample_size
+        ),
+        run_latency_sample_size=_int(
+            env, "EP_CHECK_RUN_LATENCY_SAMPLE_SIZE", d.run_latency_sample_size
+        ),
         freshness_warn_minutes=_float(env, "EP_FRESHNESS_WARN_MINUTES", d.freshness_warn_minutes),
     )
 
@@ -487,6 +498,8 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
         ("EP_CHECK_RECALL_SAMPLE_SIZE", s.checks.recall_sample_size, 1, None),
         ("EP_CHECK_K", s.checks.k, 1, None),
         ("EP_CHECK_LATENCY_SAMPLE_SIZE", s.checks.latency_sample_size, 1, None),
+        ("EP_CHECK_RUN_RECALL_SAMPLE_SIZE", s.checks.run_recall_sample_size, 1, None),
+        ("EP_CHECK_RUN_LATENCY_SAMPLE_SIZE", s.checks.run_latency_sample_size, 1, None),
         ("EP_CHECK_PLANNER_WARN_ROWS", s.checks.planner_warn_rows, 0, None),
         ("EP_CHECK_SAMPLE_IDS", s.checks.sample_ids, 1, None),
         ("EP_CHECK_DIMENSION_SAMPLE_SIZE", s.checks.dimension_sample_size, 1, None),

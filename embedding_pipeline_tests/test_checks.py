@@ -773,8 +773,34 @@ def test_the_checks_schedule_runs_all_twenty_seven_checks_as_the_run_checks_job(
     assert not result.get_asset_materialization_events()
 
 
-def test_sensor_runs_carry_only_the_cheap_checks(defs):
+def test_embedding_runs_carry_all_nine_checks(defs):
     keys = checks.per_run_check_keys([dg.AssetKey(MESSAGES)])
-    assert {k.name for k in keys} == set(checks.PER_RUN_CHECKS)
-    assert checks.RECALL not in checks.PER_RUN_CHECKS
-    assert checks.LATENCY not in checks.PER_RUN_CHECKS
+    assert {k.name for k in keys} == set(checks.CHECK_NAMES)
+
+
+def test_an_embedding_run_evaluates_every_check_on_small_samples(
+    embedded, settings, resources, instance, conn
+):
+    """A run that repairs a row leaves no badge "not evaluated": all nine checks of the
+    asset run in it and pass, recall and latency on the run's smaller samples."""
+    variant = _variant(settings, resources, run_recall_sample_size=2, run_latency_sample_size=3)
+    _sql(conn, "UPDATE messages SET embedding = NULL WHERE id = (SELECT min(id) FROM messages)")
+    keys = checks.per_run_check_keys([dg.AssetKey(MESSAGES)])
+    result = dg.materialize(
+        [variant.get_assets_def(MESSAGES), *_check_defs(variant, keys)],
+        selection=dg.AssetSelection.assets(MESSAGES).without_checks()
+        | dg.AssetSelection.checks(*keys),
+        resources=variant.resources,
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": SEPTEMBER,
+            "dagster/asset_partition_range_end": OCTOBER,
+        },
+    )
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == set(checks.CHECK_NAMES)
+    assert [n for n, e in evaluations.items() if not e.passed] == []
+    assert _meta(evaluations[checks.RECALL])["queries"] == 2
+    assert _meta(evaluations[checks.LATENCY])["queries"] == 3
+    alone = _check(variant, instance, MESSAGES, checks.RECALL)
+    assert _meta(alone)["queries"] == 4  # every stored vector, up to the full sample
