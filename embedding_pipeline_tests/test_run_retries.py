@@ -16,6 +16,7 @@ from dagster._core.scheduler.instigation import InstigatorType
 
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres
+from embedding_pipeline.lib.sync import lock_namespace
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database
@@ -100,6 +101,17 @@ def test_a_sensor_run_failed_by_a_provider_outage_is_retried_until_every_row_is_
         assert succeeded.parent_run_id == failed.run_id
         assert succeeded.tags["dagster/retry_number"] == "1"
         assert succeeded.tags["dagster/partition"] == "2025-03-01"
+        # the retry re-executes every step (embedding and all nine checks), not only the
+        # failed one: a retry that re-ran only a failed check would embed nothing
+        assert failed.tags["dagster/retry_strategy"] == "ALL_STEPS"
+        started = {
+            r.event_log_entry.step_key
+            for r in instance.get_records_for_run(
+                succeeded.run_id, of_type=dg.DagsterEventType.STEP_START
+            ).records
+        }
+        assert "message_embeddings" in started
+        assert len([s for s in started if s and s.startswith("message_embeddings_")]) == 9
         failure = instance.get_records_for_run(
             failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
         ).records
@@ -110,3 +122,64 @@ def test_a_sensor_run_failed_by_a_provider_outage_is_retried_until_every_row_is_
         assert "EP_RETRY_DEADLINE_SECONDS" in (reason.description or "")
     assert_embedded(Settings(database_url=url), ids, OPENAI_ID)
     assert fault_server.snapshot().answered_more_than_once() == []
+
+
+def test_a_run_that_failed_only_on_a_check_is_retried_with_its_embedding(
+    daemon: tuple[str, Path], daemon_home: Path, fault_server: FaultServer
+) -> None:
+    """Another session (not a run) keeps one new row locked while the sensor's run goes
+    by: the run skips it, and its blocking `no_missing_embeddings` fails the run on that
+    row, which the run owed. Once the lock is gone, the daemon's retry embeds the row:
+    every step runs again (`dagster/retry_strategy: ALL_STEPS`). Re-running only the
+    failed check would end green with the row still missing."""
+    url, log = daemon
+    spec = Settings(database_url=url).tables["messages"]
+    with dg.DagsterInstance.from_config(str(daemon_home)) as instance:
+        wait_for(
+            "the sensor's first tick",
+            lambda: (
+                True
+                if any(
+                    s.instigator_name == SENSOR_NAME and s.instigator_data.cursor  # type: ignore[union-attr]
+                    for s in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+                )
+                else None
+            ),
+            120,
+            log,
+        )
+        with db.connection(url) as conn, db.connection(url, autocommit=True) as holder:
+            extraction = add_extraction(conn, "held row")
+            conn.commit()
+            ids = insert_messages(
+                conn,
+                [datetime(2025, 5, 1, tzinfo=UTC) + timedelta(hours=i) for i in range(6)],
+                extraction_id=extraction,
+                prefix="held",
+            )
+            held = ids[2]
+            holder.execute("SELECT pg_advisory_lock(%s)", [(lock_namespace(spec) << 32) + held])
+
+            def runs(status: dg.DagsterRunStatus) -> list[dg.DagsterRun] | None:
+                found = instance.get_runs(
+                    filters=dg.RunsFilter(
+                        statuses=[status], tags={"dagster/sensor_name": SENSOR_NAME}
+                    )
+                )
+                return list(found) or None
+
+            [failed] = wait_for(
+                "the run to fail on its check", lambda: runs(dg.DagsterRunStatus.FAILURE), 120, log
+            )
+            holder.execute("SELECT pg_advisory_unlock_all()")
+        failures = instance.get_records_for_run(
+            failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+        ).records
+        assert {r.event_log_entry.step_key for r in failures} == {
+            "message_embeddings_no_missing_embeddings"
+        }
+        [succeeded] = wait_for(
+            "the retried run to succeed", lambda: runs(dg.DagsterRunStatus.SUCCESS), 120, log
+        )
+        assert succeeded.parent_run_id == failed.run_id
+    assert_embedded(Settings(database_url=url), ids, OPENAI_ID)
