@@ -4,9 +4,12 @@ the session's embedded PostgreSQL, the local model, a temporary DAGSTER_HOME.
 
 One walk-through, in file order (run the module, not one test alone): the lineage graph
 shows the six assets; a materialization launched by a click succeeds; the checks tab
-shows the checks with their metadata; rows set to NULL in SQL make a check run launched
-from the UI fail with the count and the ids; the backlog sensor (interval shortened to
-`SENSOR_SECONDS`) repairs them with no click; the UI shows the repair.
+shows the checks with their metadata; rows set to NULL in SQL (an hour ago) make a check
+run launched from the UI fail with the count and the ids; the backlog sensor (interval
+shortened to `SENSOR_SECONDS`) repairs them with no click, and its run evaluates every
+check (9 / 9); a row emptied and a row given up lose their vectors and the asset shows
+its failed checks on the graph; new text brings them back; a backfill launched from the
+asset page's dialog carries the project's tags.
 
 Screenshots go to `EP_UI_SCREENSHOT_DIR` (`make screenshots` sets it to `docs/ui`),
 otherwise to a temporary folder.
@@ -30,8 +33,11 @@ import psycopg
 import pytest
 
 from embedding_pipeline.cli import write_local_instance_config
+from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID, LocalEmbedder
 from embedding_pipeline.lib.pgserver import free_port
 from embedding_pipeline.runner import materialize_all, run_embedding_checks
+from embedding_pipeline.search import Searcher
+from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.sensors import BACKLOG_SENSOR
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database, ingest_small_chat
@@ -203,16 +209,12 @@ def test_the_lineage_graph_shows_the_six_assets(world, page, shots):
     open_page(page, world, f"/asset-groups?{GROUPS}")
     for name in ASSETS:
         page.get_by_text(name, exact=True).first.wait_for()
-    passed = page.get_by_text("9 / 9 Passed")
-
-    def all_passed() -> bool:
-        if passed.count() == 3:
-            return True
-        page.reload()
-        page.wait_for_load_state("networkidle")
-        return False
-
-    wait_for("each embedding asset to show its nine checks passed", all_passed, 60, 1)
+    wait_for(
+        "each embedding asset to show its nine checks passed",
+        shows_on_the_graph(page, "9 / 9 Passed", 3),
+        60,
+        1,
+    )
     shoot(page, shots, "lineage")
 
 
@@ -248,9 +250,10 @@ def test_the_checks_tab_shows_the_checks_with_their_metadata(world, page, shots)
 
 
 def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page, shots):
-    """The check run is launched from the UI, then two vectors are set to NULL while its
-    process starts: the backlog sensor leaves a table alone while a run covering it is
-    queued or running, so the check sees the NULLs before the sensor repairs them."""
+    """The check run is launched from the UI, then two vectors are set to NULL (as an hour
+    ago: overdue, with no run at them) while its process starts: the backlog sensor leaves
+    a table alone while a run covering it is queued or running, so the check sees the
+    NULLs before the sensor repairs them."""
     instance = world["instance"]
     before = {r.run_id for r in instance.get_runs()}
     open_page(
@@ -271,6 +274,11 @@ def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page
                 "(SELECT id FROM messages ORDER BY id LIMIT 2) RETURNING id"
             )
         ]
+        conn.execute(
+            "UPDATE messages SET embedding_pending_since = now() - interval '1 hour' "
+            "WHERE id = ANY(%s)",
+            (ids,),
+        )
     wait_for(
         "the check run to finish",
         lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished,
@@ -279,7 +287,9 @@ def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page
     page.reload()
     page.wait_for_load_state("networkidle")
     ids_text = ", ".join(str(i) for i in sorted(ids))
-    page.get_by_text("missing 2 of 4 rows").first.wait_for()
+    page.get_by_text(
+        "2 rows have waited over 15 min for an embedding and no run is embedding them"
+    ).first.wait_for()
     page.get_by_text(f"ids {ids_text}").first.wait_for()
     shoot(page, shots, "check-failed")
     open_page(page, world, "/assets")
@@ -314,12 +324,32 @@ def test_the_backlog_sensor_repairs_it_with_no_click(world, page, shots):
     shoot(page, shots, "runs")
 
 
+def shows_on_the_graph(page: Any, text: str, count: int) -> Callable[[], bool]:
+    """A probe: the lineage graph shows `text` (a node's check badge) `count` times; the
+    page is reloaded until it does."""
+
+    def probe() -> bool:
+        if page.get_by_text(text).count() == count:
+            return True
+        page.reload()
+        page.wait_for_load_state("networkidle")
+        return False
+
+    return probe
+
+
 def test_the_ui_shows_it_healthy_again(world, page, shots):
     open_page(
         page, world, "/assets/message_embeddings?view=checks&checkDetail=no_missing_embeddings"
     )
-    page.get_by_text("missing 0 of 4 rows").first.wait_for()
+    # the repair run evaluated the check on its own work
+    page.get_by_text("none missing that this run").first.wait_for()
     shoot(page, shots, "checks-repaired")
+    # ... and every other check of the asset: no badge is left "not evaluated"
+    open_page(page, world, f"/asset-groups?{GROUPS}")
+    wait_for(
+        "every check evaluated after the repair", shows_on_the_graph(page, "9 / 9 Passed", 3), 60, 1
+    )
     month = "2025-09-01"
     observed = (
         world["instance"]
@@ -339,3 +369,104 @@ def test_the_ui_shows_it_healthy_again(world, page, shots):
     open_page(page, world, f"/asset-groups?{GROUPS}")
     page.get_by_text("message_embeddings", exact=True).first.wait_for()
     shoot(page, shots, "lineage-repaired")
+
+
+def old_vector_found(settings: Settings, text: str, row_id: int) -> bool:
+    """Whether vector or hybrid search for `text` returns the row `row_id`."""
+    searcher = Searcher(settings, embedder=LocalEmbedder())
+    engine = engine_for(settings.effective_database_url)
+    with engine.connect() as conn:
+        return any(
+            int(hit.id) == row_id
+            for mode in ("vector", "hybrid")
+            for hit in searcher.search(conn, text, table="messages", k=4, mode=mode)
+        )
+
+
+def test_a_row_given_up_or_emptied_loses_its_vector_and_the_asset_looks_unhealthy(
+    world, page, shots
+):
+    """One message's text is emptied by the application, another's was refused by the
+    provider for good (its record in the errors table, as a run with a provider leaves
+    it): the backlog sensor's run withdraws both old vectors, no search finds their old
+    text, and the lineage graph shows the asset failing (no_failed_rows is an ERROR)."""
+    settings = world["settings"]
+    with psycopg.connect(world["url"]) as conn:
+        (emptied, emptied_text), (refused, refused_text) = conn.execute(
+            "SELECT id, content FROM messages ORDER BY id DESC LIMIT 2"
+        ).fetchall()
+        conn.execute("UPDATE messages SET content = '' WHERE id = %s", (emptied,))
+        conn.execute("UPDATE messages SET content = 'refused text' WHERE id = %s", (refused,))
+        conn.execute(
+            "INSERT INTO embedding_errors (table_name, column_name, row_id, source_hash, "
+            "model_id, error_class, message, attempts, next_attempt_at) SELECT 'messages', "
+            "'embedding', id, embedding_source_hash, %s, 'HTTP 400', 'refused by the provider',"
+            " 3, 'infinity' FROM messages WHERE id = %s",
+            (LOCAL_MODEL_ID, refused),
+        )
+    world["changed"] = {emptied: emptied_text, refused: refused_text}
+    assert old_vector_found(settings, refused_text, refused)
+    wait_for(
+        "the old vectors to be withdrawn",
+        lambda: (
+            not old_vector_found(settings, emptied_text, emptied)
+            and not old_vector_found(settings, refused_text, refused)
+        ),
+        90,
+        1,
+    )
+    open_page(page, world, f"/asset-groups?{GROUPS}")
+
+    wait_for(
+        "the asset to show its failed checks", shows_on_the_graph(page, "6 / 9 Passed", 1), 60, 1
+    )
+    shoot(page, shots, "lineage-given-up")
+    open_page(page, world, "/assets/message_embeddings?view=checks&checkDetail=no_failed_rows")
+    page.get_by_text("1 given up without a vector").first.wait_for()
+    shoot(page, shots, "checks-given-up")
+
+
+def test_new_text_brings_them_back_and_every_check_passes_again(world, page, shots):
+    with psycopg.connect(world["url"]) as conn:
+        for row_id, text in world["changed"].items():
+            conn.execute("UPDATE messages SET content = %s WHERE id = %s", (text, row_id))
+    wait_for("the rows to be embedded again", lambda: null_count(world["url"]) == 0, 90, 1)
+    open_page(page, world, f"/asset-groups?{GROUPS}")
+    wait_for("every check passed again", shows_on_the_graph(page, "9 / 9 Passed", 3), 60, 1)
+    for row_id, text in world["changed"].items():
+        assert old_vector_found(world["settings"], text, row_id)
+
+
+def test_a_backfill_launched_from_the_ui_carries_the_projects_tags(world, page, shots):
+    """Asset page -> Materialize -> all partitions -> Launch backfill: Dagster runs it as
+    its own `__ASSET_JOB`; the embedding step tags the run as the project's runs are."""
+    instance = world["instance"]
+    before = {r.run_id for r in instance.get_runs()}
+    open_page(page, world, "/assets/message_embeddings")
+    page.locator("button", has_text=re.compile(r"^\s*Materialize")).first.click()
+    dialog = page.locator("[role=dialog]")
+    dialog.get_by_text("Show all partitions").click()
+    dialog.get_by_role("button", name="All", exact=True).click()
+    shoot(page, shots, "backfill-dialog")
+    dialog.get_by_role("button", name="Launch backfill").click()
+    run = wait_for(
+        "the backfill's run",
+        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
+        60,
+    )
+    done = wait_for(
+        "the backfill's run to finish",
+        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished and r,
+        120,
+    )
+    assert done.status == dg.DagsterRunStatus.SUCCESS
+    assert done.tags["dagster/backfill"]
+    assert done.tags["embedding_pipeline/trigger"] == "backfill"
+    assert done.tags["embedding_pipeline/tables"] == "messages"
+    assert done.tags["dagster/retry_strategy"] == "ALL_STEPS"
+    open_page(page, world, f"/runs/{done.run_id}")
+    page.get_by_role("button", name="View tags and config").click()
+    tags = page.locator("[role=dialog]")
+    tags.get_by_text("embedding_pipeline/trigger: backfill").first.wait_for()
+    tags.get_by_text("embedding_pipeline/tables: messages").first.wait_for()
+    shoot(page, shots, "run-backfill-tags")

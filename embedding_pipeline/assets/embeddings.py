@@ -126,8 +126,13 @@ def backlog_metadata(row: BacklogRow | None) -> dict[str, Any]:
 def partition_metadata(row: BacklogRow | None, model_id: str) -> dict[str, Any]:
     """One month's own figures after a run over it, listed first: its rows, those
     embedded since the run started, those already current, and what is still missing,
-    stale or failed (the provider refused its current text)."""
+    stale or failed (the provider refused its current text). A month without rows says
+    only that: in a run over a range (a backfill of every month), the asset page's
+    "latest materialization" is the last month, often empty, and should show the run's
+    figures that follow rather than a column of zeros."""
     rows = row.rows or 0 if row else 0
+    if not rows:
+        return {"rows_in_partition": 0}
     embedded = row.embedded or 0 if row else 0
     pending = (row.needs_embedding + row.failed) if row else 0
     return {
