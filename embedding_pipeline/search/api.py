@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -59,6 +60,11 @@ from embedding_pipeline.settings import Settings, load_settings, openai_api_key
 
 #: How long a query's embedding may retry transient provider failures (a person waits).
 QUERY_RETRY_SECONDS = 2.0
+#: How long a column found to hold the configured model's vectors is trusted before the
+#: next query is embedded without checking it first. The search statement's transaction
+#: checks it again anyway: a model switch within this time costs one query embedding,
+#: never an answer from two models' vectors.
+MODEL_CHECK_SECONDS = 5.0
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -208,6 +214,7 @@ class Searcher:
         self.sql = Statements(self.tables, settings)
         self._embedder = embedder
         self._queries: QueryVectors | None = None
+        self._matched: dict[str, float] = {}
         self._lock = threading.Lock()
 
     @property
@@ -296,7 +303,8 @@ class Searcher:
         `DBAPIError`."""
         request = self.prepare(query, table=table, k=k, filters=filters, mode=mode)
         if request.needs_vector and vector is None:
-            self.check_model(conn, request.key)
+            if not self.model_matched_recently(request.key):
+                self.check_model(conn, request.key)
             vector = self.embed_query(request.text)
         return self.run(conn, request, vector)
 
@@ -331,6 +339,12 @@ class Searcher:
         )
         check_applicable(request.key, request.filters)
         return request
+
+    def model_matched_recently(self, table: str) -> bool:
+        """Whether `table`'s column was found to hold the configured model's vectors in
+        the last `MODEL_CHECK_SECONDS` (then `check_model` may be skipped)."""
+        checked = self._matched.get(table)
+        return checked is not None and time.monotonic() - checked < MODEL_CHECK_SECONDS
 
     def check_model(self, conn: SyncConnection, table: str) -> None:
         """`ModelMismatch` when `table`'s embedding column holds another model's vectors
@@ -410,7 +424,8 @@ class Searcher:
         query embedding workers while the event loop keeps running."""
         request = self.prepare(query, table=table, k=k, filters=filters, mode=mode)
         if request.needs_vector and vector is None:
-            await conn.run_sync(self.check_model, request.key)
+            if not self.model_matched_recently(request.key):
+                await conn.run_sync(self.check_model, request.key)
             vector = await asyncio.wrap_future(self.queries.submit(request.text))
         return await conn.run_sync(self.run, request, vector)
 
@@ -467,7 +482,10 @@ class Searcher:
             found = yield self.sql.registered_model(key), {}
             registered = found[0]["model_id"] if found else None
         column_model = registered or rows[0]["stored"]
-        if column_model is not None and column_model != self.model_id:
+        if column_model is None or column_model == self.model_id:
+            self._matched[key] = time.monotonic()
+        else:
+            self._matched.pop(key, None)
             spec = self.settings.tables[key]
             source = "registered by `model switch`" if registered else "stored with its vectors"
             raise ModelMismatch(
@@ -586,15 +604,26 @@ class Searcher:
         return hits
 
 
-def engine_for(url: str, **options: Any) -> sa.Engine:
+def engine_for(url: str, *, statement_timeout: float | None = None, **options: Any) -> sa.Engine:
     """A pooled SQLAlchemy engine (psycopg 3) on `url` (a URL or a libpq keyword string).
     Connections are opened by `lib.db.connect`, so a failure never shows the password;
     `pool_pre_ping` replaces connections a database restart broke; `hide_parameters`
-    keeps statement parameters (query text, filter values) out of exception messages."""
+    keeps statement parameters (query text, filter values) out of exception messages;
+    `statement_timeout` (seconds) bounds every statement on its connections."""
     options = {"pool_pre_ping": True, "hide_parameters": True, **options}
-    return sa.create_engine(
+    engine = sa.create_engine(
         "postgresql+psycopg://", creator=lambda: db.connect(url, vector=False), **options
     )
+    if statement_timeout is not None:
+        milliseconds = max(1, round(statement_timeout * 1000))
+
+        @sa.event.listens_for(engine, "connect")
+        def bound_statements(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET statement_timeout = {milliseconds}")
+            dbapi_connection.commit()
+
+    return engine
 
 
 @cache

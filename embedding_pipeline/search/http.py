@@ -255,11 +255,14 @@ def build_router(
     database_url: str | None = None,
     api_keys: ApiKeys | None = None,
     metrics: ServiceMetrics | None = None,
+    timeout_per_request: bool = True,
 ) -> APIRouter:
     """The search routes over `engine`. With `api_keys`, every route but /healthz needs
     one of them (and OpenAPI declares the bearer scheme). Each request's statements run
-    under `EP_API_STATEMENT_TIMEOUT_SECONDS`. The password of `database_url` and of the
-    engine's URL, and OPENAI_API_KEY, are removed from anything logged."""
+    under `EP_API_STATEMENT_TIMEOUT_SECONDS`: set in each request's transaction, or, with
+    `timeout_per_request` False, by the engine on its connections (`engine_for(...,
+    statement_timeout=)`, one statement less per request). The password of `database_url`
+    and of the engine's URL, and OPENAI_API_KEY, are removed from anything logged."""
     hidden = [s for s in (engine.url.password, openai_api_key()) if s]
     timeout_seconds = searcher.settings.api.statement_timeout_seconds
 
@@ -280,7 +283,8 @@ def build_router(
         started = time.perf_counter()
         try:
             with engine.connect() as conn:
-                conn.execute(_TIMEOUT, {"ms": str(round(timeout_seconds * 1000))})
+                if timeout_per_request:
+                    conn.execute(_TIMEOUT, {"ms": str(round(timeout_seconds * 1000))})
                 yield conn
         finally:
             if metrics:
@@ -305,8 +309,9 @@ def build_router(
         )
         vector, embed_ms = None, None
         if query.needs_vector:
-            with connection(route) as conn:
-                searcher.check_model(conn, table)
+            if not searcher.model_matched_recently(table):
+                with connection(route) as conn:
+                    searcher.check_model(conn, table)
             embedding_started = time.perf_counter()
             vector = searcher.embed_query(query.text)
             embed_ms = _ms(embedding_started)
@@ -400,8 +405,10 @@ def create_app(
     and the query embedding workers stopped at shutdown."""
     searcher = searcher or Searcher(settings)
     api = settings.api
+    own_engine = engine is None
     engine = engine or engine_for(
         settings.effective_database_url,
+        statement_timeout=api.statement_timeout_seconds,
         pool_size=api.db_pool_size,
         max_overflow=0,
         pool_timeout=POOL_WAIT_SECONDS,
@@ -435,6 +442,7 @@ def create_app(
             database_url=settings.effective_database_url,
             api_keys=keys,
             metrics=metrics,
+            timeout_per_request=not own_engine,
         )
     )
 
