@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from embedding_pipeline.search.query_vectors import QueryVectorStats
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: What `generate_latest` writes (the library's own HTTP handlers answer with it too).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 #: Seconds: from a cached vector (microseconds) to a request near the statement timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
