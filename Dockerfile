@@ -1,5 +1,5 @@
-# One image for the three Dagster services of docker-compose.yml: code-location (the
-# default command), webserver and daemon. See docs/deployment.md.
+# One image for the services of docker-compose.yml: code-location (the default command),
+# webserver, daemon and search (`embedding-pipeline serve`). See docs/deployment.md.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -43,6 +43,6 @@ v = LocalEmbedder().embed(['offline check']); \
 assert v.shape == (1, 384), v.shape; \
 print('local model OK, definitions load')"
 
-EXPOSE 3000 4000
+EXPOSE 3000 4000 8000
 CMD ["dagster", "code-server", "start", "-h", "0.0.0.0", "-p", "4000", \
      "-m", "embedding_pipeline.definitions"]

@@ -16,25 +16,37 @@ one pooled connection, and the first `--warmup` answers are not timed. recall@10
 the ids with the same statement run again with index scans disabled (a sequential scan:
 the exact answer). Hybrid queries carry three of the made-up words.
 
-HTTP: `embedding-pipeline serve` on the same database, `POST /api/v1/semantic_search/messages`
-(vector mode, embedding included) with the first ten words of each sample chat message as
-the query, one client, one request at a time. Embedding: `LocalEmbedder().embed([text])`
-for the same texts.
+HTTP: `embedding-pipeline serve` on the same database with an API key (EP_API_KEYS),
+`POST /api/v1/semantic_search/messages` (vector mode, embedding included) with the first
+ten words of each sample chat message as the query, one client, one request at a time.
+Embedding: `LocalEmbedder().embed([text])` for the same texts.
+
+Concurrent clients (`--clients 1,4,16`): for each level a fresh `serve` (empty query
+cache) answers `--http-requests` requests from that many clients at once (each client an
+asyncio task of one process, sending its next request when its answer came, on its own
+keep-alive connection), after `--warmup` untimed requests of other texts. The mix is the
+same for every level: questions picked by a Zipf law (`--zipf`, exponent 1.1; web search
+logs follow about 1) over 200 sample chat questions (a few asked often, most rarely), 60%
+vector, 30% hybrid, 10% text. The query cache's hits and the model calls come from the
+server's /metrics.
 
     .venv/bin/python benchmarks/search_latency.py                 # 100,000 rows
     .venv/bin/python benchmarks/search_latency.py --rows 20000 --queries 100
+    .venv/bin/python benchmarks/search_latency.py --http-only     # HTTP lines only
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +57,7 @@ import numpy as np
 import psycopg
 import sqlalchemy as sa
 from pgvector.psycopg import register_vector
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID, LocalEmbedder
@@ -67,6 +80,7 @@ WORDS_PER_ROW = 12
 #: HTTP queries: the first words of the sample chat's messages (the length of a question).
 QUERY_WORDS = 10
 VENV_BIN = Path(sys.executable).parent
+SEARCH_PATH = "/api/v1/semantic_search/messages"
 
 
 def unit_rows(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
@@ -191,41 +205,146 @@ def run_scenario(
                 scenario.recalls.append(len(exact & {h.id for h in hits}) / max(1, len(exact)))
 
 
-def http_latency(url: str, texts: list[str], warmup: int, workdir: Path) -> list[float]:
+#: The key every HTTP request of the benchmark carries (authentication on, as deployed).
+API_KEY = "benchmark-key"
+MIX_QUESTIONS = 200
+MODE_SHARES = {"vector": 0.6, "hybrid": 0.3, "text": 0.1}
+
+
+@contextmanager
+def serving(url: str, workdir: Path) -> Iterator[str]:
+    """`embedding-pipeline serve` with an API key on a free port; its base URL once it
+    printed its ready line."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": url, "DAGSTER_HOME": str(workdir / "dagster_home")}
-    log = (workdir / "serve.log").open("w")
-    server = subprocess.Popen(
-        [str(VENV_BIN / "embedding-pipeline"), "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    timings: list[float] = []
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "DAGSTER_HOME": str(workdir / "dagster_home"),
+        "EP_API_KEYS": API_KEY,
+    }
+    log_path = workdir / f"serve-{port}.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [str(VENV_BIN / "embedding-pipeline"), "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
             deadline = time.monotonic() + 60
-            while True:
-                try:
-                    client.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("serve did not start") from None
-                    time.sleep(0.2)
-            for i, text in enumerate(texts[:warmup] + texts):
-                body = {"query": text, "limit": 10}
-                ms, answer = timed(
-                    lambda: client.post("/api/v1/semantic_search/messages", json=body)  # noqa: B023
-                )
-                answer.raise_for_status()
-                if i >= warmup:
-                    timings.append(ms)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+            while "search API ready" not in log_path.read_text():
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"serve did not start: {log_path.read_text()}")
+                time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def client(base: str) -> httpx.Client:
+    return httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+def http_latency(url: str, texts: list[str], warmup: int, workdir: Path) -> list[float]:
+    timings: list[float] = []
+    with serving(url, workdir) as base, client(base) as http:
+        for i, text in enumerate(texts[:warmup] + texts):
+            body = {"query": text, "limit": 10}
+            ms, answer = timed(
+                lambda: http.post("/api/v1/semantic_search/messages", json=body)  # noqa: B023
+            )
+            answer.raise_for_status()
+            if i >= warmup:
+                timings.append(ms)
     return timings
+
+
+def query_mix(
+    questions: list[str], n: int, exponent: float, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """`n` search bodies: questions by a Zipf law of `exponent` (rank r asked in proportion
+    to 1 / r ** exponent), modes by share."""
+    ranks: list[int] = []
+    while len(ranks) < n:
+        ranks.extend(int(r) - 1 for r in rng.zipf(exponent, n) if r <= len(questions))
+    modes = rng.choice(list(MODE_SHARES), size=n, p=list(MODE_SHARES.values()))
+    return [
+        {"query": questions[r], "mode": str(m), "limit": 10}
+        for r, m in zip(ranks[:n], modes, strict=True)
+    ]
+
+
+@dataclass
+class Level:
+    clients: int
+    timings_ms: list[float]
+    seconds: float
+    vectors: dict[str, float]
+    model_calls: float
+
+    @property
+    def vector_queries(self) -> float:
+        return sum(self.vectors.values())
+
+
+def query_vector_counts(http: httpx.Client) -> tuple[dict[str, float], float]:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    samples = [s for family in families for s in family.samples]
+    vectors = {
+        s.labels["source"]: s.value for s in samples if s.name == "ep_search_query_vectors_total"
+    }
+    calls = sum(s.value for s in samples if s.name == "ep_search_query_model_calls_total")
+    return vectors, calls
+
+
+def concurrent_level(
+    url: str, bodies: list[dict[str, Any]], warm: list[str], clients: int, workdir: Path
+) -> Level:
+    """`bodies` sent by `clients` clients at once (asyncio tasks of one process, each
+    sending its next request when its answer came, each on its own connection)."""
+    with serving(url, workdir) as base, client(base) as http:
+        for text in warm:
+            http.post(SEARCH_PATH, json={"query": text, "limit": 10}).raise_for_status()
+        before, calls_before = query_vector_counts(http)
+        started = time.perf_counter()
+        timings = asyncio.run(send_concurrently(base, bodies, clients))
+        seconds = time.perf_counter() - started
+        after, calls_after = query_vector_counts(http)
+    vectors = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("cache", "shared", "model")}
+    return Level(clients, timings, seconds, vectors, calls_after - calls_before)
+
+
+async def send_concurrently(base: str, bodies: list[dict[str, Any]], clients: int) -> list[float]:
+    timings = [0.0] * len(bodies)
+    pending = iter(enumerate(bodies))
+    async with httpx.AsyncClient(
+        base_url=base,
+        timeout=60,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        limits=httpx.Limits(max_connections=clients, max_keepalive_connections=clients),
+    ) as http:
+
+        async def one_client() -> None:
+            for i, body in pending:
+                started = time.perf_counter()
+                answer = await http.post(SEARCH_PATH, json=body)
+                timings[i] = (time.perf_counter() - started) * 1000.0
+                answer.raise_for_status()
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return timings
+
+
+def level_row(level: Level) -> str:
+    share = level.vector_queries or 1.0
+    return (
+        f"| {level.clients} | {len(level.timings_ms)} | "
+        f"{statistics.median(level.timings_ms):.1f} | {percentile(level.timings_ms, 0.95):.1f} | "
+        f"{len(level.timings_ms) / level.seconds:.1f} | "
+        f"{level.vectors['cache'] / share:.0%} | {level.vectors['shared'] / share:.0%} | "
+        f"{level.vectors['model']:.0f} in {level.model_calls:.0f} calls |"
+    )
 
 
 def row(
@@ -244,11 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ef-search", type=int, help="hnsw.ef_search (default: the setting)")
+    parser.add_argument(
+        "--clients", default="1,4,16", help="concurrent HTTP clients per level (default 1,4,16)"
+    )
+    parser.add_argument("--http-requests", type=int, default=400, help="requests per level")
+    parser.add_argument(
+        "--zipf", type=float, default=1.1, help="exponent of the question mix (above 1)"
+    )
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP lines")
     parser.add_argument("--keep", action="store_true", help="leave the server and data")
     args = parser.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
 
     rng = np.random.default_rng(args.seed)
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    workdir = Path(tempfile.mkdtemp(prefix="ep-serve-"))
     with temporary_server("ep-search-latency-", keep=args.keep) as server:
         server.ensure_database("bench")
         url = server.url("bench")
@@ -291,15 +420,27 @@ def main(argv: list[str] | None = None) -> int:
             Scenario("hybrid, unfiltered", {"k": 10, "mode": "hybrid"}),
             Scenario("text, unfiltered", {"k": 10, "mode": "text"}),
         ]
+        if args.http_only:
+            scenarios = []
         engine = engine_for(url)
         for scenario in scenarios:
             run_scenario(engine, searcher, scenario, queries, args.warmup)
         engine.dispose()
 
         messages = load_export(SAMPLE_DIR / "result.json").messages
-        texts = [" ".join(m.text.split()[:QUERY_WORDS]) for m in messages][: args.queries]
-        http = http_latency(url, texts, args.warmup, Path(tempfile.mkdtemp(prefix="ep-serve-")))
-        embedding = [timed(lambda: embedder.embed([t]))[0] for t in texts]  # noqa: B023
+        texts = [" ".join(m.text.split()[:QUERY_WORDS]) for m in messages]
+        http = http_latency(url, texts[: args.queries], args.warmup, workdir)
+        embedding = (
+            []
+            if args.http_only
+            else [timed(lambda: embedder.embed([t]))[0] for t in texts[: args.queries]]  # noqa: B023
+        )
+        questions = texts[-MIX_QUESTIONS:]
+        warm = texts[: args.warmup]
+        mix = query_mix(
+            questions, args.http_requests, args.zipf, np.random.default_rng(args.seed + 1)
+        )
+        concurrent = [concurrent_level(url, mix, warm, n, workdir) for n in levels]
 
     print(
         f"\n{args.rows} rows, {args.queries} queries per line (after {args.warmup} untimed), "
@@ -318,8 +459,28 @@ def main(argv: list[str] | None = None) -> int:
                 s.plan,
             )
         )
-    print(row("HTTP POST semantic_search (vector), embedding included", http))
-    print(row("query embedding alone (local model)", embedding))
+    print(row("HTTP POST semantic_search (vector), embedding included, API key", http))
+    if embedding:
+        print(row("query embedding alone (local model)", embedding))
+    distinct = len({b["query"] for b in mix})
+    print(
+        f"\nconcurrent clients over HTTP, API key on: {args.http_requests} requests a level, "
+        f"{distinct} distinct questions (Zipf exponent {args.zipf}), modes {MODE_SHARES}\n"
+    )
+    print(
+        "| clients | requests | p50 ms | p95 ms | requests/s | query vectors from the cache "
+        "| shared with a query in flight | embedded (model calls) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for level in concurrent:
+        print(level_row(level))
+    by_clients = {level.clients: level for level in concurrent}
+    if 1 in by_clients and 16 in by_clients:
+        ratio = percentile(by_clients[16].timings_ms, 0.95) / percentile(
+            by_clients[1].timings_ms, 0.95
+        )
+        verdict = "met" if ratio <= 8 else "missed"
+        print(f"\np95 at 16 clients / p95 at 1 client: {ratio:.2f} (target at most 8: {verdict})")
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import time
@@ -22,7 +23,13 @@ from embedding_pipeline.lib.schema import ERRORS_TABLE, SchemaError, relation_ex
 from embedding_pipeline.lib.telegram import InputFileError
 from embedding_pipeline.search.errors import SearchError
 from embedding_pipeline.search.filters import FILTER_NAMES
-from embedding_pipeline.settings import PROJECT_ROOT, Settings, TableSpec, load_settings
+from embedding_pipeline.settings import (
+    PROJECT_ROOT,
+    Settings,
+    TableSpec,
+    api_keys,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from embedding_pipeline.lib.engine.errors import ErrorRecord
@@ -295,18 +302,34 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    """The search API over HTTP (FastAPI on uvicorn); docs at /docs."""
+    """The search API over HTTP (FastAPI on uvicorn); docs at /docs. Prints a line starting
+    `search API ready` once it listens."""
     import logging
 
-    import uvicorn
+    from embedding_pipeline.search.http import create_app, run_server
 
-    from embedding_pipeline.search.http import create_app
-
+    keys = api_keys()
+    if not keys and not _is_loopback(args.host) and not args.allow_unauthenticated:
+        raise CliError(
+            f"--host {args.host} is reachable from other machines and EP_API_KEYS is not set: "
+            "anyone reaching the port could search every message. Set EP_API_KEYS (or pass "
+            "--allow-unauthenticated on a trusted network)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
     _require_database(settings, probe=False)  # it answers 503 until the database is back
-    print(f"search API on http://{args.host}:{args.port} (OpenAPI docs at /docs)", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
-    return 0
+    access = "an API key required" if keys else "no API key required"
+    ready = f"search API ready on http://{args.host}:{args.port} ({access}; docs at /docs)"
+    started = run_server(create_app(settings, api_keys=keys), args.host, args.port, ready)
+    return 0 if started else 1
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -632,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the search API over HTTP (docs at /docs)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve on a non-loopback --host without EP_API_KEYS (trusted networks only)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

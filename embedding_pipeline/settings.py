@@ -258,6 +258,27 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """The search service (`embedding-pipeline serve`) and the limits every search keeps.
+    The API keys are not kept here: `api_keys()` reads them when the service starts."""
+
+    #: Longest query, in characters, that a search accepts (HTTP 422 above it).
+    max_query_chars: int = 2_000
+    #: Largest request body the service reads, in bytes (HTTP 413 above it).
+    max_body_bytes: int = 65_536
+    #: How long one statement of a request may run (HTTP 504 "took too long" after it).
+    statement_timeout_seconds: float = 5.0
+    #: Database connections the service holds at most.
+    db_pool_size: int = 8
+    #: Threads embedding queries; None: the provider's default (1 local, 4 openai, 2 ollama).
+    embed_workers: int | None = None
+    #: Recent query vectors kept, by model and text; 0: none.
+    query_cache_size: int = 1_024
+    #: Browser origins allowed to call the service (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
     embedded: EmbeddedDatabaseSettings = field(default_factory=EmbeddedDatabaseSettings)
@@ -268,6 +289,7 @@ class Settings:
     checks: CheckSettings = field(default_factory=CheckSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
     partition_start: str = "2024-01-01"
     extraction_table: str = "extractions"
 
@@ -339,6 +361,52 @@ def _search_from_env(env: Mapping[str, str]) -> SearchSettings:
         max_scan_tuples=_int(env, "EP_SEARCH_MAX_SCAN_TUPLES", d.max_scan_tuples),
         exact_below_rows=_int(env, "EP_SEARCH_EXACT_BELOW_ROWS", d.exact_below_rows),
     )
+
+
+def _api_from_env(env: Mapping[str, str]) -> ApiSettings:
+    d = ApiSettings()
+    origins = env.get("EP_API_CORS_ORIGINS") or ""
+    return ApiSettings(
+        max_query_chars=_int(env, "EP_API_MAX_QUERY_CHARS", d.max_query_chars),
+        max_body_bytes=_int(env, "EP_API_MAX_BODY_BYTES", d.max_body_bytes),
+        statement_timeout_seconds=_float(
+            env, "EP_API_STATEMENT_TIMEOUT_SECONDS", d.statement_timeout_seconds
+        ),
+        db_pool_size=_int(env, "EP_API_DB_POOL_SIZE", d.db_pool_size),
+        embed_workers=_optional_int(env, "EP_API_EMBED_WORKERS"),
+        query_cache_size=_int(env, "EP_API_QUERY_CACHE_SIZE", d.query_cache_size),
+        cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
+    )
+
+
+def api_keys(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The search service's API keys from EP_API_KEYS: comma-separated keys, or an absolute
+    path (starting with `/`) to a file of keys (one per line or comma-separated; blank
+    lines and `#` comments ignored). Empty or unset: no keys. Like OPENAI_API_KEY, never
+    kept in `Settings`; a `SettingsError` never shows a key."""
+    env = os.environ if env is None else env
+    raw = (env.get("EP_API_KEYS") or "").strip()
+    if not raw:
+        return ()
+    if raw.startswith("/"):
+        try:
+            text = Path(raw).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise SettingsError(f"EP_API_KEYS names the file {raw!r}: {reason}") from None
+        lines = [line.split("#", 1)[0] for line in text.splitlines()]
+        raw, where = ",".join(lines), f"the file {raw!r}"
+    else:
+        where = "EP_API_KEYS"
+    keys = tuple(dict.fromkeys(k.strip() for k in raw.split(",") if k.strip()))
+    if not keys:
+        raise SettingsError(f"EP_API_KEYS is set but {where} holds no key")
+    if not all(key.isascii() and key.isprintable() and " " not in key for key in keys):
+        raise SettingsError(
+            f"a key in {where} contains a space, a control or a non-ASCII character (an HTTP "
+            "header could not carry it)"
+        )
+    return keys
 
 
 def openai_api_key(env: Mapping[str, str] | None = None) -> str | None:
@@ -451,6 +519,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         checks=_checks_from_env(env),
         engine=engine,
         search=_search_from_env(env),
+        api=_api_from_env(env),
         partition_start=env.get("EP_PARTITION_START", Settings.partition_start),
         extraction_table=env.get("EP_EXTRACTION_TABLE", Settings.extraction_table),
     )
@@ -468,6 +537,9 @@ MAX_IDENTIFIER_BYTES = 63
 MAX_INDEXED_DIMENSIONS = 2000
 #: Appended to the embedding columns while `model switch` fills their replacements.
 SHADOW_SUFFIX = "_next"
+#: The most EP_API_MAX_QUERY_CHARS may allow: a 1 MB query held PostgreSQL's text search for
+#: 40 s before it failed with "stack depth limit exceeded".
+MAX_QUERY_CHARS = 100_000
 #: Columns the search API filters on, B-tree indexed where a table has them (lib/schema.py),
 #: so that a selective filter is answered by an exact scan of the few matching rows.
 SEARCH_FILTER_COLUMNS = ("author_id", "topic_id", "kind")
@@ -503,6 +575,11 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
         ("EP_CHECK_PLANNER_WARN_ROWS", s.checks.planner_warn_rows, 0, None),
         ("EP_CHECK_SAMPLE_IDS", s.checks.sample_ids, 1, None),
         ("EP_CHECK_DIMENSION_SAMPLE_SIZE", s.checks.dimension_sample_size, 1, None),
+        ("EP_API_MAX_QUERY_CHARS", s.api.max_query_chars, 1, MAX_QUERY_CHARS),
+        ("EP_API_MAX_BODY_BYTES", s.api.max_body_bytes, 1024, None),
+        ("EP_API_DB_POOL_SIZE", s.api.db_pool_size, 1, 1000),
+        ("EP_API_EMBED_WORKERS", s.api.embed_workers, 1, 64),
+        ("EP_API_QUERY_CACHE_SIZE", s.api.query_cache_size, 0, None),
     ]
 
 
@@ -512,6 +589,7 @@ _BOUND_REASONS = {
     "EP_HNSW_M": "pgvector's limits",
     "EP_HNSW_EF_CONSTRUCTION": "pgvector's limits, and at least twice EP_HNSW_M",
     "EP_HNSW_EF_SEARCH": "pgvector's limits",
+    "EP_API_MAX_QUERY_CHARS": "PostgreSQL's text search can exhaust its stack on longer input",
 }
 
 
@@ -532,6 +610,7 @@ def _positive_ranges(s: Settings) -> list[tuple[str, float, float | None]]:
         ("EP_HNSW_REBUILD_FRACTION", s.hnsw.rebuild_fraction, 1.0),
         ("EP_CHECK_LATENCY_WARN_MS", s.checks.latency_warn_ms, None),
         ("EP_FRESHNESS_WARN_MINUTES", s.checks.freshness_warn_minutes, None),
+        ("EP_API_STATEMENT_TIMEOUT_SECONDS", s.api.statement_timeout_seconds, 3600.0),
     ]
 
 
@@ -703,6 +782,23 @@ def _check_embedder(e: EmbedderSettings) -> None:
             )
 
 
+def _check_cors_origins(origins: tuple[str, ...]) -> None:
+    for origin in origins:
+        if origin == "*":
+            continue
+        try:
+            parts = urlsplit(origin)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            usable = usable and parts.path in ("", "/") and not parts.query and parts.port != 0
+        except ValueError:
+            usable = False
+        if not usable:
+            raise SettingsError(
+                "EP_API_CORS_ORIGINS must list origins such as https://app.example.com "
+                f"(scheme, host and port only) or *, got {origin!r}"
+            )
+
+
 def validate_settings(settings: Settings) -> Settings:
     """`settings`, or `SettingsError` naming the first variable that cannot work."""
     if settings.database_url is not None:
@@ -714,6 +810,7 @@ def validate_settings(settings: Settings) -> Settings:
             )
     _check_embedder(settings.embedder)
     _check_numbers(settings)
+    _check_cors_origins(settings.api.cors_origins)
     for name in postgres_names(settings):
         _check_name(name)
     _check_tables(settings)

@@ -12,8 +12,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LocalEmbedder
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.search.evaluation import load_sample
@@ -38,34 +36,25 @@ def sample_settings(server: EmbeddedPostgres) -> Settings:
 
 
 @contextmanager
-def serve(env: Mapping[str, str], workdir: Path) -> Iterator[tuple[str, Path]]:
-    """`embedding-pipeline serve` on a free port with `env` added; yields its base URL
-    and its log file once it answers /healthz (whatever the answer)."""
+def serve(env: Mapping[str, str], workdir: Path, *args: str) -> Iterator[tuple[str, Path]]:
+    """`embedding-pipeline serve` on a free port with `env` added (and `args`); yields its
+    base URL and its log file (stdout and stderr) once it printed its ready line."""
     port = free_port()
-    full_env = {
-        k: v for k, v in os.environ.items() if k not in _CLEARED and not k.startswith("EP_")
-    }
-    full_env.update(DAGSTER_HOME=str(workdir / "dagster_home"), **env)
     log_path = workdir / f"serve-{port}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "embedding-pipeline"), "serve", "--port", str(port)],
-            env=full_env,
+            [str(VENV_BIN / "embedding-pipeline"), "serve", "--port", str(port), *args],
+            env=serve_env(env, workdir),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
-            while True:
+            while READY not in log_path.read_text():
                 assert process.poll() is None, log_path.read_text()
-                try:
-                    httpx.get(f"{base}/healthz", timeout=5)
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, "serve did not answer within 60 s"
-                    time.sleep(0.2)
-            yield base, log_path
+                assert time.monotonic() < deadline, "serve printed no ready line within 60 s"
+                time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}", log_path
         finally:
             process.terminate()
             try:
@@ -73,3 +62,16 @@ def serve(env: Mapping[str, str], workdir: Path) -> Iterator[tuple[str, Path]]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+#: What `serve` prints once it listens.
+READY = "search API ready on http://"
+
+
+def serve_env(env: Mapping[str, str], workdir: Path) -> dict[str, str]:
+    """The test process's environment without the pipeline's settings, plus `env`."""
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in _CLEARED and not k.startswith("EP_")
+    }
+    full_env.update(DAGSTER_HOME=str(workdir / "dagster_home"), **env)
+    return full_env

@@ -730,6 +730,24 @@ SETTINGS_CASES = [
         "vectors need a column of their own",
     ),
     (
+        {"EP_API_MAX_QUERY_CHARS": "1000000"},
+        "EP_API_MAX_QUERY_CHARS must be a whole number from 1 to 100000 (PostgreSQL's text "
+        "search can exhaust its stack on longer input), got 1000000",
+    ),
+    (
+        {"EP_API_STATEMENT_TIMEOUT_SECONDS": "0"},
+        "EP_API_STATEMENT_TIMEOUT_SECONDS must be a number above 0 and at most 3600, got 0",
+    ),
+    (
+        {"EP_API_DB_POOL_SIZE": "0"},
+        "EP_API_DB_POOL_SIZE must be a whole number from 1 to 1000, got 0",
+    ),
+    (
+        {"EP_API_CORS_ORIGINS": "https://app.example.com/search"},
+        "EP_API_CORS_ORIGINS must list origins such as https://app.example.com (scheme, host "
+        "and port only) or *, got 'https://app.example.com/search'",
+    ),
+    (
         {"EP_MESSAGES_TABLE": "app.messages"},
         "EP_MESSAGES_TABLE ('app.messages') contains a dot: schema-qualified names are not "
         "supported; put the schema on the search_path of the database user instead",

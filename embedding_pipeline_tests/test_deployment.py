@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
 import shutil
 import tomllib
@@ -28,12 +29,12 @@ from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._core.workspace.config_schema import ensure_workspace_config
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
-from embedding_pipeline import definitions, settings
+from embedding_pipeline import cli, definitions, settings
 from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import PROVIDERS
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres
-from embedding_pipeline.settings import load_settings
+from embedding_pipeline.settings import api_keys, load_settings
 from embedding_pipeline_tests.conftest import create_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,9 +136,16 @@ def _env_sources(config: Any) -> set[str]:
     return set()
 
 
-def test_compose_defines_the_five_services(compose: dict[str, Any]) -> None:
+def test_compose_defines_the_six_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "ollama", "code-location", "webserver", "daemon"}
+    assert set(services) == {
+        "postgres",
+        "ollama",
+        "code-location",
+        "webserver",
+        "daemon",
+        "search",
+    }
     assert services["postgres"]["image"].startswith("pgvector/pgvector:pg")
     assert services["ollama"]["image"].split(":")[0] == "ollama/ollama"
     for name in DAGSTER_SERVICES:
@@ -179,6 +187,7 @@ def test_deployment_doc_matches_compose_and_code(compose: dict[str, Any]) -> Non
     unknown = documented - _variables_the_code_reads() - instance_variables
     assert unknown == set(), "documented, but read nowhere"
     passed = set(_environment(compose["services"]["code-location"]))
+    passed |= set(_environment(compose["services"]["search"]))
     assert passed - documented == set(), "passed by compose, but not documented"
 
 
@@ -200,6 +209,56 @@ def test_code_location_environment_is_valid_for_the_settings(compose: dict[str, 
         postgres_env["POSTGRES_PASSWORD"],
     )
     build_definitions(configured)
+
+
+def test_the_search_service_serves_the_code_locations_model_with_keys(
+    compose: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """`embedding-pipeline serve --host 0.0.0.0` from the same image, on the database and
+    with the model settings of the code location (queries and rows embedded by one model),
+    its keys passed through from the host, its port published and health-checked; without
+    keys it refuses to start."""
+    services = compose["services"]
+    search, code = services["search"], services["code-location"]
+    assert search["build"] == "." and search["image"] == code["image"]
+    command = search["command"]
+    assert command[:2] == ["embedding-pipeline", "serve"]
+    assert _option(command, "--host") == "0.0.0.0"
+    port = _option(command, "--port")
+    assert f"127.0.0.1:{port}:{port}" in search["ports"]
+    assert search["depends_on"]["postgres"]["condition"] == "service_healthy"
+    health = " ".join(search["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/healthz" in health
+
+    shared = (
+        "DATABASE_URL",
+        "EP_EMBEDDING_PROVIDER",
+        "EP_EMBEDDING_MODEL",
+        "EP_EMBEDDING_DIMENSIONS",
+        "OLLAMA_HOST",
+        "OPENAI_BASE_URL",
+        "OPENAI_API_KEY",
+        "EP_SEARCH_TEXT_LANGUAGE",
+    )
+    for name in shared:
+        assert _environment(search).get(name, "missing") == _environment(code).get(name), name
+    assert _environment(search)["EP_API_KEYS"] is None, "keys pass through, never written"
+
+    env = _container_env(search)
+    configured = load_settings(env)
+    assert configured.embedder == load_settings(_container_env(code)).embedder
+    assert api_keys({**env, "EP_API_KEYS": "k1,k2"}) == ("k1", "k2")
+    for name in list(os.environ):
+        if PIPELINE_VARIABLE.match(name):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    assert cli.main(command[1:]) == 2
+    assert "EP_API_KEYS is not set" in capsys.readouterr().err
 
 
 def test_secrets_are_not_written_in_compose(compose: dict[str, Any]) -> None:

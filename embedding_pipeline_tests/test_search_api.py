@@ -258,6 +258,7 @@ def test_similar_rows_and_lookups(searcher, conn):
     assert len(by_key) > 10 and {m.topic for m in by_key} == {"billing-double-charge"}
     assert [m.time for m in by_key] == sorted(m.time for m in by_key)
     assert searcher.messages_for_topic(conn, by_key[0].topic_id, limit=100) == by_key
+    assert searcher.messages_for_topic(conn, str(by_key[0].topic_id), limit=100) == by_key
     assert len(searcher.messages_for_topic(conn, "billing-double-charge", limit=3)) == 3
     with pytest.raises(NotFound):
         searcher.messages_for_topic(conn, "no-such-topic")
@@ -278,6 +279,13 @@ def test_similar_rows_and_lookups(searcher, conn):
         ({"filters": {"kind": "decision"}}, "filters.kind", "does not apply to messages"),
         ({"filters": {"since": "2025-10-02", "until": "2025-10-01"}}, "filters.until", "later"),
         ({"vector": [0.1, 0.2]}, "vector", "expected 384 numbers"),
+        ({"query": "deploy\x00"}, "query", "NUL"),
+        ({"query": "\ud800deploy"}, "query", "lone surrogate"),
+        ({"query": "x" * 2001}, "query", "at most 2000 characters long, got 2001"),
+        ({"filters": {"author": "a\x00"}}, "filters.author", "NUL"),
+        ({"filters": {"topic": 2**63}}, "filters.topic", "from 1 to 9223372036854775807"),
+        ({"filters": {"topic": "²"}}, "filters.topic", "digits 0-9"),
+        ({"filters": {"extraction": 2**63}}, "filters.extraction", "less than or equal"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(searcher, conn, options, field, reason):
@@ -287,6 +295,26 @@ def test_bad_input_is_refused_naming_the_field(searcher, conn, options, field, r
     assert caught.value.field == field
     assert str(caught.value).startswith(f"{field}: ") and reason in str(caught.value)
     assert "\n" not in str(caught.value)
+    assert not conn.in_transaction()
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s, c: s.similar(c, "messages", 2**63), "id"),
+        (lambda s, c: s.similar(c, "messages", 0), "id"),
+        (lambda s, c: s.atoms_for_message(c, 2**63), "message_id"),
+        (lambda s, c: s.messages_for_topic(c, 2**63), "topic"),
+        (lambda s, c: s.messages_for_topic(c, "99999999999999999999"), "topic"),
+        (lambda s, c: s.messages_for_topic(c, "²"), "topic"),
+        (lambda s, c: s.messages_for_topic(c, "k\x00"), "topic"),
+    ],
+    ids=["similar-huge", "similar-0", "atoms-huge", "topic-huge", "topic-digits", "topic-²", "nul"],
+)
+def test_lookups_refuse_ids_beyond_bigint_and_unstorable_keys(searcher, conn, call, field):
+    with pytest.raises(InvalidQuery) as caught:
+        call(searcher, conn)
+    assert caught.value.field == field and "\n" not in str(caught.value)
     assert not conn.in_transaction()
 
 
@@ -302,6 +330,7 @@ def test_a_column_of_another_model_is_refused(fresh_database_url):
         with engine.connect() as conn:
             with pytest.raises(ModelMismatch, match=r"test:hash \(stored with its vectors\)"):
                 local.search(conn, "backup", k=3)
+            assert local.embedder.stats.calls == 0  # refused before the query was embedded
             assert local.search(conn, "backup", k=3, mode="text")
             assert len(hashed.search(conn, "backup", k=3)) == 3
 

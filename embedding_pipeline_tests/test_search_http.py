@@ -13,8 +13,12 @@ import httpx
 import pytest
 from pytest_httpserver import HTTPServer
 
+from embedding_pipeline.lib import db
+from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
 from embedding_pipeline.lib.pgserver import free_port
+from embedding_pipeline.lib.schema import ensure_schema
 from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.conftest import create_database
 from embedding_pipeline_tests.search_helpers import sample_settings, serve
 
 FRIDAY = "Why did the deployment fail on Friday?"
@@ -162,33 +166,46 @@ def test_a_column_of_another_model_answers_409(sample, httpserver: HTTPServer, t
         "vectors) but queries would be embedded with ollama:all-minilm"
     )
     assert text.status_code == 200 and text.json()["results"]
+    assert httpserver.log == []  # the mismatch was found before the query was embedded
 
 
-def test_outages_answer_503_without_traceback_url_password_or_key(tmp_path: Path):
+def test_outages_answer_503_without_traceback_url_password_or_key(pg_server, tmp_path: Path):
+    """The database down (every route that needs it), then the embedding provider down
+    over a live database whose columns hold no vectors yet (the column's model is checked
+    before the query is embedded, so the provider is only reached with a database)."""
     password, key = "S3cret-pw-4242", "sk-test-SECRET-KEY-4242"
     dead_db, dead_provider = free_port(), free_port()
-    env = {
-        "DATABASE_URL": f"postgresql://ep:{password}@127.0.0.1:{dead_db}/app",
+    provider = {
         "EP_EMBEDDING_PROVIDER": "openai",
         "EP_EMBEDDING_DIMENSIONS": "384",
         "OPENAI_BASE_URL": f"http://127.0.0.1:{dead_provider}/v1",
         "OPENAI_API_KEY": key,
     }
+    env = {"DATABASE_URL": f"postgresql://ep:{password}@127.0.0.1:{dead_db}/app", **provider}
     with serve(env, tmp_path) as (base, log_path), httpx.Client(base_url=base) as client:
         answers = {
-            "provider": client.post(SEARCH, json={"query": "deploy", "mode": "hybrid"}),
+            "vector": client.post(SEARCH, json={"query": "deploy", "mode": "hybrid"}),
             "database": client.post(SEARCH, json={"query": "deploy", "mode": "text"}),
             "similar": client.get("/api/v1/similar/messages/1"),
             "health": client.get("/healthz"),
         }
+        db_log = log_path.read_text()
+    empty = create_database(pg_server, "search_provider_outage")
+    with db.connection(empty, vector=False) as conn:
+        ensure_schema(conn, Settings(database_url=empty), LOCAL_DIMENSION, LOCAL_MODEL_ID)
+    env = {"DATABASE_URL": empty, **provider}
+    with serve(env, tmp_path) as (base, log_path), httpx.Client(base_url=base) as client:
+        answers["provider"] = client.post(SEARCH, json={"query": "deploy", "mode": "hybrid"})
+        provider_log = log_path.read_text()
+
     assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(answers, 503)
     assert "embedding provider is unavailable" in answers["provider"].json()["detail"]
-    assert "database is unavailable" in answers["database"].json()["detail"]
-    assert "database is unavailable" in answers["similar"].json()["detail"]
+    for name in ("vector", "database", "similar"):
+        assert "database is unavailable" in answers[name].json()["detail"]
     assert answers["health"].json()["database"] == "unreachable"
-    log = log_path.read_text()
-    assert "database unavailable" in log and "embedding provider unavailable" in log
-    for text in [log, *(a.text for a in answers.values())]:
+    assert "database unavailable" in db_log
+    assert "embedding provider unavailable" in provider_log
+    for text in [db_log, provider_log, *(a.text for a in answers.values())]:
         for secret in (password, key, f"ep:{password}", str(dead_db) + "/app"):
             assert secret not in text
         assert "Traceback" not in text

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -51,12 +52,19 @@ from embedding_pipeline.search.filters import (
     filter_shape,
     parse_filters,
 )
+from embedding_pipeline.search.inputs import id_or_key, id_problem, text_problem
+from embedding_pipeline.search.query_vectors import QueryVectors, QueryVectorStats
 from embedding_pipeline.search.statements import Statements
 from embedding_pipeline.search.tables import FIELD_COLUMNS, TABLE_KEYS, SearchTables
 from embedding_pipeline.settings import Settings, load_settings, openai_api_key
 
 #: How long a query's embedding may retry transient provider failures (a person waits).
 QUERY_RETRY_SECONDS = 2.0
+#: How long a column found to hold the configured model's vectors is trusted before the
+#: next query is embedded without checking it first. The search statement's transaction
+#: checks it again anyway: a model switch within this time costs one query embedding,
+#: never an answer from two models' vectors.
+MODEL_CHECK_SECONDS = 5.0
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -106,12 +114,19 @@ class Hit:
 
 
 @dataclass(frozen=True)
-class _Request:
+class SearchQuery:
+    """A checked search request (`Searcher.prepare`): the table, the query text (stripped),
+    the result count, the filters and the mode."""
+
     key: str
     text: str
     k: int
     filters: Filters
     mode: str
+
+    @property
+    def needs_vector(self) -> bool:
+        return self.mode != "text"
 
 
 def check_table(table: str) -> str:
@@ -124,6 +139,14 @@ def check_limit(k: object, field: str = "k") -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_LIMIT:
         raise InvalidQuery(field, f"must be a whole number from 1 to {MAX_LIMIT}, got {k!r}")
     return k
+
+
+def check_id(value: object, field: str = "id") -> int:
+    problem = id_problem(value)
+    if problem:
+        raise InvalidQuery(field, problem)
+    assert isinstance(value, int)
+    return value
 
 
 def _check_mode(mode: str) -> str:
@@ -190,6 +213,8 @@ class Searcher:
         self.tables = SearchTables.from_specs(settings.tables)
         self.sql = Statements(self.tables, settings)
         self._embedder = embedder
+        self._queries: QueryVectors | None = None
+        self._matched: dict[str, float] = {}
         self._lock = threading.Lock()
 
     @property
@@ -222,9 +247,41 @@ class Searcher:
     def model_id(self) -> str:
         return self.embedder.model_id
 
+    @property
+    def queries(self) -> QueryVectors:
+        """The query vectors: a cache of recent ones and a bounded pool of workers that
+        embed the others (`EP_API_QUERY_CACHE_SIZE`, `EP_API_EMBED_WORKERS`)."""
+        embedder = self.embedder
+        with self._lock:
+            if self._queries is None:
+                api = self.settings.api
+                self._queries = QueryVectors(
+                    embedder.embed,
+                    embedder.model_id,
+                    workers=api.embed_workers or embedder.default_concurrency,
+                    cache_size=api.query_cache_size,
+                    max_batch=min(32, embedder.max_batch_size),
+                )
+            return self._queries
+
     def embed_query(self, text: str) -> np.ndarray:
-        """The query's vector from the configured model (`EmbeddingError` on failure)."""
-        return self.embedder.embed([text])[0]
+        """The query's vector from the configured model, cut to its input limit as runs
+        cut rows (`EmbeddingError` on failure); recent queries come from a cache."""
+        return self.queries.get(text)
+
+    def query_vector_stats(self) -> tuple[QueryVectorStats, int]:
+        """What the query vectors did so far (nothing before the first query), and how
+        many are cached."""
+        with self._lock:
+            queries = self._queries
+        return queries.snapshot() if queries is not None else (QueryVectorStats(), 0)
+
+    def close(self) -> None:
+        """Stop the query embedding workers (a later query starts them again)."""
+        with self._lock:
+            queries, self._queries = self._queries, None
+        if queries is not None:
+            queries.close()
 
     # -- public queries (sync) -------------------------------------------------------------
 
@@ -240,9 +297,67 @@ class Searcher:
         vector: np.ndarray | Sequence[float] | None = None,
     ) -> list[Hit]:
         """The `k` best rows of `table` for `query`. `vector`, when given, is used instead
-        of embedding `query` (it must come from the configured model). Raises
-        `InvalidQuery`, `ModelMismatch`, `EmbeddingError` or SQLAlchemy's `DBAPIError`."""
-        request = self._request(query, table, k, filters, mode)
+        of embedding `query` (it must come from the configured model). The column's model
+        is checked before the query is embedded, so a refusal costs no provider call.
+        Raises `InvalidQuery`, `ModelMismatch`, `EmbeddingError` or SQLAlchemy's
+        `DBAPIError`."""
+        request = self.prepare(query, table=table, k=k, filters=filters, mode=mode)
+        if request.needs_vector and vector is None:
+            if not self.model_matched_recently(request.key):
+                self.check_model(conn, request.key)
+            vector = self.embed_query(request.text)
+        return self.run(conn, request, vector)
+
+    def prepare(
+        self,
+        query: str,
+        *,
+        table: str = "messages",
+        k: int = 10,
+        filters: Filters | Mapping[str, Any] | None = None,
+        mode: str = "vector",
+    ) -> SearchQuery:
+        """The request checked (`InvalidQuery` naming the field), nothing run: the query
+        must be text PostgreSQL can store of at most `EP_API_MAX_QUERY_CHARS` characters,
+        the filters must apply to the table."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidQuery("query", "must not be empty")
+        limit = self.settings.api.max_query_chars
+        if len(query) > limit:
+            raise InvalidQuery(
+                "query", f"must be at most {limit} characters long, got {len(query)}"
+            )
+        problem = text_problem(query)
+        if problem:
+            raise InvalidQuery("query", problem)
+        request = SearchQuery(
+            key=check_table(table),
+            text=query.strip(),
+            k=check_limit(k),
+            filters=parse_filters(filters),
+            mode=_check_mode(mode),
+        )
+        check_applicable(request.key, request.filters)
+        return request
+
+    def model_matched_recently(self, table: str) -> bool:
+        """Whether `table`'s column was found to hold the configured model's vectors in
+        the last `MODEL_CHECK_SECONDS` (then `check_model` may be skipped)."""
+        checked = self._matched.get(table)
+        return checked is not None and time.monotonic() - checked < MODEL_CHECK_SECONDS
+
+    def check_model(self, conn: SyncConnection, table: str) -> None:
+        """`ModelMismatch` when `table`'s embedding column holds another model's vectors
+        than the one queries are embedded with; run before embedding a query."""
+        _run(conn, self._column_model(check_table(table)))
+
+    def run(
+        self,
+        conn: SyncConnection,
+        request: SearchQuery,
+        vector: np.ndarray | Sequence[float] | None,
+    ) -> list[Hit]:
+        """A prepared search with its query vector (None for text mode)."""
         return _run(conn, self._search_steps(request, self._query_vector(request, vector)))
 
     def explain(
@@ -252,7 +367,10 @@ class Searcher:
         run, with the same settings in force (with `analyze`, it runs it too): is the HNSW
         index used, how many rows did the filters remove?"""
         vector = options.pop("vector", None)
-        request = self._request(query, **options)
+        request = self.prepare(query, **options)
+        if request.needs_vector and vector is None:
+            self.check_model(conn, request.key)
+            vector = self.embed_query(request.text)
         query_vector = self._query_vector(request, vector)
         return _run(conn, self._explain_steps(request, query_vector, analyze))
 
@@ -267,12 +385,12 @@ class Searcher:
     ) -> list[Hit]:
         """The `k` rows of `table` nearest to the stored row `id` (itself excluded); no
         query is embedded. Raises `NotFound` when the row is missing or not embedded."""
-        key, parsed = check_table(table), parse_filters(filters)
-        return _run(conn, self._similar_steps(key, id, check_limit(k), parsed))
+        key, parsed, row_id = check_table(table), parse_filters(filters), check_id(id)
+        return _run(conn, self._similar_steps(key, row_id, check_limit(k), parsed))
 
     def atoms_for_message(self, conn: SyncConnection, message_id: int) -> list[Hit]:
         """The atoms extracted from a message, oldest first."""
-        return _run(conn, self._atoms_for_message_steps(message_id))
+        return _run(conn, self._atoms_for_message_steps(check_id(message_id, "message_id")))
 
     def messages_for_topic(
         self,
@@ -282,11 +400,12 @@ class Searcher:
         limit: int = MAX_LIMIT,
         filters: Filters | Mapping[str, Any] | None = None,
     ) -> list[Hit]:
-        """The messages of a topic (id or key), oldest first, at most `limit`."""
-        parsed = parse_filters(filters)
-        return _run(
-            conn, self._messages_for_topic_steps(topic, check_limit(limit, "limit"), parsed)
+        """The messages of a topic, oldest first, at most `limit`. `topic` is an id (an
+        int, or a string of digits such as "2") or a key."""
+        steps = self._messages_for_topic_steps(
+            _topic(topic), check_limit(limit, "limit"), parse_filters(filters)
         )
+        return _run(conn, steps)
 
     # -- public queries (async: the same steps through run_sync) ---------------------------
 
@@ -301,12 +420,14 @@ class Searcher:
         mode: str = "vector",
         vector: np.ndarray | Sequence[float] | None = None,
     ) -> list[Hit]:
-        """`search` on an `AsyncConnection` or `AsyncSession`; the query is embedded in a
-        worker thread so the event loop keeps running."""
-        request = self._request(query, table, k, filters, mode)
-        query_vector = await asyncio.to_thread(self._query_vector, request, vector)
-        steps = self._search_steps(request, query_vector)
-        return await conn.run_sync(_run, steps)
+        """`search` on an `AsyncConnection` or `AsyncSession`; the query is embedded by the
+        query embedding workers while the event loop keeps running."""
+        request = self.prepare(query, table=table, k=k, filters=filters, mode=mode)
+        if request.needs_vector and vector is None:
+            if not self.model_matched_recently(request.key):
+                await conn.run_sync(self.check_model, request.key)
+            vector = await asyncio.wrap_future(self.queries.submit(request.text))
+        return await conn.run_sync(self.run, request, vector)
 
     async def similar_async(
         self,
@@ -317,13 +438,12 @@ class Searcher:
         k: int = 10,
         filters: Filters | Mapping[str, Any] | None = None,
     ) -> list[Hit]:
-        key, parsed = check_table(table), parse_filters(filters)
-        return await conn.run_sync(_run, self._similar_steps(key, id, check_limit(k), parsed))
+        return await conn.run_sync(self.similar, table, id, k=k, filters=filters)
 
     async def atoms_for_message_async(
         self, conn: AsyncConnection | AsyncSession, message_id: int
     ) -> list[Hit]:
-        return await conn.run_sync(_run, self._atoms_for_message_steps(message_id))
+        return await conn.run_sync(self.atoms_for_message, message_id)
 
     async def messages_for_topic_async(
         self,
@@ -333,37 +453,14 @@ class Searcher:
         limit: int = MAX_LIMIT,
         filters: Filters | Mapping[str, Any] | None = None,
     ) -> list[Hit]:
-        steps = self._messages_for_topic_steps(
-            topic, check_limit(limit, "limit"), parse_filters(filters)
-        )
-        return await conn.run_sync(_run, steps)
+        return await conn.run_sync(self.messages_for_topic, topic, limit=limit, filters=filters)
 
     # -- request checking ------------------------------------------------------------------
 
-    def _request(
-        self,
-        query: str,
-        table: str = "messages",
-        k: int = 10,
-        filters: Filters | Mapping[str, Any] | None = None,
-        mode: str = "vector",
-    ) -> _Request:
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidQuery("query", "must not be empty")
-        request = _Request(
-            key=check_table(table),
-            text=query.strip(),
-            k=check_limit(k),
-            filters=parse_filters(filters),
-            mode=_check_mode(mode),
-        )
-        check_applicable(request.key, request.filters)
-        return request
-
     def _query_vector(
-        self, request: _Request, vector: np.ndarray | Sequence[float] | None
+        self, request: SearchQuery, vector: np.ndarray | Sequence[float] | None
     ) -> np.ndarray | None:
-        if request.mode == "text":
+        if not request.needs_vector:
             return None
         if vector is None:
             return self.embed_query(request.text)
@@ -385,7 +482,10 @@ class Searcher:
             found = yield self.sql.registered_model(key), {}
             registered = found[0]["model_id"] if found else None
         column_model = registered or rows[0]["stored"]
-        if column_model is not None and column_model != self.model_id:
+        if column_model is None or column_model == self.model_id:
+            self._matched[key] = time.monotonic()
+        else:
+            self._matched.pop(key, None)
             spec = self.settings.tables[key]
             source = "registered by `model switch`" if registered else "stored with its vectors"
             raise ModelMismatch(
@@ -407,7 +507,7 @@ class Searcher:
         return estimate < self.settings.search.exact_below_rows
 
     def _search_step(
-        self, request: _Request, vector: np.ndarray | None, exact: bool
+        self, request: SearchQuery, vector: np.ndarray | None, exact: bool
     ) -> tuple[sa.Select[Any], dict[str, Any]]:
         params: dict[str, Any] = {"k": request.k, **filter_params(request.filters)}
         if request.mode != "text":
@@ -420,7 +520,7 @@ class Searcher:
         return self.sql.search(request.key, request.mode, shape, exact=exact), params
 
     def _prepared_search(
-        self, request: _Request, vector: np.ndarray | None
+        self, request: SearchQuery, vector: np.ndarray | None
     ) -> Steps[tuple[sa.Select[Any], dict[str, Any]]]:
         """The model check and index settings (vector modes), the exact-or-index choice,
         then the search statement and its parameters."""
@@ -430,12 +530,12 @@ class Searcher:
             exact = yield from self._exact(request.key, request.filters)
         return self._search_step(request, vector, exact)
 
-    def _search_steps(self, request: _Request, vector: np.ndarray | None) -> Steps[list[Hit]]:
+    def _search_steps(self, request: SearchQuery, vector: np.ndarray | None) -> Steps[list[Hit]]:
         rows = yield (yield from self._prepared_search(request, vector))
         return self._hits(request.key, rows, rank=_OWN_RANK[request.mode])
 
     def _explain_steps(
-        self, request: _Request, vector: np.ndarray | None, analyze: bool
+        self, request: SearchQuery, vector: np.ndarray | None, analyze: bool
     ) -> Steps[Any]:
         statement, params = yield from self._prepared_search(request, vector)
         rows = yield _Explain(statement, analyze=analyze), params
@@ -472,9 +572,12 @@ class Searcher:
         return self._hits("messages", rows)
 
     def _require(self, key: str, row_id: int | str) -> Steps[None]:
-        rows = yield self.sql.exists(key, by_key=isinstance(row_id, str)), {"row_id": row_id}
+        by_key = isinstance(row_id, str)
+        rows = yield self.sql.exists(key, by_key=by_key), {"row_id": row_id}
         if not rows[0]["found"]:
-            raise NotFound(f"{key} has no row {row_id!r}")
+            raise NotFound(
+                f"{key} has no row with that key" if by_key else f"{key} has no row {row_id}"
+            )
 
     def _hits(
         self, key: str, rows: Sequence[sa.RowMapping], *, rank: str | None = None
@@ -501,22 +604,39 @@ class Searcher:
         return hits
 
 
-def engine_for(url: str, **options: Any) -> sa.Engine:
+def engine_for(url: str, *, statement_timeout: float | None = None, **options: Any) -> sa.Engine:
     """A pooled SQLAlchemy engine (psycopg 3) on `url` (a URL or a libpq keyword string).
     Connections are opened by `lib.db.connect`, so a failure never shows the password;
-    `pool_pre_ping` replaces connections a database restart broke."""
-    return sa.create_engine(
-        "postgresql+psycopg://",
-        creator=lambda: db.connect(url, vector=False),
-        pool_pre_ping=True,
-        **options,
+    `pool_pre_ping` replaces connections a database restart broke; `hide_parameters`
+    keeps statement parameters (query text, filter values) out of exception messages;
+    `statement_timeout` (seconds) bounds every statement on its connections."""
+    options = {"pool_pre_ping": True, "hide_parameters": True, **options}
+    engine = sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: db.connect(url, vector=False), **options
     )
+    if statement_timeout is not None:
+        milliseconds = max(1, round(statement_timeout * 1000))
+
+        @sa.event.listens_for(engine, "connect")
+        def bound_statements(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET statement_timeout = {milliseconds}")
+            dbapi_connection.commit()
+
+    return engine
 
 
 @cache
 def default_searcher() -> Searcher:
     """A searcher for the environment's settings (`load_settings`), built once."""
     return Searcher(load_settings())
+
+
+def _topic(topic: object) -> int | str:
+    try:
+        return id_or_key(topic)
+    except ValueError as exc:
+        raise InvalidQuery("topic", str(exc)) from None
 
 
 def _with_default(method: Callable[Concatenate[Searcher, P], R]) -> Callable[P, R]:

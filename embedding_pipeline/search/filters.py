@@ -3,7 +3,9 @@
 In JSON (HTTP, `--json`) they are `{"since", "until", "author", "topic", "extraction",
 "kind"}`, each optional: `since` inclusive and `until` exclusive (ISO 8601; a date means
 its midnight, a time without an offset means UTC), `author` a Telegram `from_id`, `topic`
-a topic id (integer) or key (string), `extraction` an extraction id, `kind` an atom kind.
+a topic id (integer, or a string of ASCII digits) or key (string), `extraction` an
+extraction id, `kind` an atom kind. Ids are bigints; strings hold at most
+`MAX_KEY_CHARS` characters and no NUL or lone surrogate (`inputs.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import (
 )
 
 from embedding_pipeline.search.errors import InvalidQuery, describe_errors
+from embedding_pipeline.search.inputs import MAX_ID, MAX_KEY_CHARS, id_or_key, text_problem
 from embedding_pipeline.search.tables import SearchTables
 
 FILTER_NAMES = ("since", "until", "author", "topic", "extraction", "kind")
@@ -48,7 +51,13 @@ def _iso_time(value: object) -> object:
     raise ValueError("expected an ISO 8601 date or date-time string")
 
 
+def _id_or_key(value: object) -> object:
+    return None if value is None else id_or_key(value)
+
+
 IsoTime = Annotated[datetime | None, BeforeValidator(_iso_time)]
+Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
+RowId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
 
 
 class Filters(BaseModel):
@@ -58,12 +67,12 @@ class Filters(BaseModel):
 
     since: IsoTime = Field(default=None, description="inclusive lower bound of the row's time")
     until: IsoTime = Field(default=None, description="exclusive upper bound of the row's time")
-    author: str | None = Field(default=None, min_length=1, description="Telegram from_id")
-    topic: StrictInt | Annotated[str, Field(min_length=1)] | None = Field(
-        default=None, description="topic id (integer) or key (string)"
+    author: Key | None = Field(default=None, description="Telegram from_id")
+    topic: Annotated[int | str | None, BeforeValidator(_id_or_key)] = Field(
+        default=None, description="topic id (integer, or a string of digits) or key (string)"
     )
-    extraction: StrictInt | None = Field(default=None, ge=1, description="extraction id")
-    kind: str | None = Field(default=None, min_length=1, description="atom kind (atoms only)")
+    extraction: RowId | None = Field(default=None, description="extraction id")
+    kind: Key | None = Field(default=None, description="atom kind (atoms only)")
 
     @field_validator("since", "until")
     @classmethod
@@ -72,10 +81,13 @@ class Filters(BaseModel):
             return value.replace(tzinfo=UTC)
         return value
 
-    @field_validator("topic")
+    @field_validator("author", "kind")
     @classmethod
-    def _digits_are_an_id(cls, value: int | str | None) -> int | str | None:
-        return int(value) if isinstance(value, str) and value.isdigit() else value
+    def _storable(cls, value: str | None) -> str | None:
+        problem = None if value is None else text_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("until")
     @classmethod
