@@ -215,6 +215,8 @@ class Searcher:
                         requests_per_minute=e.requests_per_minute,
                         tokens_per_minute=e.tokens_per_minute,
                     ),
+                    query_prefix=e.query_prefix,
+                    document_prefix=e.document_prefix,
                 )
             return self._embedder
 
@@ -224,7 +226,7 @@ class Searcher:
 
     def embed_query(self, text: str) -> np.ndarray:
         """The query's vector from the configured model (`EmbeddingError` on failure)."""
-        return self.embedder.embed([text])[0]
+        return self.embedder.embed([text], query=True)[0]
 
     # -- public queries (sync) -------------------------------------------------------------
 
