@@ -456,17 +456,19 @@ class ModelStatus:
     missing: int
     shadow_dimension: int | None
     shadow_filled: int
+    vector_type: str = "vector"
+    shadow_vector_type: str = "vector"
 
     def describe(self) -> str:
         present = ", ".join(f"{m} ({n})" for m, n in self.models.items()) or "no vectors"
         line = (
-            f"{self.table}.{self.column}: vector({self.dimension}), registered "
+            f"{self.table}.{self.column}: {self.vector_type}({self.dimension}), registered "
             f"{self.registered_model or '(none: no switch yet)'}; present: {present}; "
             f"{self.missing} NULL"
         )
         if self.shadow_dimension is not None:
             line += (
-                f"; switch in progress to vector({self.shadow_dimension}), "
+                f"; switch in progress to {self.shadow_vector_type}({self.shadow_dimension}), "
                 f"{self.shadow_filled} rows done"
             )
         return line
@@ -493,7 +495,9 @@ def model_status(conn: psycopg.Connection, spec: TableSpec) -> ModelStatus:
             table, sql.Identifier(spec.embedding_column)
         )
     ).fetchone()
-    shadow_dimension = vector_column_dimension(conn, shadow)
+    live_type = vector_column_type(conn, spec)
+    shadow_type = vector_column_type(conn, shadow)
+    shadow_dimension = shadow_type[1] if shadow_type else None
     filled = 0
     if shadow_dimension is not None:
         row = conn.execute(
@@ -505,12 +509,14 @@ def model_status(conn: psycopg.Connection, spec: TableSpec) -> ModelStatus:
     status = ModelStatus(
         table=spec.table,
         column=spec.embedding_column,
-        dimension=vector_column_dimension(conn, spec),
+        dimension=live_type[1] if live_type else None,
         registered_model=registered_model(conn, spec),
         models=models,
         missing=int(missing[0]) if missing else 0,
         shadow_dimension=shadow_dimension,
         shadow_filled=filled,
+        vector_type=live_type[0] if live_type else "vector",
+        shadow_vector_type=shadow_type[0] if shadow_type else "vector",
     )
     conn.rollback()
     return status
