@@ -133,7 +133,7 @@ class Statements:
                 nearest = self._nearest(key, query, shape, "k", exact=exact)
                 return self._ranked(key, nearest, nearest.c.distance, 1 - nearest.c.distance)
             nearest = self._nearest(key, query, shape, "candidates", exact=exact)
-            matches = self._text_matches(key, shape, "candidates", coverage=True)
+            matches = self._text_matches(key, shape, "candidates", with_document=True)
             return self._fused(key, nearest, matches)
 
         return self._cached(("search", key, mode, shape, exact), build)
@@ -263,15 +263,15 @@ class Statements:
         return sa.cast(shared, sa.Float()) / sa.func.greatest(sa.func.length(words), 1)
 
     def _text_matches(
-        self, key: str, shape: Shape, limit: str, *, coverage: bool = False
+        self, key: str, shape: Shape, limit: str, *, with_document: bool = False
     ) -> sa.CTE:
         row_id = self.tables.id(key)
         document = self.tables.column(key, "tsv_column")
         query = self._text_query()
         rank = sa.func.ts_rank(document, query).label("rank")
         columns: list[sa.ColumnElement[Any]] = [row_id.label("id"), rank]
-        if coverage:
-            columns.append(self._coverage(document).label("coverage"))
+        if with_document:  # for the hybrid's coverage, computed for the kept rows only
+            columns.append(document.label("document"))
         return (
             sa.select(*columns)
             .where(document.bool_op("@@")(query), *filter_clauses(self.tables, key, shape))
@@ -331,7 +331,7 @@ class Statements:
         ).subquery("by_vector")
         by_text = sa.select(
             matches.c.id,
-            matches.c.coverage,
+            self._coverage(matches.c.document).label("coverage"),
             sa.func.row_number().over(order_by=(matches.c.rank.desc(), matches.c.id)).label("rank"),
         ).subquery("by_text")
         weight = by_text.c.coverage * by_text.c.coverage
