@@ -488,12 +488,14 @@ def dimension_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         asset=t.asset,
         name=DIMENSION,
         blocking=True,
-        description=f"{where} is declared with the configured model's dimension and stored "
-        "vectors have it. ERROR: otherwise no query vector can be compared.",
+        description=f"{where} is declared with the configured model's dimension and storage "
+        "type (EP_VECTOR_TYPE) and stored vectors have it. ERROR: otherwise no query vector "
+        "can be compared.",
     )
     @_measured
     def dimension(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
         expected = embedder.dimension
+        wanted_type = t.settings.embedder.vector_type
         with postgres.connection(vector=False) as conn:
             report = quality.check_dimension(
                 conn,
@@ -505,7 +507,7 @@ def dimension_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         if report.column_type is None:
             description = f"{where} does not exist"
         elif report.declared is None and not report.dimensions_found:
-            description = f"{where} is {report.column_type}, not vector({expected})"
+            description = f"{where} is {report.column_type}, not a vector of {expected} dimensions"
         else:
             description = (
                 f"{report.column_type} vs model {expected}; {report.sampled} stored vectors sampled"
@@ -515,14 +517,19 @@ def dimension_check(t: CheckTarget) -> dg.AssetChecksDefinition:
                 description += f", {sum(wrong.values())} of another length: ids " + ", ".join(
                     str(i) for i in report.mismatched_ids
                 )
+        stored_type = (report.column_type or "").partition("(")[0]
+        type_ok = stored_type == wanted_type
+        if report.column_type is not None and not type_ok:
+            description += f"; EP_VECTOR_TYPE is {wanted_type}"
         return dg.AssetCheckResult(
-            passed=report.ok,
+            passed=report.ok and type_ok,
             severity=ERROR,
             description=description,
             metadata={
                 "column_type": report.column_type or "missing",
                 "declared_dimension": report.declared if report.declared is not None else 0,
                 "model_dimension": expected,
+                "vector_type": wanted_type,
                 "stored_dimensions": dg.MetadataValue.json(
                     {str(d): n for d, n in sorted(report.dimensions_found.items())}
                 ),
@@ -545,7 +552,8 @@ def index_present_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         asset=t.asset,
         name=INDEX_PRESENT,
         blocking=True,
-        description=f"A valid HNSW index with `{quality.EXPECTED_OPCLASS}` exists on {where}. "
+        description=f"A valid HNSW index with `{quality.EXPECTED_OPCLASS}` (on a halfvec "
+        f"column `halfvec_cosine_ops`) exists on {where}. "
         "ERROR: without it every search is a sequential scan.",
     )
     @_measured
@@ -831,10 +839,96 @@ CHECK_BUILDERS: tuple[Callable[[CheckTarget], dg.AssetChecksDefinition], ...] = 
 )
 
 
+EVAL = "search_eval"
+#: The figures `search_eval` compares with the floors: the modes that depend on the model.
+EVAL_FLOOR_MODES = ("vector", "hybrid")
+
+
+def search_eval_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+    """Search quality on the labelled questions of EP_EVAL_QUESTIONS for this table, through
+    the search API: defined only when that file is configured, and run by the checks
+    schedule and `embedding-pipeline check`, never by sensor runs."""
+    path = t.cfg.eval_questions
+    assert path is not None
+    key = next(k for k, s in t.settings.tables.items() if s == t.spec)
+    floors = f"recall@5 {t.cfg.eval_min_recall:g}, MRR {t.cfg.eval_min_mrr:g}"
+
+    @dg.asset_check(
+        asset=t.asset,
+        name=EVAL,
+        description=f"recall@5, MRR@10 and nDCG@10 of the vector, text and hybrid search "
+        f"modes on the {key} questions of {path.name} (EP_EVAL_QUESTIONS). WARN: the vector "
+        f"or hybrid mode below {floors} (EP_EVAL_MIN_RECALL, EP_EVAL_MIN_MRR); ERROR: the "
+        "questions cannot be scored.",
+    )
+    @_measured
+    def search_eval(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
+        import sqlalchemy as sa
+
+        from embedding_pipeline.lib.embedders import EmbeddingError
+        from embedding_pipeline.lib.telegram import InputFileError
+        from embedding_pipeline.search import Searcher, SearchError, engine_for
+        from embedding_pipeline.search.evaluation import MissingRows, evaluate, load_questions
+
+        engine = engine_for(postgres.database_url)
+        try:
+            questions = [q for q in load_questions(path) if q.table == key]
+            if not questions:
+                return dg.AssetCheckResult(
+                    passed=True, description=f"no {key} questions in {path}", metadata={}
+                )
+            with engine.connect() as conn:
+                result = evaluate(conn, Searcher(t.settings, embedder=embedder.build()), questions)
+        except (InputFileError, MissingRows, SearchError, EmbeddingError, sa.exc.DBAPIError) as exc:
+            reason = " ".join(str(exc).split())
+            return dg.AssetCheckResult(
+                passed=False, severity=ERROR, description=f"cannot score {path}: {reason}"
+            )
+        finally:
+            engine.dispose()
+        figures = {mode: result.overall(mode) for mode in result.modes}
+        below = [
+            f"{mode} {label} {value:.3f} < {floor:g}"
+            for mode in EVAL_FLOOR_MODES
+            for label, value, floor in (
+                ("recall@5", figures[mode].recall, t.cfg.eval_min_recall),
+                ("MRR", figures[mode].mrr, t.cfg.eval_min_mrr),
+            )
+            if value < floor
+        ]
+        summary = "; ".join(
+            f"{m} recall@5 {f.recall:.3f} MRR {f.mrr:.3f} nDCG {f.ndcg:.3f}"
+            for m, f in figures.items()
+        )
+        metadata: dict[str, Any] = {
+            "questions": len(questions),
+            "questions_file": str(path),
+            "model": result.model,
+            **{
+                f"{mode}_{name}": round(value, 4)
+                for mode, f in figures.items()
+                for name, value in f.as_dict().items()
+            },
+        }
+        return dg.AssetCheckResult(
+            passed=not below,
+            severity=WARN,
+            description=("below the floor: " + ", ".join(below) + "; " if below else "")
+            + f"{summary} ({len(questions)} questions)",
+            metadata=metadata,
+        )
+
+    return search_eval
+
+
 def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.AssetChecksDefinition]:
-    """The checks of one embedding asset, configured by `settings.checks`."""
+    """The checks of one embedding asset, configured by `settings.checks` (with
+    EP_EVAL_QUESTIONS, a tenth: `search_eval`)."""
     target = CheckTarget(spec, settings)
-    return [build(target) for build in CHECK_BUILDERS]
+    built = [build(target) for build in CHECK_BUILDERS]
+    if settings.checks.eval_questions is not None:
+        built.append(search_eval_check(target))
+    return built
 
 
 def build_checks(settings: Settings) -> list[dg.AssetChecksDefinition]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -33,7 +34,9 @@ from embedding_pipeline.settings import (
 
 if TYPE_CHECKING:
     from embedding_pipeline.lib.engine.errors import ErrorRecord
-    from embedding_pipeline.search import Hit
+    from embedding_pipeline.lib.model_switch import Candidate
+    from embedding_pipeline.search import Hit, Searcher
+    from embedding_pipeline.search.evaluation import Evaluation, Question
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 DEMO_QUESTION = "Why did the deployment fail on Friday?"
@@ -145,7 +148,9 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     url = _require_database(settings)
     e = settings.embedder
     dimension = expected_dimension(e.provider, e.model, e.dimensions)
-    model_id = expected_model_id(e.provider, e.model, e.dimensions)
+    model_id = expected_model_id(
+        e.provider, e.model, e.dimensions, e.query_prefix, e.document_prefix
+    )
     with db.connection(url, vector=False) as conn:
         report = ensure_schema(conn, settings, dimension, model_id)
     changes = report.changes
@@ -301,6 +306,61 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    """Search quality on a labelled questions file: recall@k, MRR@10 and nDCG@10 of every
+    mode, per table and overall; with `--compare`, the current model and the candidate a
+    `model switch --no-promote` left in the shadow columns, side by side."""
+    import json
+
+    from embedding_pipeline.search.evaluation import load_questions, text_report
+
+    questions = load_questions(args.questions)
+    _require_api_key(settings)
+    url = _require_schema(settings)
+    results = _evaluations(settings, url, questions, args, compare=args.compare)
+    if args.json:
+        payload = results[0].as_dict()
+        if args.compare:
+            payload = {
+                "k": args.k,
+                "questions": len(questions),
+                "current": results[0].as_dict(),
+                "candidate": results[1].as_dict(),
+            }
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        print(f"{args.questions}: {len(questions)} questions")
+        print(text_report(results))
+    return 0
+
+
+def _evaluations(
+    settings: Settings,
+    url: str,
+    questions: Sequence[Question],
+    args: argparse.Namespace,
+    *,
+    compare: bool,
+) -> list[Evaluation]:
+    """The evaluation of the configured model (and with `compare`, of the candidate in the
+    shadow columns) on `questions`, through the search API."""
+    from embedding_pipeline.search import Searcher
+    from embedding_pipeline.search.api import engine_for
+    from embedding_pipeline.search.evaluation import MissingRows, evaluate
+
+    searchers = [Searcher(settings)]
+    if compare:
+        searchers.append(_candidate_searcher(settings, url))
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            return [evaluate(conn, s, questions, k=args.k) for s in searchers]
+    except MissingRows as exc:
+        raise CliError(f"{args.questions}: {exc}") from None
+    finally:
+        engine.dispose()
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """The search API over HTTP (FastAPI on uvicorn); docs at /docs. Prints a line starting
     `search API ready` once it listens."""
@@ -439,11 +499,106 @@ def cmd_model_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
-    """Re-embed every table with another model in shadow columns, then swap them in."""
+def _candidate_settings(settings: Settings, candidate: Candidate) -> Settings:
+    """`settings` configured for the candidate model (keys and hosts as configured)."""
     from dataclasses import replace
 
-    from embedding_pipeline.lib.model_switch import abort_switch, switch_models
+    return replace(
+        settings,
+        embedder=replace(
+            settings.embedder,
+            provider=candidate.provider,
+            model=candidate.model,
+            dimensions=candidate.dimensions,
+            vector_type=candidate.vector_type,
+            query_prefix=candidate.query_prefix,
+            document_prefix=candidate.document_prefix,
+        ),
+    )
+
+
+def _staged_candidate(url: str) -> Candidate:
+    from embedding_pipeline.lib.model_switch import load_candidate
+
+    with db.connection(url, vector=False) as conn:
+        candidate = load_candidate(conn)
+    if candidate is None:
+        raise CliError(
+            "no model switch is waiting in the shadow columns; start one with "
+            "`embedding-pipeline model switch --provider ... --no-promote`"
+        )
+    return candidate
+
+
+def _candidate_searcher(settings: Settings, url: str) -> Searcher:
+    """A searcher over the shadow columns with the staged candidate's model: the same
+    search code as the live one, on the other columns and index."""
+    from dataclasses import replace
+
+    from embedding_pipeline.lib.model_switch import shadow_spec
+    from embedding_pipeline.search import Searcher
+
+    candidate = _staged_candidate(url)
+    target = _candidate_settings(settings, candidate)
+    embedder = _embedder(target)
+    if embedder.model_id != candidate.model_id:
+        raise CliError(
+            f"the shadow columns were filled by {candidate.model_id} but this environment "
+            f"makes {embedder.model_id} from the same settings; check the provider's host "
+            "and EP_* variables"
+        )
+    shadows = {key: shadow_spec(spec) for key, spec in settings.tables.items()}
+    return Searcher(replace(target, tables=shadows), embedder=embedder)
+
+
+def _worse(current: Evaluation, candidate: Evaluation, tolerance: float) -> list[str]:
+    """Each figure of a mode that depends on the model (vector, hybrid) where the candidate
+    scores below the current model by more than `tolerance`."""
+    drops = []
+    for mode in ("vector", "hybrid"):
+        now, then = current.overall(mode), candidate.overall(mode)
+        for name, label in (("recall", f"recall@{current.k}"), ("mrr", "MRR@10")):
+            before, after = getattr(now, name), getattr(then, name)
+            if after < before - tolerance:
+                drops.append(f"{mode} {label} {before:.3f} -> {after:.3f}")
+    return drops
+
+
+def _require_not_worse(args: argparse.Namespace, settings: Settings, url: str) -> None:
+    """Score the current and the candidate model on the labelled questions; refuse (one
+    line, nothing swapped) when the candidate is worse."""
+    from embedding_pipeline.search.evaluation import load_questions, text_report
+
+    path = args.questions or settings.checks.eval_questions
+    if path is None:
+        raise CliError(
+            "--require-not-worse needs labelled questions: --questions FILE or EP_EVAL_QUESTIONS"
+        )
+    questions = load_questions(path)
+    args.questions, args.k = path, 5
+    current, candidate = _evaluations(settings, url, questions, args, compare=True)
+    print(text_report([current, candidate]))
+    drops = _worse(current, candidate, args.tolerance)
+    if drops:
+        raise CliError(
+            f"{candidate.model} is worse than {current.model} on {path} "
+            f"({len(questions)} questions): {'; '.join(drops)}. Nothing was swapped; the "
+            "candidate stays in the shadow columns (`model switch --abort` discards it)"
+        )
+    print(f"{candidate.model} is not worse than {current.model} on {path}")
+
+
+def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
+    """Re-embed every table with another model in shadow columns, then swap them in;
+    `--no-promote` stops before the swap (the candidate can be evaluated), `--promote`
+    swaps a staged candidate in, `--require-not-worse` refuses a worse one."""
+    from embedding_pipeline.lib.model_switch import (
+        abort_switch,
+        clear_candidate,
+        promote_switch,
+        save_candidate,
+        stage_switch,
+    )
     from embedding_pipeline.lib.sync import Progress
 
     url = _require_schema(settings)
@@ -453,45 +608,114 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
             for spec in specs:
                 found = abort_switch(conn, spec)
                 print(f"{spec.table}: " + ("switch discarded" if found else "no switch found"))
+            clear_candidate(conn)
         return 0
-    if not args.provider:
-        raise CliError("model switch needs --provider (or --abort)")
-    target = replace(
-        settings,
-        embedder=replace(
-            settings.embedder, provider=args.provider, model=args.model, dimensions=args.dimensions
-        ),
-    )
+    if args.promote and args.no_promote:
+        raise CliError("model switch: --promote and --no-promote exclude each other")
+    if args.promote:
+        candidate = _staged_candidate(url)
+        named = _candidate_from_args(settings, args) if args.provider else candidate
+        if (named.model_id, named.vector_type) != (candidate.model_id, candidate.vector_type):
+            raise CliError(
+                f"--promote: the shadow columns hold {candidate.model_id} "
+                f"({candidate.vector_type}), not {named.model_id} ({named.vector_type}) "
+                "named on the command line (leave --provider out to promote the staged one)"
+            )
+    elif not args.provider:
+        raise CliError("model switch needs --provider (or --promote, or --abort)")
+    else:
+        candidate = _candidate_from_args(settings, args)
+    target = _candidate_settings(settings, candidate)
     embedder = _embedder(target)
     batch_size = args.batch_size or target.embedder.effective_batch_size
-    print(
-        f"switching {', '.join(s.table for s in specs)} to {embedder.describe()}; search "
-        "keeps the current vectors until the swap"
-    )
+    if embedder.model_id != candidate.model_id:
+        raise CliError(f"{embedder.model_id} is not the staged {candidate.model_id}")
 
     def progress(table: str, p: Progress) -> None:
         print(f"  {table}: {p.describe()}", file=sys.stderr)
 
-    reports = switch_models(
-        url, specs, embedder, settings.hnsw, batch_size=batch_size, on_progress=progress
+    reports = None
+    if not args.promote:
+        print(
+            f"switching {', '.join(s.table for s in specs)} to {embedder.describe()} stored as "
+            f"{candidate.vector_type}; search keeps the current vectors until the swap"
+        )
+        with db.connection(url, vector=False) as conn:
+            save_candidate(conn, candidate)
+        reports = stage_switch(
+            url,
+            specs,
+            embedder,
+            settings.hnsw,
+            batch_size=batch_size,
+            vector_type=candidate.vector_type,
+            on_progress=progress,
+        )
+        if args.no_promote:
+            for r in reports:
+                print(
+                    f"  {r.table:<9} {r.model_id}: embedded {r.embedded} in {r.passes} "
+                    f"pass(es), index {r.index_seconds:.1f}s"
+                )
+            print(
+                "\nthe candidate waits in the shadow columns; compare it with `embedding-"
+                "pipeline eval QUESTIONS.json --compare`, then `embedding-pipeline model switch "
+                "--promote [--require-not-worse]` or `--abort`"
+            )
+            return 0
+    if args.require_not_worse:
+        _require_not_worse(args, settings, url)
+    reports = promote_switch(
+        url, specs, embedder, batch_size=batch_size, reports=reports, on_progress=progress
     )
     for r in reports:
-        previous = f"{r.previous_model or 'nothing'} (vector({r.previous_dimension}))"
+        previous = f"{r.previous_model or 'nothing'} ({r.previous_dimension} dimensions)"
         print(
-            f"  {r.table:<9} {previous} -> {r.model_id} (vector({r.dimension})): embedded "
-            f"{r.embedded} in {r.passes} pass(es), index {r.index_seconds:.1f}s, swap "
-            f"{r.swap_seconds * 1000:.0f} ms, {r.left_for_next_run} left for the next run"
+            f"  {r.table:<9} {previous} -> {r.model_id} ({candidate.vector_type}"
+            f"({r.dimension})): embedded {r.embedded} in {r.passes} pass(es), index "
+            f"{r.index_seconds:.1f}s, swap {r.swap_seconds * 1000:.0f} ms, "
+            f"{r.left_for_next_run} left for the next run"
         )
-    env = [f"EP_EMBEDDING_PROVIDER={args.provider}"]
-    if args.model:
-        env.append(f"EP_EMBEDDING_MODEL={args.model}")
-    if args.dimensions:
-        env.append(f"EP_EMBEDDING_DIMENSIONS={args.dimensions}")
     print(
-        "\nswitched. Now set " + " ".join(env) + " for every Dagster process (and reload "
-        "the code location); until then runs refuse to write with the old model."
+        "\nswitched. Now set " + " ".join(_switch_env(candidate)) + " for every Dagster "
+        "process (and reload the code location); until then runs refuse to write with the "
+        "old model."
     )
     return 0
+
+
+def _candidate_from_args(settings: Settings, args: argparse.Namespace) -> Candidate:
+    """The model the command line names (prompts: the model's own unless given; storage
+    type: the current one unless given)."""
+    from embedding_pipeline.lib.embedders import expected_model_id
+    from embedding_pipeline.lib.model_switch import Candidate
+
+    return Candidate(
+        provider=args.provider,
+        model=args.model,
+        dimensions=args.dimensions,
+        vector_type=args.vector_type or settings.embedder.vector_type,
+        query_prefix=args.query_prefix,
+        document_prefix=args.document_prefix,
+        model_id=expected_model_id(
+            args.provider, args.model, args.dimensions, args.query_prefix, args.document_prefix
+        ),
+    )
+
+
+def _switch_env(candidate: Candidate) -> list[str]:
+    """The EP_* assignments that configure the switched-to model."""
+    env = [f"EP_EMBEDDING_PROVIDER={candidate.provider}"]
+    for name, value in (
+        ("EP_EMBEDDING_MODEL", candidate.model),
+        ("EP_EMBEDDING_DIMENSIONS", candidate.dimensions),
+        ("EP_QUERY_PREFIX", candidate.query_prefix),
+        ("EP_DOCUMENT_PREFIX", candidate.document_prefix),
+    ):
+        if value is not None:
+            env.append(f"{name}={shlex.quote(str(value))}")
+    env.append(f"EP_VECTOR_TYPE={candidate.vector_type}")
+    return env
 
 
 def _row_ids(args: argparse.Namespace) -> list[int] | None:
@@ -652,6 +876,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser(
+        "eval", help="search quality on labelled questions: recall@k, MRR, nDCG per mode"
+    )
+    p.add_argument("questions", type=Path, help="labelled questions (search_questions.json)")
+    p.add_argument(
+        "-k",
+        type=int,
+        choices=range(1, 11),
+        default=5,
+        metavar="K",
+        help="recall@K (1 to 10, default 5)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also score the candidate model a `model switch --no-promote` left in the "
+        "shadow columns, side by side",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("serve", help="the search API over HTTP (docs at /docs)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -683,7 +928,35 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--provider", choices=["local", "openai", "ollama"])
     m.add_argument("--model", help="provider model name (default: the provider's default)")
     m.add_argument("--dimensions", type=_positive, help="vector size, if not the model's own")
+    m.add_argument(
+        "--vector-type",
+        choices=["vector", "halfvec"],
+        help="how the new vectors are stored (default: the current EP_VECTOR_TYPE)",
+    )
+    m.add_argument("--query-prefix", help="text before queries (default: the model's own)")
+    m.add_argument("--document-prefix", help="text before documents (default: the model's own)")
     m.add_argument("--batch-size", type=_positive)
+    m.add_argument(
+        "--no-promote",
+        action="store_true",
+        help="fill and index the shadow columns, then stop: compare with `eval --compare`",
+    )
+    m.add_argument(
+        "--promote", action="store_true", help="swap in the candidate a --no-promote left"
+    )
+    m.add_argument(
+        "--require-not-worse",
+        action="store_true",
+        help="before the swap, score both models on labelled questions; refuse a candidate "
+        "whose vector or hybrid recall@5 or MRR is lower",
+    )
+    m.add_argument("--questions", type=Path, help="labelled questions (default: EP_EVAL_QUESTIONS)")
+    m.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="how much lower a figure may be and still count as not worse (default 0)",
+    )
     m.add_argument("--abort", action="store_true", help="discard a switch in progress")
     m.set_defaults(func=cmd_model_switch)
 

@@ -40,6 +40,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             retry_deadline_seconds=e.retry_deadline_seconds,
             requests_per_minute=e.requests_per_minute,
             tokens_per_minute=e.tokens_per_minute,
+            query_prefix=e.query_prefix,
+            document_prefix=e.document_prefix,
         ),
     }
 

@@ -152,6 +152,12 @@ class CheckSettings:
     #: on a sample cheap enough to afford; the schedule and `check` use the full samples.
     run_recall_sample_size: int = 10
     run_latency_sample_size: int = 20
+    #: Labelled questions (EP_EVAL_QUESTIONS) the scheduled `search_eval` check scores;
+    #: None: no such check. It warns when the vector or hybrid mode's recall@5 or MRR of a
+    #: table falls below these floors.
+    eval_questions: Path | None = None
+    eval_min_recall: float = 0.5
+    eval_min_mrr: float = 0.5
 
 
 #: hnsw.iterative_scan values (pgvector 0.8): off, or keep scanning the index until enough
@@ -228,6 +234,14 @@ class EmbedderSettings:
     retry_deadline_seconds: float = 300.0
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
+    #: Text put before every search query / every document embedded (EP_QUERY_PREFIX,
+    #: EP_DOCUMENT_PREFIX); None: the model's known prompts (lib/embedders/catalog.py),
+    #: "" none. Part of the stored model id: changing one re-embeds.
+    query_prefix: str | None = None
+    document_prefix: str | None = None
+    #: How vectors are stored and indexed (EP_VECTOR_TYPE): `vector` (float4, HNSW up to
+    #: 2,000 dimensions) or `halfvec` (float2: half the size, HNSW up to 4,000).
+    vector_type: str = "vector"
 
     @property
     def effective_batch_size(self) -> int:
@@ -348,6 +362,9 @@ def _checks_from_env(env: Mapping[str, str]) -> CheckSettings:
             env, "EP_CHECK_RUN_LATENCY_SAMPLE_SIZE", d.run_latency_sample_size
         ),
         freshness_warn_minutes=_float(env, "EP_FRESHNESS_WARN_MINUTES", d.freshness_warn_minutes),
+        eval_questions=Path(env["EP_EVAL_QUESTIONS"]) if env.get("EP_EVAL_QUESTIONS") else None,
+        eval_min_recall=_float(env, "EP_EVAL_MIN_RECALL", d.eval_min_recall),
+        eval_min_mrr=_float(env, "EP_EVAL_MIN_MRR", d.eval_min_mrr),
     )
 
 
@@ -468,6 +485,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         requests_per_minute=_optional_float(env, "EP_RATE_LIMIT_REQUESTS_PER_MINUTE"),
         tokens_per_minute=_optional_float(env, "EP_RATE_LIMIT_TOKENS_PER_MINUTE"),
+        query_prefix=env.get("EP_QUERY_PREFIX"),
+        document_prefix=env.get("EP_DOCUMENT_PREFIX"),
+        vector_type=(env.get("EP_VECTOR_TYPE") or EmbedderSettings.vector_type).strip().lower(),
     )
     engine = EngineSettings(
         row_max_attempts=_int(env, "EP_ROW_MAX_ATTEMPTS", EngineSettings.row_max_attempts),
@@ -533,8 +553,9 @@ PROVIDERS = ("local", "openai", "ollama")
 #: PostgreSQL cuts longer names short (NAMEDATALEN - 1), so an index made under a longer
 #: name would never be found again under it.
 MAX_IDENTIFIER_BYTES = 63
-#: pgvector's HNSW index takes `vector` columns of at most this many dimensions.
-MAX_INDEXED_DIMENSIONS = 2000
+#: pgvector's HNSW index takes columns of at most this many dimensions, per storage type.
+MAX_INDEXED_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
+VECTOR_TYPES = tuple(MAX_INDEXED_DIMENSIONS)
 #: Appended to the embedding columns while `model switch` fills their replacements.
 SHADOW_SUFFIX = "_next"
 #: The most EP_API_MAX_QUERY_CHARS may allow: a 1 MB query held PostgreSQL's text search for
@@ -549,7 +570,12 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
     """(variable, value, lowest, highest) of the integer settings; None: no bound."""
     return [
         ("EP_PG_PORT", s.embedded.port, 1, 65535),
-        ("EP_EMBEDDING_DIMENSIONS", s.embedder.dimensions, 1, MAX_INDEXED_DIMENSIONS),
+        (
+            "EP_EMBEDDING_DIMENSIONS",
+            s.embedder.dimensions,
+            1,
+            MAX_INDEXED_DIMENSIONS[s.embedder.vector_type],
+        ),
         ("EP_BATCH_SIZE", s.embedder.batch_size, 1, None),
         ("EP_EMBEDDING_CONCURRENCY", s.embedder.concurrency, 1, 64),
         ("EP_OLLAMA_MAX_INPUT_TOKENS", s.embedder.ollama_max_input_tokens, 1, None),
@@ -585,7 +611,8 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
 
 #: Why a bound is what it is, where the number alone does not say.
 _BOUND_REASONS = {
-    "EP_EMBEDDING_DIMENSIONS": "pgvector's HNSW index takes at most 2000 dimensions",
+    "EP_EMBEDDING_DIMENSIONS": "pgvector's HNSW index takes vector up to 2000 dimensions "
+    "and halfvec (EP_VECTOR_TYPE=halfvec) up to 4000",
     "EP_HNSW_M": "pgvector's limits",
     "EP_HNSW_EF_CONSTRUCTION": "pgvector's limits, and at least twice EP_HNSW_M",
     "EP_HNSW_EF_SEARCH": "pgvector's limits",
@@ -612,6 +639,18 @@ def _positive_ranges(s: Settings) -> list[tuple[str, float, float | None]]:
         ("EP_FRESHNESS_WARN_MINUTES", s.checks.freshness_warn_minutes, None),
         ("EP_API_STATEMENT_TIMEOUT_SECONDS", s.api.statement_timeout_seconds, 3600.0),
     ]
+
+
+def _check_fractions(s: Settings) -> None:
+    for variable, value in (
+        ("EP_EVAL_MIN_RECALL", s.checks.eval_min_recall),
+        ("EP_EVAL_MIN_MRR", s.checks.eval_min_mrr),
+    ):
+        if not 0 <= value <= 1:
+            raise SettingsError(f"{variable} must be a number from 0 to 1, got {value:g}")
+    questions = s.checks.eval_questions
+    if questions is not None and not questions.is_file():
+        raise SettingsError(f"EP_EVAL_QUESTIONS names no file: {questions}")
 
 
 def _check_numbers(s: Settings) -> None:
@@ -765,10 +804,21 @@ def _check_tables(settings: Settings) -> None:
 
 
 def _check_embedder(e: EmbedderSettings) -> None:
+    from embedding_pipeline.lib.embedders.catalog import local_model_problem
+
     if e.provider not in PROVIDERS:
         raise SettingsError(
             f"EP_EMBEDDING_PROVIDER must be one of {', '.join(PROVIDERS)}, got {e.provider!r}"
         )
+    if e.vector_type not in VECTOR_TYPES:
+        raise SettingsError(
+            f"EP_VECTOR_TYPE must be one of {', '.join(VECTOR_TYPES)}, got {e.vector_type!r}"
+        )
+    if e.provider == "local":
+        problem = local_model_problem(e.model)
+        if problem:
+            raise SettingsError(problem)
+    _check_model_size(e)
     if e.openai_base_url is not None:
         try:
             parts = urlsplit(e.openai_base_url)
@@ -799,6 +849,34 @@ def _check_cors_origins(origins: tuple[str, ...]) -> None:
             )
 
 
+def _check_model_size(e: EmbedderSettings) -> None:
+    """A model whose vectors the configured storage type cannot index is refused now, with
+    the way out, rather than when the first index is built."""
+    from embedding_pipeline.lib.embedders import expected_dimension, expected_model_id
+
+    try:
+        dimension = expected_dimension(e.provider, e.model, e.dimensions)
+        model_id = expected_model_id(
+            e.provider, e.model, e.dimensions, e.query_prefix, e.document_prefix
+        )
+    except ValueError as exc:
+        if "is not known" in str(exc):
+            return  # a model of unknown size: EP_EMBEDDING_DIMENSIONS is asked for at run time
+        raise SettingsError(str(exc)) from None
+    limit = MAX_INDEXED_DIMENSIONS[e.vector_type]
+    if dimension > limit:
+        hint = (
+            "set EP_VECTOR_TYPE=halfvec (HNSW up to 4000 dimensions, half the size) or "
+            "EP_EMBEDDING_DIMENSIONS to at most 2000"
+            if e.vector_type == "vector"
+            else "set EP_EMBEDDING_DIMENSIONS to at most 4000"
+        )
+        raise SettingsError(
+            f"{model_id} makes {dimension}-dimension vectors; pgvector's "
+            f"HNSW index takes {e.vector_type} up to {limit}: {hint}"
+        )
+
+
 def validate_settings(settings: Settings) -> Settings:
     """`settings`, or `SettingsError` naming the first variable that cannot work."""
     if settings.database_url is not None:
@@ -811,6 +889,7 @@ def validate_settings(settings: Settings) -> Settings:
     _check_embedder(settings.embedder)
     _check_numbers(settings)
     _check_cors_origins(settings.api.cors_origins)
+    _check_fractions(settings)
     for name in postgres_names(settings):
         _check_name(name)
     _check_tables(settings)

@@ -16,10 +16,11 @@ from psycopg import sql
 
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db
-from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
+from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID, LocalEmbedder
 from embedding_pipeline.lib.ingest import ingest
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.lib.schema import ensure_schema
+from embedding_pipeline.lib.sync import Window, sync_embeddings
 from embedding_pipeline.lib.telegram import load_export, load_extraction
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
@@ -100,6 +101,15 @@ def ingest_small_chat(settings: Settings) -> Settings:
             load_export(DATA / "small_export.json"),
             load_extraction(DATA / "small_extraction.json"),
         )
+    return settings
+
+
+def embed_small_chat(settings: Settings) -> Settings:
+    """`ingest_small_chat`, then every row embedded with the local model."""
+    ingest_small_chat(settings)
+    with db.connection(settings.effective_database_url) as conn:
+        for spec in settings.tables.values():
+            sync_embeddings(conn, spec, LocalEmbedder(), Window(), batch_size=16)
     return settings
 
 

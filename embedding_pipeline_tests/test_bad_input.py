@@ -657,7 +657,31 @@ SETTINGS_CASES = [
     (
         {"EP_EMBEDDING_DIMENSIONS": "3072"},
         "EP_EMBEDDING_DIMENSIONS must be a whole number from 1 to 2000 (pgvector's HNSW index "
-        "takes at most 2000 dimensions), got 3072",
+        "takes vector up to 2000 dimensions and halfvec (EP_VECTOR_TYPE=halfvec) up to 4000), "
+        "got 3072",
+    ),
+    (
+        {"EP_EMBEDDING_PROVIDER": "openai", "EP_EMBEDDING_MODEL": "text-embedding-3-large"},
+        "openai:text-embedding-3-large makes 3072-dimension vectors; pgvector's HNSW index "
+        "takes vector up to 2000: set EP_VECTOR_TYPE=halfvec (HNSW up to 4000 dimensions, "
+        "half the size) or EP_EMBEDDING_DIMENSIONS to at most 2000",
+    ),
+    (
+        {"EP_VECTOR_TYPE": "float8"},
+        "EP_VECTOR_TYPE must be one of vector, halfvec, got 'float8'",
+    ),
+    (
+        {"EP_EMBEDDING_MODEL": "all-mpnet-base-v2"},
+        "EP_EMBEDDING_MODEL 'all-mpnet-base-v2' is not a local model; the local provider has "
+        "all-MiniLM-L6-v2 (the default), multilingual-e5-small",
+    ),
+    (
+        {"EP_EVAL_QUESTIONS": "/nonexistent/questions.json"},
+        "EP_EVAL_QUESTIONS names no file: /nonexistent/questions.json",
+    ),
+    (
+        {"EP_EVAL_MIN_RECALL": "1.5"},
+        "EP_EVAL_MIN_RECALL must be a number from 0 to 1, got 1.5",
     ),
     (
         {"EP_HNSW_M": "16", "EP_HNSW_EF_CONSTRUCTION": "20"},

@@ -15,7 +15,7 @@ from werkzeug import Request, Response
 
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib import db
-from embedding_pipeline.lib.embedders import EmbeddingError, LocalEmbedder, OllamaEmbedder
+from embedding_pipeline.lib.embedders import EmbeddingError, LocalEmbedder, build_embedder
 from embedding_pipeline.lib.model_switch import (
     abort_switch,
     fill_shadow,
@@ -31,12 +31,11 @@ from embedding_pipeline.lib.schema import (
     index_state,
     vector_column_dimension,
 )
-from embedding_pipeline.lib.sync import Window, sync_embeddings
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import ingest_small_chat
+from embedding_pipeline_tests.conftest import embed_small_chat
 from embedding_pipeline_tests.incremental_helpers import (
     HashEmbedder,
     HashEmbedderResource,
@@ -45,17 +44,15 @@ from embedding_pipeline_tests.incremental_helpers import (
 )
 
 OLLAMA_MODEL = "nomic-embed-text"
+#: nomic-embed-text with its own prompts (search_query: / search_document:) in the id.
+OLLAMA_ID = f"ollama:{OLLAMA_MODEL}+prompts:03aa22a9"
 TABLES = ("messages", "topics", "atoms")
 
 
 @pytest.fixture
 def populated(fresh_database_url: str) -> Settings:
     """The small chat embedded with the local model, with HNSW indexes."""
-    settings = ingest_small_chat(Settings(database_url=fresh_database_url))
-    with db.connection(fresh_database_url) as conn:
-        for spec in settings.tables.values():
-            sync_embeddings(conn, spec, LocalEmbedder(), Window(), batch_size=16)
-    return settings
+    return embed_small_chat(Settings(database_url=fresh_database_url))
 
 
 @pytest.fixture
@@ -108,16 +105,19 @@ def test_cli_switch_from_local_to_a_768_dimension_ollama_model(
             models = conn.execute(
                 f"SELECT embedding_model, count(*) FROM {spec.table} GROUP BY 1"  # noqa: S608
             ).fetchall()
-            assert models == [(f"ollama:{OLLAMA_MODEL}", rows[spec.table])]
-            assert model_status(conn, spec).registered_model == f"ollama:{OLLAMA_MODEL}"
+            assert models == [(OLLAMA_ID, rows[spec.table])]
+            assert model_status(conn, spec).registered_model == OLLAMA_ID
+    assert all(text.startswith("search_document: ") for batch in ollama for text in batch)
     searcher = Searcher(
-        populated, embedder=OllamaEmbedder(model=OLLAMA_MODEL, host=httpserver.url_for(""))
+        populated,
+        embedder=build_embedder("ollama", model=OLLAMA_MODEL, ollama_host=httpserver.url_for("")),
     )
     engine = engine_for(url)
+    text = "The nightly backup job failed again with a disk full error."
     with engine.connect() as conn:
-        hits = searcher.search(
-            conn, "The nightly backup job failed again with a disk full error.", k=1
-        )
+        # the stored vector of that message (hash vectors mean nothing: a query would
+        # find nothing nearer than chance), searched with the new model's id and index
+        hits = searcher.search(conn, text, k=1, vector=hash_vector(f"search_document: {text}", 768))
     engine.dispose()
     assert hits[0].text.startswith("The nightly backup job failed")
 

@@ -34,6 +34,8 @@ from embedding_pipeline_tests.incremental_helpers import figures
 SECRET = "sk-test-SECRET123"
 OPENAI_MODEL = "text-embedding-3-small"
 OLLAMA_MODEL = "all-minilm"
+#: The prompt tag of nomic-embed-text's own prompts (catalog.prompted_model_id).
+NOMIC = "03aa22a9"
 DIM = 384  # the test schema's vector(384)
 
 
@@ -286,8 +288,14 @@ def test_ollama_request_and_answer(httpserver: HTTPServer) -> None:
     [
         ("all-minilm", None, "ollama:all-minilm", None),
         ("all-minilm", 384, "ollama:all-minilm", None),
-        ("nomic-embed-text", 256, "ollama:nomic-embed-text@256", 256),
-        ("nomic-embed-text:latest", 256, "ollama:nomic-embed-text:latest@256", 256),
+        # nomic-embed-text's own prompts (search_query: / search_document:) are in its id
+        ("nomic-embed-text", 256, f"ollama:nomic-embed-text@256+prompts:{NOMIC}", 256),
+        (
+            "nomic-embed-text:latest",
+            256,
+            f"ollama:nomic-embed-text:latest@256+prompts:{NOMIC}",
+            256,
+        ),
         ("my-own-model", 1000, "ollama:my-own-model", None),  # declares, does not shorten
     ],
 )

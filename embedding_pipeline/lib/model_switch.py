@@ -17,9 +17,10 @@ re-embedding the column back to the old model.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import psycopg
 from psycopg import sql
@@ -29,12 +30,17 @@ from embedding_pipeline.lib.embedders.base import Embedder
 from embedding_pipeline.lib.schema import (
     MODEL_REGISTRY_TABLE,
     SCHEMA_LOCK_KEY,
+    STATE_TABLE,
     SchemaError,
     build_hnsw_index_concurrently,
+    column_type_sql,
     hnsw_index_name,
     index_state,
     registered_model,
+    relation_exists,
+    set_state,
     vector_column_dimension,
+    vector_column_type,
 )
 from embedding_pipeline.lib.sync import Progress, SyncResult, Window, sync_embeddings
 from embedding_pipeline.settings import SHADOW_SUFFIX, HnswSettings, TableSpec
@@ -95,10 +101,13 @@ def ensure_registry(conn: psycopg.Connection) -> None:
     )
 
 
-def prepare_shadow(conn: psycopg.Connection, spec: TableSpec, dimension: int) -> None:
-    """Add the shadow columns for a `dimension`-sized model (kept if already there with
-    that size, so an interrupted switch resumes). A shadow of another size is replaced
-    only while empty; with vectors in it, that is another switch in progress."""
+def prepare_shadow(
+    conn: psycopg.Connection, spec: TableSpec, dimension: int, vector_type: str = "vector"
+) -> None:
+    """Add the shadow columns for a `dimension`-sized model stored as `vector_type` (kept
+    if already there with that type, so an interrupted switch resumes). A shadow of
+    another type is replaced only while empty; with vectors in it, that is another switch
+    in progress."""
     shadow = shadow_spec(spec)
     table = sql.Identifier(spec.table)
     with conn.transaction():
@@ -109,8 +118,8 @@ def prepare_shadow(conn: psycopg.Connection, spec: TableSpec, dimension: int) ->
                 f"{spec.table}.{spec.embedding_column} does not exist or is not "
                 "a vector column; run `embedding-pipeline schema` first"
             )
-        declared = vector_column_dimension(conn, shadow)
-        if declared is not None and declared != dimension:
+        declared = vector_column_type(conn, shadow)
+        if declared is not None and declared != (vector_type, dimension):
             filled = conn.execute(
                 sql.SQL("SELECT count({}), max({}) FROM {}").format(
                     sql.Identifier(shadow.embedding_column),
@@ -120,13 +129,13 @@ def prepare_shadow(conn: psycopg.Connection, spec: TableSpec, dimension: int) ->
             ).fetchone()
             if filled and filled[0]:
                 raise SchemaError(
-                    f"{spec.table} has a switch to {filled[1]} (vector({declared})) in "
+                    f"{spec.table} has a switch to {filled[1]} ({declared[0]}({declared[1]})) in "
                     f"progress with {filled[0]} rows embedded; finish it with the same "
                     "model or discard it with `embedding-pipeline model switch --abort`"
                 )
             _drop_shadow(conn, spec)
         for column, type_sql in (
-            (shadow.embedding_column, sql.SQL("vector({})").format(sql.Literal(dimension))),
+            (shadow.embedding_column, column_type_sql(vector_type, dimension)),
             (shadow.model_column, sql.SQL("text")),
             (shadow.hash_column, sql.SQL("text")),
             (shadow.embedded_at_column, sql.SQL("timestamptz")),
@@ -265,17 +274,86 @@ def _live_model(conn: psycopg.Connection, spec: TableSpec) -> str | None:
     return str(row[0]) if row else None
 
 
-def switch_models(
+#: The state-table key recording the model a staged switch fills the shadow columns with.
+CANDIDATE_KEY = "model_switch_candidate"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The configuration of the model a switch fills the shadow columns with: what `eval
+    --compare` and `model switch --promote` need to embed queries and catch up rows with
+    it. Never a key or URL: those come from the environment, as for any run."""
+
+    provider: str
+    model: str | None
+    dimensions: int | None
+    vector_type: str
+    query_prefix: str | None
+    document_prefix: str | None
+    model_id: str
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Candidate:
+        return cls(**json.loads(text))
+
+
+def save_candidate(conn: psycopg.Connection, candidate: Candidate) -> None:
+    with conn.transaction():
+        set_state(conn, CANDIDATE_KEY, candidate.as_json())
+
+
+def load_candidate(conn: psycopg.Connection) -> Candidate | None:
+    """The candidate of the switch in progress, if one was staged."""
+    if not relation_exists(conn, STATE_TABLE):
+        return None
+    row = conn.execute(
+        sql.SQL("SELECT value FROM {} WHERE key = %s").format(sql.Identifier(STATE_TABLE)),
+        (CANDIDATE_KEY,),
+    ).fetchone()
+    conn.commit()
+    return Candidate.from_json(str(row[0])) if row else None
+
+
+def clear_candidate(conn: psycopg.Connection) -> None:
+    if relation_exists(conn, STATE_TABLE):
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE key = %s").format(sql.Identifier(STATE_TABLE)),
+            (CANDIDATE_KEY,),
+        )
+    conn.commit()
+
+
+def _fill_into(
+    conn: psycopg.Connection,
+    spec: TableSpec,
+    report: SwitchReport,
+    embedder: Embedder,
+    batch_size: int,
+    on_progress: Callable[[str, Progress], None] | None,
+) -> None:
+    progress = None if on_progress is None else (lambda p: on_progress(spec.table, p))
+    for result in fill_shadow(conn, spec, embedder, batch_size=batch_size, on_progress=progress):
+        report.embedded += result.embedded
+        report.provider_requests += result.provider_requests
+        report.passes += 1
+
+
+def stage_switch(
     url: str,
     specs: Sequence[TableSpec],
     embedder: Embedder,
     hnsw: HnswSettings,
     *,
     batch_size: int,
+    vector_type: str = "vector",
     on_progress: Callable[[str, Progress], None] | None = None,
 ) -> list[SwitchReport]:
-    """The whole switch: shadows for every table, filled, indexed, caught up, then all
-    swapped in at once (the configuration is global, so every table changes together)."""
+    """The switch up to the swap: shadows for every table, filled, indexed, caught up.
+    Search keeps using the live columns; the candidate can be scored next to them
+    (`eval --compare`) before `promote_switch` swaps it in."""
     started = time.monotonic()
     reports: dict[str, SwitchReport] = {}
     with connect(url) as conn:
@@ -287,21 +365,10 @@ def switch_models(
                 model_id=embedder.model_id,
                 dimension=embedder.dimension,
             )
-            prepare_shadow(conn, spec, embedder.dimension)
-
-    def fill(conn: psycopg.Connection, spec: TableSpec) -> None:
-        report = reports[spec.table]
-        progress = None if on_progress is None else (lambda p: on_progress(spec.table, p))
-        for result in fill_shadow(
-            conn, spec, embedder, batch_size=batch_size, on_progress=progress
-        ):
-            report.embedded += result.embedded
-            report.provider_requests += result.provider_requests
-            report.passes += 1
-
+            prepare_shadow(conn, spec, embedder.dimension, vector_type)
     with connect(url) as conn:
         for spec in specs:
-            fill(conn, spec)
+            _fill_into(conn, spec, reports[spec.table], embedder, batch_size, on_progress)
     with connect(url, autocommit=True) as conn:
         for spec in specs:
             index_started = time.monotonic()
@@ -309,15 +376,74 @@ def switch_models(
             reports[spec.table].index_seconds = time.monotonic() - index_started
     with connect(url) as conn:
         for spec in specs:
-            fill(conn, spec)
+            _fill_into(conn, spec, reports[spec.table], embedder, batch_size, on_progress)
+    for report in reports.values():
+        report.seconds = time.monotonic() - started
+    return list(reports.values())
+
+
+def promote_switch(
+    url: str,
+    specs: Sequence[TableSpec],
+    embedder: Embedder,
+    *,
+    batch_size: int,
+    reports: Sequence[SwitchReport] | None = None,
+    on_progress: Callable[[str, Progress], None] | None = None,
+) -> list[SwitchReport]:
+    """Catch the shadows up with rows changed since they were filled, then swap every
+    table's shadow in at once (`swap_in`) and forget the candidate."""
+    started = time.monotonic()
+    by_table = {r.table: r for r in reports or []}
+    with connect(url) as conn:
+        for spec in specs:
+            by_table.setdefault(
+                spec.table,
+                SwitchReport(
+                    table=spec.table,
+                    previous_model=_live_model(conn, spec),
+                    previous_dimension=vector_column_dimension(conn, spec),
+                    model_id=embedder.model_id,
+                    dimension=embedder.dimension,
+                ),
+            )
+            _fill_into(conn, spec, by_table[spec.table], embedder, batch_size, on_progress)
         swap_started = time.monotonic()
         left = swap_in(conn, specs, embedder)
-    swap_seconds = time.monotonic() - swap_started
+        swap_seconds = time.monotonic() - swap_started
+        clear_candidate(conn)
     for spec in specs:
-        reports[spec.table].left_for_next_run = left[spec.table]
-        reports[spec.table].swap_seconds = swap_seconds
-        reports[spec.table].seconds = time.monotonic() - started
-    return list(reports.values())
+        report = by_table[spec.table]
+        report.left_for_next_run = left[spec.table]
+        report.swap_seconds = swap_seconds
+        report.seconds += time.monotonic() - started
+    return [by_table[spec.table] for spec in specs]
+
+
+def switch_models(
+    url: str,
+    specs: Sequence[TableSpec],
+    embedder: Embedder,
+    hnsw: HnswSettings,
+    *,
+    batch_size: int,
+    vector_type: str = "vector",
+    on_progress: Callable[[str, Progress], None] | None = None,
+) -> list[SwitchReport]:
+    """The whole switch: shadows for every table, filled, indexed, caught up, then all
+    swapped in at once (the configuration is global, so every table changes together)."""
+    reports = stage_switch(
+        url,
+        specs,
+        embedder,
+        hnsw,
+        batch_size=batch_size,
+        vector_type=vector_type,
+        on_progress=on_progress,
+    )
+    return promote_switch(
+        url, specs, embedder, batch_size=batch_size, reports=reports, on_progress=on_progress
+    )
 
 
 @dataclass(frozen=True)
@@ -330,17 +456,19 @@ class ModelStatus:
     missing: int
     shadow_dimension: int | None
     shadow_filled: int
+    vector_type: str = "vector"
+    shadow_vector_type: str = "vector"
 
     def describe(self) -> str:
         present = ", ".join(f"{m} ({n})" for m, n in self.models.items()) or "no vectors"
         line = (
-            f"{self.table}.{self.column}: vector({self.dimension}), registered "
+            f"{self.table}.{self.column}: {self.vector_type}({self.dimension}), registered "
             f"{self.registered_model or '(none: no switch yet)'}; present: {present}; "
             f"{self.missing} NULL"
         )
         if self.shadow_dimension is not None:
             line += (
-                f"; switch in progress to vector({self.shadow_dimension}), "
+                f"; switch in progress to {self.shadow_vector_type}({self.shadow_dimension}), "
                 f"{self.shadow_filled} rows done"
             )
         return line
@@ -367,7 +495,9 @@ def model_status(conn: psycopg.Connection, spec: TableSpec) -> ModelStatus:
             table, sql.Identifier(spec.embedding_column)
         )
     ).fetchone()
-    shadow_dimension = vector_column_dimension(conn, shadow)
+    live_type = vector_column_type(conn, spec)
+    shadow_type = vector_column_type(conn, shadow)
+    shadow_dimension = shadow_type[1] if shadow_type else None
     filled = 0
     if shadow_dimension is not None:
         row = conn.execute(
@@ -379,12 +509,14 @@ def model_status(conn: psycopg.Connection, spec: TableSpec) -> ModelStatus:
     status = ModelStatus(
         table=spec.table,
         column=spec.embedding_column,
-        dimension=vector_column_dimension(conn, spec),
+        dimension=live_type[1] if live_type else None,
         registered_model=registered_model(conn, spec),
         models=models,
         missing=int(missing[0]) if missing else 0,
         shadow_dimension=shadow_dimension,
         shadow_filled=filled,
+        vector_type=live_type[0] if live_type else "vector",
+        shadow_vector_type=shadow_type[0] if shadow_type else "vector",
     )
     conn.rollback()
     return status

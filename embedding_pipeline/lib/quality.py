@@ -26,13 +26,19 @@ from psycopg.pq import TransactionStatus
 
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr, text_expr
 from embedding_pipeline.lib.engine.errors import recorded_expr
-from embedding_pipeline.lib.schema import bulk_load_lock_key, vector_column_dimension
+from embedding_pipeline.lib.schema import (
+    bulk_load_lock_key,
+    cosine_opclass,
+    vector_column_dimension,
+    vector_column_type,
+)
 from embedding_pipeline.lib.sync import Window, claimed_elsewhere_expr, claiming_sessions
 from embedding_pipeline.settings import TableSpec
 
-#: The operator class that serves `ORDER BY embedding <=> q` (cosine distance), the order
-#: `nearest_query` and the search API use; an HNSW index of another class cannot serve them.
-EXPECTED_OPCLASS = "vector_cosine_ops"
+#: The operator class that serves `ORDER BY embedding <=> q` (cosine distance) on a
+#: `vector` column, the order `nearest_query` and the search API use; an HNSW index of
+#: another class cannot serve them (on a `halfvec` column: `halfvec_cosine_ops`).
+EXPECTED_OPCLASS = cosine_opclass("vector")
 #: pgvector's defaults, in effect when an index was built without WITH (...).
 PGVECTOR_HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}
 #: Two similarities closer than this are a tie (float4 vectors, float8 arithmetic).
@@ -375,7 +381,7 @@ def check_dimension(
         found: dict[int, int] = {}
         mismatched: list[int] = []
         sampled = 0
-        if row is not None and row[1] == "vector":
+        if row is not None and row[1] in ("vector", "halfvec"):
             rows = conn.execute(
                 sql.SQL(
                     "SELECT {id}, vector_dims({emb}) FROM {table} WHERE {emb} IS NOT NULL "
@@ -416,10 +422,6 @@ class HnswIndex:
     valid: bool
     definition: str
 
-    @property
-    def serves_search(self) -> bool:
-        return self.valid and self.opclass == EXPECTED_OPCLASS
-
 
 @dataclass(frozen=True)
 class IndexReport:
@@ -433,7 +435,7 @@ class IndexReport:
 
     @property
     def usable(self) -> HnswIndex | None:
-        candidates = [i for i in self.indexes if i.serves_search]
+        candidates = [i for i in self.indexes if i.valid and i.opclass == self.expected_opclass]
         named = [i for i in candidates if i.name == self.expected_name]
         preferred = named or candidates
         return preferred[0] if preferred else None
@@ -504,6 +506,7 @@ def find_hnsw_indexes(conn: psycopg.Connection, spec: TableSpec, expected_name: 
             """,
             (_table(spec).as_string(conn), spec.embedding_column),
         ).fetchall()
+        column = vector_column_type(conn, spec)
     indexes = []
     for name, opclass, reloptions, size, valid, definition in rows:
         options = _index_options(reloptions)
@@ -522,7 +525,7 @@ def find_hnsw_indexes(conn: psycopg.Connection, spec: TableSpec, expected_name: 
         table=spec.table,
         column=spec.embedding_column,
         expected_name=expected_name,
-        expected_opclass=EXPECTED_OPCLASS,
+        expected_opclass=cosine_opclass(column[0] if column else "vector"),
         indexes=indexes,
     )
 

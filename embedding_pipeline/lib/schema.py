@@ -13,7 +13,13 @@ import psycopg
 from psycopg import sql
 
 from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr
-from embedding_pipeline.settings import SEARCH_FILTER_COLUMNS, HnswSettings, Settings, TableSpec
+from embedding_pipeline.settings import (
+    SEARCH_FILTER_COLUMNS,
+    VECTOR_TYPES,
+    HnswSettings,
+    Settings,
+    TableSpec,
+)
 
 # Advisory lock key held while the schema changes, so concurrent runs do not race.
 SCHEMA_LOCK_KEY = 7_318_004_211
@@ -89,12 +95,27 @@ def _columns(conn: psycopg.Connection, table: str) -> dict[str, str]:
     return {name: type_name for name, type_name in rows}
 
 
+def vector_column_type(conn: psycopg.Connection, spec: TableSpec) -> tuple[str, int] | None:
+    """The embedding column's storage type (`vector` or `halfvec`) and declared dimension
+    (None: missing, of another type, or undeclared)."""
+    type_name = _columns(conn, spec.table).get(spec.embedding_column)
+    if type_name is None:
+        return None
+    kind, _, rest = type_name.partition("(")
+    if kind not in VECTOR_TYPES or not rest.endswith(")") or not rest[:-1].isdigit():
+        return None
+    return kind, int(rest[:-1])
+
+
 def vector_column_dimension(conn: psycopg.Connection, spec: TableSpec) -> int | None:
     """The declared dimension of the embedding column (None: missing or undeclared)."""
-    type_name = _columns(conn, spec.table).get(spec.embedding_column)
-    if type_name is None or not type_name.startswith("vector("):
-        return None
-    return int(type_name[len("vector(") : -1])
+    found = vector_column_type(conn, spec)
+    return found[1] if found else None
+
+
+def column_type_sql(vector_type: str, dimension: int) -> sql.Composed:
+    """`vector(n)` or `halfvec(n)`."""
+    return sql.SQL("{}({})").format(sql.SQL(vector_type), sql.Literal(dimension))
 
 
 def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
@@ -292,7 +313,7 @@ def _ensure_embedding_columns(
             "settings; check EP_*_TABLE / EP_*_TEXT_COLUMNS"
         )
     wanted = [
-        (spec.embedding_column, sql.SQL("vector({})").format(sql.Literal(dimension))),
+        (spec.embedding_column, column_type_sql(settings.embedder.vector_type, dimension)),
         (spec.model_column, sql.SQL("text")),
         (spec.hash_column, sql.SQL("text")),
         (spec.embedded_at_column, sql.SQL("timestamptz")),
@@ -311,18 +332,26 @@ def _ensure_embedding_columns(
                 )
             )
             report.added_columns.append(f"{spec.table}.{column}")
-    declared = vector_column_dimension(conn, spec)
-    if declared is not None and declared != dimension:
-        raise SchemaError(
-            f"{spec.table}.{spec.embedding_column} holds vector({declared}) but the configured "
-            f"model produces {dimension} dimensions; switch models with "
-            "`embedding-pipeline model switch` instead of editing the column"
-        )
+    wanted_type = settings.embedder.vector_type
+    declared = vector_column_type(conn, spec)
     if declared is None:
         type_name = _columns(conn, spec.table)[spec.embedding_column]
         raise SchemaError(
             f"{spec.table}.{spec.embedding_column} has type {type_name}, expected "
-            f"vector({dimension})"
+            f"{wanted_type}({dimension})"
+        )
+    if declared[1] != dimension:
+        raise SchemaError(
+            f"{spec.table}.{spec.embedding_column} holds {declared[0]}({declared[1]}) but the "
+            f"configured model produces {dimension} dimensions; switch models with "
+            "`embedding-pipeline model switch` instead of editing the column"
+        )
+    if declared[0] != wanted_type:
+        raise SchemaError(
+            f"{spec.table}.{spec.embedding_column} holds {declared[0]}({declared[1]}) but "
+            f"EP_VECTOR_TYPE is {wanted_type}; change the storage type with "
+            f"`embedding-pipeline model switch --vector-type {wanted_type}` (or set "
+            f"EP_VECTOR_TYPE={declared[0]})"
         )
     indexes = [
         (
@@ -371,9 +400,18 @@ def bulk_load_lock_key(spec: TableSpec) -> int:
     return zlib.crc32(f"bulk-load:{spec.table}.{spec.embedding_column}".encode()) & 0x7FFFFFFF
 
 
-def hnsw_index_definition(spec: TableSpec, hnsw: HnswSettings) -> sql.Composed:
-    return sql.SQL("USING hnsw ({} vector_cosine_ops) WITH (m = {}, ef_construction = {})").format(
+def cosine_opclass(vector_type: str) -> str:
+    """The HNSW operator class that serves `ORDER BY embedding <=> q` on a column of the
+    type: `vector_cosine_ops` or `halfvec_cosine_ops`."""
+    return f"{vector_type}_cosine_ops"
+
+
+def hnsw_index_definition(
+    spec: TableSpec, hnsw: HnswSettings, vector_type: str = "vector"
+) -> sql.Composed:
+    return sql.SQL("USING hnsw ({} {}) WITH (m = {}, ef_construction = {})").format(
         sql.Identifier(spec.embedding_column),
+        sql.SQL(cosine_opclass(vector_type)),
         sql.Literal(hnsw.m),
         sql.Literal(hnsw.ef_construction),
     )
@@ -406,7 +444,14 @@ def ensure_hnsw_index(conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSetti
         return False
     if state == "invalid":
         conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(hnsw_index_name(spec))))
-    return _ensure_index(conn, spec.table, hnsw_index_name(spec), hnsw_index_definition(spec, hnsw))
+    definition = hnsw_index_definition(spec, hnsw, _column_kind(conn, spec))
+    return _ensure_index(conn, spec.table, hnsw_index_name(spec), definition)
+
+
+def _column_kind(conn: psycopg.Connection, spec: TableSpec) -> str:
+    """The embedding column's storage type, which its index's operator class follows."""
+    found = vector_column_type(conn, spec)
+    return found[0] if found else "vector"
 
 
 def hnsw_build_memory_mb(rows: int, dimension: int, hnsw: HnswSettings) -> int:
@@ -458,7 +503,9 @@ def build_hnsw_index_concurrently(
     try:
         conn.execute(
             sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
-                sql.Identifier(name), sql.Identifier(spec.table), hnsw_index_definition(spec, hnsw)
+                sql.Identifier(name),
+                sql.Identifier(spec.table),
+                hnsw_index_definition(spec, hnsw, _column_kind(conn, spec)),
             )
         )
     finally:

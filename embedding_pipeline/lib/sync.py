@@ -782,7 +782,7 @@ class _Pipeline:
         rest = sorted((r for r in rows if r.text.strip()), key=lambda r: len(r.text))
         self.queue.extend(_Request([r]) for r in rest if r.failed_before)
         fresh = [r for r in rest if not r.failed_before]
-        budgets = [self.embedder.token_bound(self.embedder.prepare(r.text)[0]) for r in fresh]
+        budgets = [self.embedder.request_tokens(r.text) for r in fresh]
         for start, end in plan_requests(budgets, self.request_rows, self.embedder.max_batch_tokens):
             self.queue.append(_Request(fresh[start:end]))
 

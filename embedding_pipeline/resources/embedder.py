@@ -37,6 +37,12 @@ class EmbedderResource(dg.ConfigurableResource):
     )
     requests_per_minute: float | None = Field(default=None, description="client-side limit")
     tokens_per_minute: float | None = Field(default=None, description="client-side limit")
+    query_prefix: str | None = Field(
+        default=None, description="text before every search query; None: the model's own"
+    )
+    document_prefix: str | None = Field(
+        default=None, description="text before every document; None: the model's own"
+    )
 
     def build(self) -> Embedder:
         """A new embedder (its SDK client is created here, in the run, not at import)."""
@@ -54,6 +60,8 @@ class EmbedderResource(dg.ConfigurableResource):
                 requests_per_minute=self.requests_per_minute,
                 tokens_per_minute=self.tokens_per_minute,
             ),
+            query_prefix=self.query_prefix,
+            document_prefix=self.document_prefix,
         )
 
     @property
@@ -62,7 +70,9 @@ class EmbedderResource(dg.ConfigurableResource):
 
     @property
     def model_id(self) -> str:
-        return expected_model_id(self.provider, self.model_name, self.dimensions)
+        return expected_model_id(
+            self.provider, self.model_name, self.dimensions, self.query_prefix, self.document_prefix
+        )
 
     @property
     def effective_batch_size(self) -> int:

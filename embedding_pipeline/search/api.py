@@ -25,6 +25,7 @@ words, ranked by `ts_rank`), `hybrid` (reciprocal rank fusion of both rankings; 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -240,6 +241,8 @@ class Searcher:
                         requests_per_minute=e.requests_per_minute,
                         tokens_per_minute=e.tokens_per_minute,
                     ),
+                    query_prefix=e.query_prefix,
+                    document_prefix=e.document_prefix,
                 )
             return self._embedder
 
@@ -256,7 +259,7 @@ class Searcher:
             if self._queries is None:
                 api = self.settings.api
                 self._queries = QueryVectors(
-                    embedder.embed,
+                    functools.partial(embedder.embed, query=True),
                     embedder.model_id,
                     workers=api.embed_workers or embedder.default_concurrency,
                     cache_size=api.query_cache_size,

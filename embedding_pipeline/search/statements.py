@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector
-from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY
+from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY, TSVECTOR
 
 from embedding_pipeline.search.filters import filter_clauses, topic_id
 from embedding_pipeline.search.tables import FIELD_COLUMNS, SearchTables
@@ -133,7 +133,8 @@ class Statements:
                 nearest = self._nearest(key, query, shape, "k", exact=exact)
                 return self._ranked(key, nearest, nearest.c.distance, 1 - nearest.c.distance)
             nearest = self._nearest(key, query, shape, "candidates", exact=exact)
-            return self._fused(key, nearest, self._text_matches(key, shape, "candidates"))
+            matches = self._text_matches(key, shape, "candidates", with_document=True)
+            return self._fused(key, nearest, matches)
 
         return self._cached(("search", key, mode, shape, exact), build)
 
@@ -233,26 +234,46 @@ class Statements:
             .prefix_with("MATERIALIZED")
         )
 
+    def _language(self) -> sa.ColumnElement[Any]:
+        language: sa.BindParameter[str] = sa.bindparam(
+            "text_language", self.settings.search.text_language, literal_execute=True
+        )
+        return sa.cast(language, REGCONFIG())
+
     def _text_query(self) -> sa.ColumnElement[Any]:
         """Any of the words of `query_text`: `plainto_tsquery` (stemmed, stop words dropped)
         with its ANDs turned into ORs, so a question matches rows holding some of its
         words; `ts_rank` then puts rows with more of them (a title's count more) first.
         Not `ts_rank_cd`: it ranked 5,374 matches in 42 ms where `ts_rank` took 17
         (docs/benchmarks.md), and it was no better on the labelled questions."""
-        language: sa.BindParameter[str] = sa.bindparam(
-            "text_language", self.settings.search.text_language, literal_execute=True
-        )
         text = sa.bindparam("query_text", type_=sa.Text())
-        strict = sa.cast(sa.func.plainto_tsquery(sa.cast(language, REGCONFIG()), text), sa.Text())
+        strict = sa.cast(sa.func.plainto_tsquery(self._language(), text), sa.Text())
         return sa.cast(sa.func.replace(strict, " & ", " | "), TSQUERY())
 
-    def _text_matches(self, key: str, shape: Shape, limit: str) -> sa.CTE:
+    def _coverage(self, document: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """The share of the query's distinct words (lexemes, as `to_tsvector` makes them)
+        that the row's text holds: the lexemes `document || query` has fewer than the two
+        apart are the shared ones. 1.0 for a row holding every word of the query."""
+        words = sa.func.to_tsvector(self._language(), sa.bindparam("query_text", type_=sa.Text()))
+        shared = (
+            sa.func.length(document)
+            + sa.func.length(words)
+            - sa.func.length(document.op("||", return_type=TSVECTOR())(words))
+        )
+        return sa.cast(shared, sa.Float()) / sa.func.greatest(sa.func.length(words), 1)
+
+    def _text_matches(
+        self, key: str, shape: Shape, limit: str, *, with_document: bool = False
+    ) -> sa.CTE:
         row_id = self.tables.id(key)
         document = self.tables.column(key, "tsv_column")
         query = self._text_query()
         rank = sa.func.ts_rank(document, query).label("rank")
+        columns: list[sa.ColumnElement[Any]] = [row_id.label("id"), rank]
+        if with_document:  # for the hybrid's coverage, computed for the kept rows only
+            columns.append(document.label("document"))
         return (
-            sa.select(row_id.label("id"), rank)
+            sa.select(*columns)
             .where(document.bool_op("@@")(query), *filter_clauses(self.tables, key, shape))
             .order_by(rank.desc(), row_id)
             .limit(_rendered(limit))
@@ -295,8 +316,14 @@ class Statements:
         )
 
     def _fused(self, key: str, nearest: sa.CTE, matches: sa.CTE) -> sa.Select[Any]:
-        """Reciprocal rank fusion: each row scores 1 / (rrf_k + rank) in every ranking it
-        appears in; ties go to the row with the better single rank, then the lower id."""
+        """Reciprocal rank fusion, the text ranking weighted by how much of the query a row
+        holds: a row scores 1 / (rrf_k + vector rank) in the vector ranking, and coverage² /
+        (rrf_k + text rank) in the text ranking, where coverage is the share of the query's
+        words the row's text holds (`_coverage`). A row holding one word of a five-word
+        question adds a 25th of a text hit to its vector score, one holding all of them
+        counts as much as a vector hit of the same rank (the measurements behind the
+        square: docs/search.md, "Hybrid ranking"). Ties go to the row with the better
+        single rank, then the lower id."""
         rrf = sa.literal(float(self.settings.search.rrf_k))
         by_vector = sa.select(
             nearest.c.id,
@@ -304,10 +331,12 @@ class Statements:
         ).subquery("by_vector")
         by_text = sa.select(
             matches.c.id,
+            self._coverage(matches.c.document).label("coverage"),
             sa.func.row_number().over(order_by=(matches.c.rank.desc(), matches.c.id)).label("rank"),
         ).subquery("by_text")
+        weight = by_text.c.coverage * by_text.c.coverage
         score = sa.func.coalesce(1.0 / (rrf + by_vector.c.rank), 0.0) + sa.func.coalesce(
-            1.0 / (rrf + by_text.c.rank), 0.0
+            weight / (rrf + by_text.c.rank), 0.0
         )
         best_rank = sa.func.least(by_vector.c.rank, by_text.c.rank)
         row_id = sa.func.coalesce(by_vector.c.id, by_text.c.id)

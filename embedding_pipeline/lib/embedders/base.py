@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedding_pipeline.lib.embedders.catalog import Prompts, prompted_model_id
+
 if TYPE_CHECKING:
     from embedding_pipeline.lib.engine.ratelimit import RateLimiter
     from embedding_pipeline.lib.engine.retry import RetryPolicy
@@ -91,6 +93,10 @@ class Embedder(abc.ABC):
     #: splits it into requests, so a model that pads to the longest text in a batch (the
     #: local one) wastes less the more rows it can sort.
     default_claim_rows: int = 512
+    #: Put before every query (`embed(..., query=True)`) and every document (the rows a
+    #: run embeds); part of `model_id` (`catalog.prompted_model_id`). Set by `set_prompts`.
+    query_prefix: str = ""
+    document_prefix: str = ""
 
     def __init__(
         self, *, retry: RetryPolicy | None = None, limiter: RateLimiter | None = None
@@ -106,6 +112,23 @@ class Embedder(abc.ABC):
     def _embed(self, texts: list[str]) -> np.ndarray:
         """Return one row per text; called with at most `max_batch_size` texts. Raises
         `TransientEmbeddingError`, `InputRejectedError` or `EmbeddingError`."""
+
+    def _embed_queries(self, texts: list[str]) -> np.ndarray:
+        """`_embed` for search queries; models that treat queries apart (their own
+        prompts, an `input_type`) override it."""
+        return self._embed(texts)
+
+    def set_prompts(self, prompts: Prompts) -> None:
+        """Put `prompts` before queries and documents from now on; the model id records
+        them (`catalog.prompted_model_id`)."""
+        base = self.__dict__.setdefault("base_model_id", self.model_id)
+        self.query_prefix, self.document_prefix = prompts.query, prompts.document
+        self.model_id = prompted_model_id(base, prompts)
+
+    def request_tokens(self, text: str, *, query: bool = False) -> int:
+        """What `text` costs in a request (`token_bound` of what is sent: prefixed, cut)."""
+        prefix = self.query_prefix if query else self.document_prefix
+        return self.token_bound(self.prepare(prefix + text)[0])
 
     def warm_up(self) -> None:
         """Load what the first request needs (a client, a model) now, once, rather than in
@@ -125,13 +148,14 @@ class Embedder(abc.ABC):
             return text, False
         return text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore"), True
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed `texts` in one request (retried while transient failures last), checking
-        that the provider answered one vector per text of the right dimension with finite
-        values."""
+    def embed(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray:
+        """Embed `texts` (documents, or search queries with `query`) in one request, each
+        after its prefix, retried while transient failures last; checks that the provider
+        answered one vector per text of the right dimension with finite values."""
         from embedding_pipeline.lib.engine.retry import call_with_retries
 
-        prepared = [self.prepare(t) for t in texts]
+        prefix = self.query_prefix if query else self.document_prefix
+        prepared = [self.prepare(prefix + t) for t in texts]
         batch = [text for text, _ in prepared]
         if not batch:
             return np.zeros((0, self.dimension), dtype=np.float32)
@@ -148,7 +172,8 @@ class Embedder(abc.ABC):
             if self.limiter is not None:
                 waited += self.limiter.acquire(budget)
             try:
-                return np.asarray(self._embed(batch), dtype=np.float32)
+                send = self._embed_queries if query else self._embed
+                return np.asarray(send(batch), dtype=np.float32)
             except TransientEmbeddingError as exc:
                 if exc.retry_after and self.limiter is not None:
                     self.limiter.pause(exc.retry_after)

