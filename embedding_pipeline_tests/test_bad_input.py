@@ -893,7 +893,8 @@ def test_a_failed_materialization_prints_the_reason_in_one_line(
 
 
 def test_failing_checks_are_named_with_their_reasons(run_cli, baseline, small_data) -> None:
-    code, err = run_cli("check", "--table", "topics")
+    # the topics are not embedded, and (with a freshness limit of 0.06 s) overdue
+    code, err = run_cli("check", "--table", "topics", EP_FRESHNESS_WARN_MINUTES="0.001")
     assert code == 2
     assert err.startswith(
         "error: asset checks failed with ERROR: topic_embeddings.no_missing_embeddings ("
