@@ -238,6 +238,12 @@ def missing_outcome(
     if report.empty:
         notes.append(f"{report.empty} with empty text (nothing to embed, not searchable)")
     ids = f": ids {', '.join(str(i) for i in report.sample_ids)}" if report.sample_ids else ""
+
+    def failed(description: str) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(
+            passed=False, severity=ERROR, metadata=metadata, description=description
+        )
+
     if run_partitions is not None:
         metadata.update(
             {
@@ -250,12 +256,9 @@ def missing_outcome(
         if report.new_in_run:
             notes.insert(0, f"{report.new_in_run} written after this run started (the next run's)")
         if report.owed:
-            return dg.AssetCheckResult(
-                passed=False,
-                severity=ERROR,
-                metadata=metadata,
-                description=f"{report.owed} rows of this run's months {run_partitions} that "
-                f"existed when it started are still missing{ids}",
+            return failed(
+                f"{report.owed} rows of this run's months {run_partitions} that existed when "
+                f"it started are still missing{ids}"
             )
         elsewhere = report.pending - report.pending_in_run
         if elsewhere:
@@ -263,12 +266,9 @@ def missing_outcome(
         head = f"none missing that this run ({run_partitions}) should have embedded"
     else:
         if report.overdue:
-            return dg.AssetCheckResult(
-                passed=False,
-                severity=ERROR,
-                metadata=metadata,
-                description=f"{report.overdue} rows have waited over {overdue_minutes:g} "
-                f"min for an embedding and no run is embedding them{ids}",
+            return failed(
+                f"{report.overdue} rows have waited over {overdue_minutes:g} min for an "
+                f"embedding and no run is embedding them{ids}"
             )
         waiting = report.pending - report.claimed
         if waiting:

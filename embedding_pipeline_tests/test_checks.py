@@ -184,31 +184,26 @@ def test_the_rows_a_run_owes_are_those_of_its_months_that_existed_when_it_starte
     conn.commit()
     _sql(conn, f"UPDATE messages SET embedding = NULL WHERE id = {october[1]}")  # noqa: S608
     window = Window(start=datetime(2025, 10, 1, tzinfo=UTC))
-    with db.connection(settings.effective_database_url, vector=False) as measure:
-        report = quality.count_missing(
-            measure,
-            spec,
-            sample_ids=5,
-            model_id=LOCAL_MODEL_ID,
-            overdue_minutes=15,
-            window=window,
-            start_snapshot=snapshot,
-        )
+
+    def measure() -> quality.MissingReport:
+        with db.connection(settings.effective_database_url, vector=False) as fresh:
+            return quality.count_missing(
+                fresh,
+                spec,
+                sample_ids=5,
+                model_id=LOCAL_MODEL_ID,
+                overdue_minutes=15,
+                window=window,
+                start_snapshot=snapshot,
+            )
+
+    report = measure()
     assert report.in_run
     assert (report.owed, report.new_in_run, report.pending_in_run) == (1, 1, 2)
     assert report.sample_ids[0] == october[0]
     assert check_outcome(report).severity == dg.AssetCheckSeverity.ERROR
     _sql(conn, f"UPDATE messages SET content = content || ' (edited)' WHERE id = {october[0]}")  # noqa: S608
-    with db.connection(settings.effective_database_url, vector=False) as measure:
-        report = quality.count_missing(
-            measure,
-            spec,
-            sample_ids=5,
-            model_id=LOCAL_MODEL_ID,
-            overdue_minutes=15,
-            window=window,
-            start_snapshot=snapshot,
-        )
+    report = measure()
     assert (report.owed, report.new_in_run) == (0, 2)
     outcome = check_outcome(report)
     assert outcome.passed
