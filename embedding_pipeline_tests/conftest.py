@@ -3,6 +3,7 @@ code), a fresh database per test module, and the settings and resources pointing
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -21,7 +22,7 @@ from embedding_pipeline.lib.ingest import ingest
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.lib.schema import ensure_schema
 from embedding_pipeline.lib.sync import Window, sync_embeddings
-from embedding_pipeline.lib.telegram import load_export, load_extraction
+from embedding_pipeline.lib.telegram import ChatExport, load_export, load_extraction
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.fault_server import Faults, FaultServer
@@ -102,6 +103,16 @@ def ingest_small_chat(settings: Settings) -> Settings:
             load_extraction(DATA / "small_extraction.json"),
         )
     return settings
+
+
+def small_export_with_text(folder: Path, message_id: int, text: str) -> ChatExport:
+    """The small test export with message `message_id`'s text replaced (as a newer export
+    of the chat would have it), written to `folder` and loaded."""
+    raw = json.loads((DATA / "small_export.json").read_text())
+    next(m for m in raw["messages"] if m["id"] == message_id)["text"] = text
+    path = folder / f"small_export_{message_id}_edited.json"
+    path.write_text(json.dumps(raw))
+    return load_export(path)
 
 
 def embed_small_chat(settings: Settings) -> Settings:

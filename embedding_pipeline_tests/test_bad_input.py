@@ -597,11 +597,15 @@ def test_bad_file_is_refused_in_one_line_and_nothing_is_written(
     assert _snapshot(small_data.effective_database_url) == baseline
 
 
-def test_the_files_the_cases_start_from_load(run_cli, fresh_database_url: str) -> None:
-    """Each case above changes one thing in files that load (on a database of its own:
-    even an ingest that brings nothing new draws ids from the sequences)."""
+def test_the_files_the_cases_start_from_load(
+    run_cli, baseline, small_data: Settings, fresh_database_url: str
+) -> None:
+    """Each case above changes one thing in files that load; loading them again changes
+    nothing, id sequences included."""
     args = ("ingest", str(GOOD_EXPORT), "--extraction", str(GOOD_EXTRACTION))
     assert run_cli(*args, DATABASE_URL=fresh_database_url) == (0, "")
+    assert run_cli(*args) == (0, "")
+    assert _snapshot(small_data.effective_database_url) == baseline
 
 
 SECRET_URL = "postgresql://app:s3cr3t-pw@db.internal:notaport/app"

@@ -33,7 +33,7 @@ from embedding_pipeline.lib.schema import (
     index_state,
 )
 from embedding_pipeline.lib.sync import bulk_load_wanted
-from embedding_pipeline.lib.telegram import load_export, load_extraction
+from embedding_pipeline.lib.telegram import load_extraction
 from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.search import Searcher
@@ -41,7 +41,7 @@ from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import HnswSettings, Settings
 from embedding_pipeline_tests import incremental_helpers as helpers
-from embedding_pipeline_tests.conftest import ingest_small_chat
+from embedding_pipeline_tests.conftest import ingest_small_chat, small_export_with_text
 from embedding_pipeline_tests.incremental_helpers import (
     CALLS,
     HashEmbedderResource,
@@ -161,12 +161,10 @@ def test_sensor_runs_embed_exactly_the_new_rows(
 
 
 def test_an_edited_message_is_the_only_row_embedded_again(
-    small_data, hash_defs, hash_resources, instance, cursor_state, conn
+    small_data, hash_defs, hash_resources, instance, cursor_state, conn, tmp_path
 ):
     before = embedded_state(conn)
-    export = load_export(DATA / "small_export.json")
-    edited = export.messages[1]
-    export.messages[1] = type(edited)(**{**edited.__dict__, "text": "Volume raised to 300 GB."})
+    export = small_export_with_text(tmp_path, 3, "Volume raised to 300 GB.")
     ingest(conn, small_data, export, load_extraction(DATA / "small_extraction.json"))
     runs = tick_and_run(hash_defs, hash_resources, instance, cursor_state)
     assert [sorted(run) for run in runs] == [[MESSAGES]]

@@ -63,8 +63,18 @@ def test_ingest_links_messages_topics_and_atoms(loaded, conn):
     assert stats["messages"]["created"] == 4
 
 
-def test_reingesting_the_same_files_changes_nothing(loaded, conn):
-    before = _counts(conn)
+def _sequences(conn: psycopg.Connection) -> dict[str, int | None]:
+    rows = conn.execute("SELECT sequencename, last_value FROM pg_sequences").fetchall()
+    return dict(rows)
+
+
+def test_reingesting_the_same_files_changes_nothing_and_draws_no_id(loaded, conn):
+    """`INSERT ... ON CONFLICT` draws an id for every row before it finds the conflict: a
+    re-ingest of a large export used to burn one id per message."""
+    before, sequences = _counts(conn), _sequences(conn)
+    assert {"messages_id_seq", "topics_id_seq", "atoms_id_seq", "extractions_id_seq"} <= set(
+        sequences
+    )
     report = ingest(
         conn,
         loaded,
@@ -73,7 +83,9 @@ def test_reingesting_the_same_files_changes_nothing(loaded, conn):
     )
     assert report.extraction_id is None
     assert report.messages.unchanged == 4 and report.atoms.unchanged == 3
+    assert report.topics.unchanged == 2
     assert _counts(conn) == before
+    assert _sequences(conn) == sequences
 
 
 def test_an_edited_message_is_updated_and_marked_with_the_new_extraction(
@@ -86,8 +98,11 @@ def test_an_edited_message_is_updated_and_marked_with_the_new_extraction(
     edited.pop("edited_unixtime", None)
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(raw))
+    sequences = _sequences(conn)
     report = ingest(conn, loaded, load_export(path), None)
     assert (report.messages.created, report.messages.updated) == (0, 1)
+    drawn = {name: value - sequences[name] for name, value in _sequences(conn).items()}
+    assert drawn == {name: 1 if name == "extractions_id_seq" else 0 for name in sequences}
     rows = conn.execute(
         "SELECT telegram_message_id, extraction_id, content, edited_at IS NOT NULL "
         "FROM messages ORDER BY telegram_message_id"
@@ -127,6 +142,26 @@ def test_bad_extraction_rolls_back_everything(loaded, conn, tmp_path: Path):
     assert _counts(conn) == before
     assert conn.execute(
         "SELECT count(*) FROM messages WHERE telegram_message_id = 99"
+    ).fetchone() == (0,)
+
+
+def test_a_file_changed_after_its_check_is_refused_and_nothing_is_written(
+    loaded, conn, tmp_path: Path
+):
+    """The messages are read from the file a second time while they are copied: a file
+    that changed in between is refused by its checksum."""
+    path = tmp_path / "export.json"
+    raw = json.loads((DATA / "small_export.json").read_text())
+    path.write_text(json.dumps(raw))
+    export = load_export(path)
+    raw["messages"][1]["text"] = "changed behind the check"
+    path.write_text(json.dumps(raw))
+    before, sequences = _counts(conn), _sequences(conn)
+    with pytest.raises(InputFileError, match="file: changed while it was being read"):
+        ingest(conn, loaded, export, None)
+    assert (_counts(conn), _sequences(conn)) == (before, sequences)
+    assert conn.execute(
+        "SELECT count(*) FROM messages WHERE content LIKE 'changed%'"
     ).fetchone() == (0,)
 
 

@@ -32,6 +32,7 @@ from embedding_pipeline.lib.schema import ensure_schema
 from embedding_pipeline.lib.telegram import load_export, load_extraction
 from embedding_pipeline.sensors import EXTRACTIONS_TAG, SENSOR_NAME, run_key_for
 from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.conftest import small_export_with_text
 from embedding_pipeline_tests.incremental_helpers import add_extraction, insert_messages
 
 ROOT = Path(__file__).parent.parent
@@ -132,11 +133,9 @@ def test_new_extraction_requests_runs_for_exactly_its_partitions(
 
 
 def test_edit_of_one_message_requests_only_its_partition(
-    small_data, defs, resources, instance, state, conn
+    small_data, defs, resources, instance, state, conn, tmp_path
 ):
-    export = load_export(DATA / "small_export.json")
-    edited = export.messages[-1]
-    export.messages[-1] = type(edited)(**{**edited.__dict__, "text": edited.text + " (edited)"})
+    export = small_export_with_text(tmp_path, 6, "https://status.example.com/incidents/42 (edited)")
     report = ingest(conn, small_data, export, None)
     assert report.messages.updated == 1 and report.messages.created == 0
     result = evaluate(defs, resources, instance, state["cursor"])
@@ -371,9 +370,7 @@ def test_daemon_tick_launches_runs_that_embed_exactly_the_new_rows(
         ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1)
         assert ticks[0].status == TickStatus.SKIPPED
 
-        export = load_export(DATA / "small_export.json")
-        edited = export.messages[0]
-        export.messages[0] = type(edited)(**{**edited.__dict__, "text": "The backup is fixed."})
+        export = small_export_with_text(tmp_path, 2, "The backup is fixed.")
         with db.connection(fresh_database_url) as conn:
             before = conn.execute("SELECT id, embedded_at FROM messages ORDER BY id").fetchall()
             report = ingest(conn, settings, export, None)

@@ -9,19 +9,31 @@ surrogate (the rules are listed in docs/formats.md).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
-import sys
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from embedding_pipeline.lib.json_stream import (
+    STREAMED,
+    Element,
+    JsonReadError,
+    Member,
+    StreamedObject,
+)
+
 ATOM_KINDS = frozenset(
     {"fact", "decision", "task", "question", "problem", "solution", "insight", "idea", "risk"}
 )
+#: What `_chat_message` returns for a message that is counted, not kept.
+_SERVICE, _EMPTY = "service", "empty"
 #: Ids are stored as PostgreSQL `bigint`.
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 #: Topic and atom keys are unique-indexed; a b-tree entry holds at most about 2.7 kB.
@@ -29,8 +41,6 @@ MAX_KEY_LENGTH = 200
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _UNIX_TIME = re.compile(r"-?\d+")
-#: A JSON string token, for the scans that locate a problem json.loads cannot place.
-_JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
 
 
 class InputFileError(ValueError):
@@ -56,13 +66,35 @@ class ChatMessage:
 
 @dataclass
 class ChatExport:
+    """A checked export. Its messages are not held: `messages` reads them again from the
+    file, one at a time, so an export of any size costs the memory of one message."""
+
     path: Path
     chat_id: int
     name: str
-    messages: list[ChatMessage]
     sha256: str
+    message_count: int = 0
     service_messages: int = 0
     empty_messages: int = 0
+
+    @property
+    def messages(self) -> Iterator[ChatMessage]:
+        """The messages with text, in file order, read from the file as they are
+        consumed; `InputFileError` if the file changed since `load_export` checked it."""
+        stream = StreamedObject(self.path, "messages", _DECODER)
+        try:
+            for event in stream:
+                if isinstance(event, Element):
+                    message, message_id = _message_id(event.value, event.index, self.path)
+                    kept = _chat_message(message, message_id, event.index, self.path)
+                    if isinstance(kept, ChatMessage):
+                        yield kept
+        except JsonReadError as exc:
+            raise InputFileError(self.path, exc.position, exc.reason) from None
+        if stream.sha256 != self.sha256:
+            raise InputFileError(
+                self.path, "file", "changed while it was being read; nothing of it was kept"
+            )
 
 
 @dataclass(frozen=True)
@@ -122,69 +154,27 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
-def _line_column(text: str, offset: int) -> str:
-    line = text.count("\n", 0, offset) + 1
-    column = offset - text.rfind("\n", 0, offset)
-    return f"line {line} column {column}"
-
-
-def _deepest_nesting(text: str) -> tuple[int, int]:
-    """(offset, depth) of the first bracket that reaches the file's deepest nesting."""
-    depth, deepest, where = 0, 0, 0
-    for token in re.finditer(rf"{_JSON_STRING}|[\[{{]|[\]}}]", text):
-        bracket = token.group()
-        if bracket in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest, where = depth, token.start()
-        elif bracket in "]}":
-            depth -= 1
-    return where, deepest
-
-
-def _overlong_integer(text: str) -> tuple[int, int]:
-    """(offset, digits) of the first integer outside strings too long for Python to read."""
-    limit = sys.get_int_max_str_digits()
-    pattern = rf"{_JSON_STRING}|-?(\d{{{limit + 1},}})(?![.eE\d])"
-    for token in re.finditer(pattern, text):
-        if token.group(1):
-            return token.start(), len(token.group(1))
-    return 0, 0
+#: Objects with a repeated key are marked (json keeps the last value silently).
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)
 
 
 def _read_json(path: Path) -> tuple[Any, str]:
+    """The whole JSON value of `path` and the file's SHA-256, read in chunks (the
+    extraction file: its topics and atoms are all needed at once)."""
+    stream = StreamedObject(path, None, _DECODER)
+    pairs: list[tuple[str, Any]] = []
+    top: list[Any] = []
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputFileError(path, "file", f"cannot be read ({exc.strerror or exc})") from None
-    if not raw.strip():
-        raise InputFileError(path, "file", "is empty")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        valid = raw[: exc.start].decode("utf-8-sig")
-        raise InputFileError(
-            path,
-            f"{_line_column(valid, len(valid))} (byte {exc.start})",
-            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})",
-        ) from None
-    try:
-        data = json.loads(text, object_pairs_hook=_object)
-    except json.JSONDecodeError as exc:
-        raise InputFileError(
-            path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}"
-        ) from None
-    except RecursionError:
-        offset, depth = _deepest_nesting(text)
-        raise InputFileError(
-            path, _line_column(text, offset), f"JSON nested {depth} levels deep, too deep to read"
-        ) from None
-    except ValueError:
-        offset, digits = _overlong_integer(text)
-        raise InputFileError(
-            path, _line_column(text, offset), f"a {digits}-digit number, too long to read"
-        ) from None
-    return data, hashlib.sha256(raw).hexdigest()
+        for event in stream:
+            assert isinstance(event, Member)
+            if event.key is None:
+                top.append(event.value)
+            else:
+                pairs.append((event.key, event.value))
+    except JsonReadError as exc:
+        raise InputFileError(path, exc.position, exc.reason) from None
+    assert stream.sha256 is not None
+    return (top[0] if top else _object(pairs)), stream.sha256
 
 
 def _describe(value: Any) -> str:
@@ -342,73 +332,134 @@ def _parse_iso(value: Any, path: Path, where: str) -> datetime:
 
 
 def load_export(path: Path | str) -> ChatExport:
-    """Parse a Telegram Desktop `result.json`; service and empty messages are counted, not
-    returned. Raises `InputFileError` on the first malformed message."""
+    """Check a Telegram Desktop `result.json` from end to end, one message at a time, and
+    count its messages (service and empty ones are counted, never returned).
+
+    Raises `InputFileError` for what a reader of the whole file would meet first: an
+    invalid UTF-8 byte, then a JSON syntax error, then the top level (the 'messages' list,
+    a repeated key, the chat's id and name), then the first malformed message.
+    """
     path = Path(path)
-    data, digest = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+    stream = StreamedObject(path, "messages", _DECODER)
+    header: dict[str, Any] = {}
+    seen: set[str] = set()
+    repeated: str | None = None
+    top_level_object = messages_list = False
+    counts = {_SERVICE: 0, _EMPTY: 0, "kept": 0}
+    ids = array("q")
+    first_error: InputFileError | None = None
+    try:
+        for event in stream:
+            if isinstance(event, Member):
+                top_level_object = event.key is not None
+                if event.key in seen and repeated is None:
+                    repeated = event.key
+                seen.add(str(event.key))
+                if event.key == "messages":
+                    messages_list = event.value is STREAMED
+                elif event.key in ("id", "name"):
+                    header[event.key] = event.value
+            elif first_error is None:  # after a bad message, only the JSON is read
+                try:
+                    message, message_id = _message_id(event.value, event.index, path)
+                    ids.append(message_id)
+                    kept = _chat_message(message, message_id, event.index, path)
+                except InputFileError as exc:
+                    first_error = exc
+                    continue
+                counts["kept" if isinstance(kept, ChatMessage) else kept] += 1
+    except JsonReadError as exc:
+        raise InputFileError(path, exc.position, exc.reason) from None
+    if not (top_level_object and messages_list):
         raise InputFileError(path, "top level", "expected an object with a 'messages' list")
-    data = _as_object(data, path, "top level")
-    if "id" not in data:
+    if repeated is not None:
+        raise InputFileError(path, "top level", f"the key {repeated!r} appears twice")
+    if "id" not in header:
         raise InputFileError(path, "id", "missing: the chat's integer id")
-    export = ChatExport(
-        path=path,
-        chat_id=_as_id(data["id"], path, "id"),
-        name=_optional_str(data, "name", path, "") or "",
-        messages=[],
-        sha256=digest,
-    )
-    first_seen: dict[int, str] = {}
-    for i, item in enumerate(data["messages"]):
-        message = _as_object(item, path, f"messages[{i}]")
-        if "id" not in message:
-            raise InputFileError(path, f"messages[{i}]", "missing 'id'")
-        message_id = _as_id(message["id"], path, f"messages[{i}].id")
-        where = f"messages[{i}] (id {message_id})"
-        if message_id in first_seen:
-            raise InputFileError(
-                path, where, f"duplicate message id (first at {first_seen[message_id]})"
-            )
-        first_seen[message_id] = f"messages[{i}]"
-        kind = message.get("type")
-        if kind == "service":
-            export.service_messages += 1
-            continue
-        if kind != "message":
-            raise InputFileError(
-                path,
-                f"{where}.type",
-                f'unknown message type {_describe(kind)}; expected "message" or "service"',
-            )
-        sent_at = _timestamp(message, "date", path, where)
-        if sent_at is None:
-            raise InputFileError(path, where, "missing 'date'")
-        edited_at = _timestamp(message, "edited", path, where)
-        reply_to = message.get("reply_to_message_id")
-        if reply_to is not None:
-            reply_to = _as_id(reply_to, path, f"{where}.reply_to_message_id")
-        author = _optional_str(message, "from", path, where)
-        author_id = message.get("from_id")
-        if isinstance(author_id, int) and not isinstance(author_id, bool):
-            author_id = str(_as_id(author_id, path, f"{where}.from_id"))
-        else:
-            author_id = _optional_str(message, "from_id", path, where)
-        text = flatten_text(message.get("text", ""), path, where).strip()
-        if not text:
-            export.empty_messages += 1
-            continue
-        export.messages.append(
-            ChatMessage(
-                telegram_id=message_id,
-                sent_at=sent_at,
-                text=text,
-                author=author,
-                author_id=author_id,
-                edited_at=edited_at,
-                reply_to=reply_to,
-            )
+    chat_id = _as_id(header["id"], path, "id")
+    name = _optional_str(header, "name", path, "") or ""
+    duplicate = _first_duplicate(ids)
+    if duplicate is not None:
+        at, first = duplicate
+        raise InputFileError(
+            path,
+            f"messages[{at}] (id {ids[at]})",
+            f"duplicate message id (first at messages[{first}])",
         )
-    return export
+    if first_error is not None:
+        raise first_error
+    assert stream.sha256 is not None
+    return ChatExport(
+        path=path,
+        chat_id=chat_id,
+        name=name,
+        sha256=stream.sha256,
+        message_count=counts["kept"],
+        service_messages=counts[_SERVICE],
+        empty_messages=counts[_EMPTY],
+    )
+
+
+def _first_duplicate(ids: array[int]) -> tuple[int, int] | None:
+    """(index, index of its first occurrence) of the first id equal to an earlier one."""
+    values = np.frombuffer(ids, dtype=np.int64) if len(ids) else np.empty(0, np.int64)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    repeats = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
+    if not repeats.size:
+        return None
+    at = int(order[repeats].min())
+    first = int(order[np.searchsorted(ordered, values[at])])
+    return at, first
+
+
+def _message_id(item: Any, index: int, path: Path) -> tuple[dict[str, Any], int]:
+    """`messages[index]` as an object, and its id."""
+    message = _as_object(item, path, f"messages[{index}]")
+    if "id" not in message:
+        raise InputFileError(path, f"messages[{index}]", "missing 'id'")
+    return message, _as_id(message["id"], path, f"messages[{index}].id")
+
+
+def _chat_message(
+    message: dict[str, Any], message_id: int, index: int, path: Path
+) -> ChatMessage | str:
+    """The message with its text, or `_SERVICE` / `_EMPTY` for one that is not kept."""
+    where = f"messages[{index}] (id {message_id})"
+    kind = message.get("type")
+    if kind == "service":
+        return _SERVICE
+    if kind != "message":
+        raise InputFileError(
+            path,
+            f"{where}.type",
+            f'unknown message type {_describe(kind)}; expected "message" or "service"',
+        )
+    sent_at = _timestamp(message, "date", path, where)
+    if sent_at is None:
+        raise InputFileError(path, where, "missing 'date'")
+    edited_at = _timestamp(message, "edited", path, where)
+    reply_to = message.get("reply_to_message_id")
+    if reply_to is not None:
+        reply_to = _as_id(reply_to, path, f"{where}.reply_to_message_id")
+    author = _optional_str(message, "from", path, where)
+    author_id = message.get("from_id")
+    if isinstance(author_id, int) and not isinstance(author_id, bool):
+        author_id = str(_as_id(author_id, path, f"{where}.from_id"))
+    else:
+        author_id = _optional_str(message, "from_id", path, where)
+    text = flatten_text(message.get("text", ""), path, where).strip()
+    if not text:
+        return _EMPTY
+    return ChatMessage(
+        telegram_id=message_id,
+        sent_at=sent_at,
+        text=text,
+        author=author,
+        author_id=author_id,
+        edited_at=edited_at,
+        reply_to=reply_to,
+    )
 
 
 def _message_ids(obj: dict[str, Any], path: Path, where: str) -> tuple[int, ...]:
