@@ -9,12 +9,13 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 .PHONY: install demo test lint typecheck pytest dev screenshots db-start db-stop clean
 
 $(STAMP): pyproject.toml
+	@echo "Creating $(VENV) and installing the project with its dev tools (a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## virtualenv with the project and its dev tools
+install: $(STAMP)  ## virtualenv with the project, every extra and the dev tools
 
 demo: install  ## embedded database, sample data, every asset materialized, checks, a search
 	$(BIN)/embedding-pipeline demo
@@ -31,9 +32,11 @@ typecheck: install
 pytest: install
 	$(BIN)/pytest
 
+# `embedding-pipeline dev` starts the database, writes $(DAGSTER_HOME)/dagster.yaml (no
+# telemetry, no pop-up) and becomes `dagster dev` with SIGINT and SIGTERM handled, so that
+# SIGTERM stops it even when a script started `make dev &` (make passes SIGTERM on to it)
 dev: install  ## the Dagster UI and daemon on the embedded database (http://127.0.0.1:3000)
-	$(BIN)/embedding-pipeline db start  # also writes $(DAGSTER_HOME)/dagster.yaml (no telemetry, no pop-up)
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEV_PORT)
+	$(BIN)/embedding-pipeline dev --port $(DEV_PORT)
 
 screenshots: install  ## the browser walk-through, keeping its screenshots in docs/ui/
 	EP_UI_SCREENSHOT_DIR=$(CURDIR)/docs/ui $(BIN)/pytest embedding_pipeline_tests/test_ui.py

@@ -5,21 +5,28 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import select
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import psycopg
 import sqlalchemy.exc
+from psycopg import sql
 
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.conninfo import redact
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, EmbeddedServerError
+from embedding_pipeline.lib.pgserver import (
+    EmbeddedPostgres,
+    EmbeddedServerError,
+    postgres_bin_dir,
+)
 from embedding_pipeline.lib.schema import ERRORS_TABLE, SchemaError, relation_exists
 from embedding_pipeline.lib.telegram import InputFileError
 from embedding_pipeline.search.errors import SearchError
@@ -124,6 +131,8 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "url":
         print(db.redact_url(settings.effective_database_url))
         return 0
+    if args.action == "psql":
+        return _exec_psql(settings, args.psql_args)
     if not settings.uses_embedded_database:
         raise CliError("DATABASE_URL is set: the embedded database is not in use")
     server = _server(settings)
@@ -139,6 +148,43 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         print(status.describe())
         return 0 if status.running else 3
     return 0
+
+
+def _exec_psql(settings: Settings, psql_args: Sequence[str]) -> int:
+    """Replace this process with the `psql` of the server wheel, connected to the
+    pipeline's database (the embedded one is started first). The password, if any,
+    travels in PGPASSWORD, never on the command line other users' `ps` shows."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    psql = postgres_bin_dir() / "psql"
+    if not os.access(psql, os.X_OK):
+        raise CliError(f"no psql in {psql.parent}; use any PostgreSQL client with `db url`")
+    params = conninfo_to_dict(_require_database(settings))
+    env = dict(os.environ)
+    password = params.pop("password", None)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(psql, [str(psql), make_conninfo("", **params), *psql_args], env)
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """`dagster dev` (the UI, the daemon and its sensors) on this project's Dagster
+    instance and database, in this process, so that SIGTERM stops it however it was
+    started."""
+    _require_database(settings)
+    dagster = Path(sys.executable).parent / "dagster"
+    # Started in the background by a shell without job control (`make dev &` in a script,
+    # `setsid ... &`), this process ignores SIGINT, and `dagster dev` maps SIGTERM onto
+    # SIGINT's handler: it would ignore SIGTERM as well. exec keeps ignored signals and
+    # resets handled ones, so both get their default back first.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_DFL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = [str(dagster), "dev", "-m", "embedding_pipeline.definitions"]
+    os.execv(dagster, [*command, "-h", args.host, "-p", str(args.port)])
 
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
@@ -398,7 +444,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     args.table = None
     _require_database(settings)
     print(f"database: {db.redact_url(settings.effective_database_url)}")
-    cmd_ingest(args, settings)
+    _load_sample(args, settings)
     _materialize(args, settings, trigger="demo")
     print()
     remaining = _print_status(settings)
@@ -412,6 +458,43 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if failed_checks:
         raise CliError(f"asset checks failed with ERROR: {failed_checks}")
     return 0
+
+
+def _load_sample(args: argparse.Namespace, settings: Settings) -> None:
+    """Ingest the sample chat, unless the database already holds it: loading it again would
+    put its original text back over what was ingested since (`update_result.json`)."""
+    from embedding_pipeline.lib.telegram import load_export
+
+    chat = load_export(args.export).chat_id
+    messages = settings.tables["messages"].table
+    with db.connection(settings.effective_database_url, vector=False) as conn:
+        held = 0
+        if relation_exists(conn, messages):
+            row = conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE chat_id = %s").format(
+                    sql.Identifier(messages)
+                ),
+                (chat,),
+            ).fetchone()
+            held = int(row[0]) if row else 0
+    if not held:
+        cmd_ingest(args, settings)
+        return
+    again = (
+        f"embedding-pipeline ingest {_shown(args.export)} --extraction {_shown(args.extraction)}"
+    )
+    print(
+        f"the sample chat is already loaded ({held} messages): not loading it again, so "
+        f"nothing ingested since is undone (`{again}` loads it again)"
+    )
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _print_checks(settings: Settings, tables: Sequence[str] | None, trigger: str = "cli") -> str:
@@ -480,12 +563,23 @@ def cmd_backlog(args: argparse.Namespace, settings: Settings) -> int:
             "\nclear it with a backfill, from the UI (Materialize, choose the partitions) "
             "or the CLI:"
         )
-        home = os.environ.get("DAGSTER_HOME", "")
-        print(
-            f"  DAGSTER_HOME={home} dg launch --assets {assets} "
-            f"--partition-range {span[0]}...{span[1]}"
-        )
+        print(f"  {_backfill_command(assets, *span)}")
     return 0
+
+
+def _backfill_command(assets: str, first: str, last: str) -> str:
+    """The command that materializes `assets` over the months `first` to `last` as one run
+    in the calling process, recorded on DAGSTER_HOME's instance: `dg launch` where it is
+    installed (the dev extra), else `dagster asset materialize`, which does the same."""
+    home = f"DAGSTER_HOME={shlex.quote(os.environ.get('DAGSTER_HOME', ''))}"
+    tools = Path(sys.executable).parent
+    span = f"--partition-range {first}...{last}"
+    if (tools / "dg").exists():
+        return f"{home} {_shown(tools / 'dg')} launch --assets {assets} {span}"
+    return (
+        f"{home} {_shown(tools / 'dagster')} asset materialize -m embedding_pipeline.definitions "
+        f"--select {assets} {span}"
+    )
 
 
 def cmd_model_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -835,38 +929,120 @@ def _positive(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except the ones that mean "not given"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand: `summary` in its parent's list, `description` (or the summary) atop
+    its own --help."""
+    return sub.add_parser(
+        name, help=summary, description=description or summary, formatter_class=_HelpFormatter
+    )
+
+
+def _table_option(parser: argparse.ArgumentParser, what: str = "only this table") -> None:
+    parser.add_argument(
+        "--table",
+        action="append",
+        choices=["messages", "topics", "atoms"],
+        help=f"{what}; repeat it for several (default: every table)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedding-pipeline", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="embedding-pipeline",
+        description=__doc__,
+        epilog="`embedding-pipeline COMMAND --help` describes a command and its options.",
+        formatter_class=_HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("db", help="the embedded PostgreSQL+pgvector server")
-    p.add_argument("action", choices=["start", "stop", "status", "url"])
-    p.set_defaults(func=cmd_db)
+    p = _command(
+        sub, "db", "the embedded PostgreSQL+pgvector server: start, stop, status, url, psql"
+    )
+    db_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, what in (
+        ("start", "start the embedded server (and create its database); does nothing if running"),
+        ("stop", "stop the embedded server; does nothing if stopped"),
+        ("status", "running or stopped, its port and data folder; exit code 3 when stopped"),
+        ("url", "the database URL the commands use, its password hidden"),
+    ):
+        _command(db_sub, action, what).set_defaults(func=cmd_db)
+    d = _command(
+        db_sub,
+        "psql",
+        "psql (from the server wheel) on the pipeline's database",
+        "Run the psql that ships with the embedded server, connected to the pipeline's "
+        "database (DATABASE_URL, or the embedded server, started first if needed). No "
+        "PostgreSQL client needs to be installed.",
+    )
+    d.add_argument(
+        "psql_args",
+        nargs=argparse.REMAINDER,
+        metavar="PSQL_ARGS",
+        help="everything after `db psql` goes to psql, e.g. -c 'SELECT count(*) FROM messages'",
+    )
+    d.set_defaults(func=cmd_db)
 
-    p = sub.add_parser("schema", help="create or upgrade the tables, columns and indexes")
+    p = _command(
+        sub,
+        "schema",
+        "create or upgrade the tables, columns and indexes",
+        "Create or upgrade the pipeline's tables, bookkeeping columns, triggers and indexes "
+        "(never drops data).",
+    )
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("ingest", help="load a Telegram export (and extraction) as one extraction")
+    p = _command(sub, "ingest", "load a Telegram export (and extraction) as one extraction")
     p.add_argument("export", type=Path, help="Telegram Desktop result.json")
     p.add_argument("--extraction", type=Path, help="extraction file with topics and atoms")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("materialize", help="materialize every asset and partition in-process")
-    p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+    p = _command(
+        sub,
+        "materialize",
+        "materialize every asset and partition in-process",
+        "Materialize the sources and every embedding partition in this process, as one run "
+        "of the materialize_all job.",
+    )
+    _table_option(p)
     p.set_defaults(func=cmd_materialize)
 
-    p = sub.add_parser("status", help="rows, missing and stale embeddings per table")
+    p = _command(sub, "status", "rows, missing and stale embeddings per table")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("check", help="run the embedding assets' checks through Dagster")
-    p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+    p = _command(
+        sub,
+        "check",
+        "run the embedding assets' checks through Dagster",
+        "Run the asset checks through Dagster, as one run of the run_checks job (results land "
+        "on the instance and in the UI).",
+    )
+    _table_option(p, "only this table's checks")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("search", help="semantic search over messages, topics and atoms")
-    p.add_argument("question")
+    p = _command(sub, "search", "semantic search over messages, topics and atoms")
+    p.add_argument("question", help="what to look for, in plain words")
     p.add_argument("-k", type=_positive, default=5, help="results per table (1 to 100)")
-    p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
-    p.add_argument("--mode", choices=["vector", "text", "hybrid"], default="vector")
+    _table_option(p, "search this table")
+    p.add_argument(
+        "--mode",
+        choices=["vector", "text", "hybrid"],
+        default="vector",
+        help="vector similarity, full-text, or both fused",
+    )
     p.add_argument("--since", help="rows at or after this ISO date/time")
     p.add_argument("--until", help="rows before this ISO date/time")
     p.add_argument("--author", help="author (Telegram from_id)")
@@ -876,9 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser(
-        "eval", help="search quality on labelled questions: recall@k, MRR, nDCG per mode"
-    )
+    p = _command(sub, "eval", "search quality on labelled questions: recall@k, MRR, nDCG per mode")
     p.add_argument("questions", type=Path, help="labelled questions (search_questions.json)")
     p.add_argument(
         "-k",
@@ -886,7 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=range(1, 11),
         default=5,
         metavar="K",
-        help="recall@K (1 to 10, default 5)",
+        help="recall@K, K from 1 to 10",
     )
     p.add_argument(
         "--compare",
@@ -897,9 +1071,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("serve", help="the search API over HTTP (docs at /docs)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = _command(
+        sub,
+        "serve",
+        "the search API over HTTP (docs at /docs)",
+        "The search API over HTTP (keys from EP_API_KEYS). Prints a line starting `search "
+        "API ready on` once it listens; OpenAPI docs at /docs, GET /healthz, GET /metrics.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--allow-unauthenticated",
         action="store_true",
@@ -907,25 +1087,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser(
-        "backlog",
-        help="dry run of a backfill: rows needing embedding per table and month partition",
+    p = _command(
+        sub,
+        "dev",
+        "the Dagster UI and daemon (dagster dev) on this project's instance and database",
+        "Run `dagster dev` (webserver, daemon, sensors) with DAGSTER_HOME's instance (the "
+        "project's .dagster_home by default) on the pipeline's database, starting the "
+        "embedded server first. Ctrl-C or SIGTERM stops it, however it was started. "
+        "`make dev` runs this.",
     )
-    p.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+    p.add_argument("--host", default="127.0.0.1", help="address the UI listens on")
+    p.add_argument("--port", type=int, default=3000, help="port the UI listens on")
+    p.set_defaults(func=cmd_dev)
+
+    p = _command(
+        sub,
+        "backlog",
+        "dry run of a backfill: rows needing embedding per table and month partition",
+    )
+    _table_option(p, "only this table")
     p.add_argument("--all", action="store_true", help="list up-to-date partitions too")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_backlog)
 
-    p = sub.add_parser("model", help="the embedding model: status, or switch to another")
-    model_sub = p.add_subparsers(dest="model_command", required=True)
-    m = model_sub.add_parser("status", help="column sizes, registered and present models")
+    p = _command(sub, "model", "the embedding model: status, or switch to another")
+    model_sub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    m = _command(model_sub, "status", "column sizes, registered and present models")
     m.set_defaults(func=cmd_model_status)
-    m = model_sub.add_parser(
+    m = _command(
+        model_sub,
         "switch",
-        help="re-embed everything with another model in "
-        "shadow columns, then swap them in (search stays up)",
+        "re-embed everything with another model in shadow columns, then swap them in "
+        "(search stays up)",
     )
-    m.add_argument("--provider", choices=["local", "openai", "ollama"])
+    m.add_argument("--provider", choices=["local", "openai", "ollama"], help="the new provider")
     m.add_argument("--model", help="provider model name (default: the provider's default)")
     m.add_argument("--dimensions", type=_positive, help="vector size, if not the model's own")
     m.add_argument(
@@ -935,7 +1130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--query-prefix", help="text before queries (default: the model's own)")
     m.add_argument("--document-prefix", help="text before documents (default: the model's own)")
-    m.add_argument("--batch-size", type=_positive)
+    m.add_argument(
+        "--batch-size", type=_positive, help="rows per provider request (default: EP_BATCH_SIZE)"
+    )
     m.add_argument(
         "--no-promote",
         action="store_true",
@@ -955,29 +1152,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=0.0,
-        help="how much lower a figure may be and still count as not worse (default 0)",
+        help="how much lower a figure may be and still count as not worse",
     )
     m.add_argument("--abort", action="store_true", help="discard a switch in progress")
     m.set_defaults(func=cmd_model_switch)
 
-    p = sub.add_parser("errors", help="rows the provider refused: list, retry or clear them")
-    errors_sub = p.add_subparsers(dest="action", required=True)
-    e = errors_sub.add_parser("list", help="each failed row: table, id, attempts, next try, reason")
-    e.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
-    e.add_argument("--json", action="store_true")
+    p = _command(sub, "errors", "rows the provider refused: list, retry or clear them")
+    errors_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    e = _command(errors_sub, "list", "each failed row: table, id, attempts, next try, reason")
+    _table_option(e)
+    e.add_argument("--json", action="store_true", help="print the rows as JSON")
     e.set_defaults(func=cmd_errors)
     for action, what in (
         ("retry", "make failed rows due at the next run, with a fresh attempt count"),
         ("clear", "forget failed rows: the next run embeds them like new rows"),
     ):
-        e = errors_sub.add_parser(action, help=what)
+        e = _command(errors_sub, action, what)
         e.add_argument("ids", nargs="*", metavar="ID", help="row ids (see `errors list`)")
         e.add_argument("--all", action="store_true", help="every failed row of the tables")
-        e.add_argument("--table", action="append", choices=["messages", "topics", "atoms"])
+        _table_option(e)
         e.set_defaults(func=cmd_errors)
 
-    p = sub.add_parser("demo", help="sample data in, embeddings out, a search printed")
-    p.add_argument("--question", default=DEMO_QUESTION)
+    p = _command(
+        sub,
+        "demo",
+        "sample data in, embeddings out, a search printed",
+        "What `make demo` runs: the embedded server, the sample chat ingested (unless the "
+        "database already holds it), every asset materialized, the status, a hybrid search "
+        "and every asset check.",
+    )
+    p.add_argument("--question", default=DEMO_QUESTION, help="the question searched for")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -998,7 +1202,35 @@ def write_local_instance_config(path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command; its output may be cut short by its reader (`| head`) without a word."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        if not _reader_left(sys.stdout):
+            return _error(f"a pipe closed: {exc}")
+        # stop as a tool killed by SIGPIPE does, and send what is still buffered nowhere
+        # (the interpreter's last flush would print a traceback)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _reader_left(stream: TextIO) -> bool:
+    """Whether `stream` is a pipe (or socket) whose reading end has been closed."""
+    poller = select.poll()
+    poller.register(stream.fileno(), select.POLLOUT)
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    # everything after `db psql` is psql's own (its options too: `db psql -c 'SELECT 1'`)
+    passed = words[2:] if words[:2] == ["db", "psql"] else []
+    args = build_parser().parse_args(words[: len(words) - len(passed)])
+    if words[:2] == ["db", "psql"]:
+        args.psql_args = passed[1:] if passed[:1] == ["--"] else passed
     os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home"))
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)

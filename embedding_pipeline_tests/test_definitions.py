@@ -67,16 +67,32 @@ def test_settings_reject_bad_integers():
         load_settings({"EP_PG_PORT": "fifty"})
 
 
-def test_dg_check_defs_passes():
+def test_dg_check_defs_passes_quietly_on_the_projects_instance(tmp_path):
+    """As the README runs it: `.venv/bin/dg` without an activated venv, DAGSTER_HOME at the
+    project's instance. No telemetry notice, no venv warning, nothing written to ~/.dagster."""
+    from embedding_pipeline.cli import write_local_instance_config
+
+    home, user_home = tmp_path / "dagster_home", tmp_path / "home"
+    home.mkdir()
+    user_home.mkdir()
+    write_local_instance_config(home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "HOME": str(user_home)}
+    env.pop("VIRTUAL_ENV", None)
     result = subprocess.run(
         [str(VENV_BIN / "dg"), "check", "defs"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.stdout + result.stderr).splitlines() == [
+        "All component YAML validated successfully.",
+        "All definitions loaded successfully.",
+    ]
+    assert not (user_home / ".dagster").exists()
 
 
 def test_cli_db_lifecycle_is_idempotent(tmp_path):
@@ -98,6 +114,9 @@ def test_cli_db_lifecycle_is_idempotent(tmp_path):
         assert status.returncode == 0 and "running" in status.stdout
         url = run("db", "url").stdout.strip()
         assert url == f"postgresql://postgres@127.0.0.1:{env['EP_PG_PORT']}/embedding_pipeline"
+        psql = run("db", "psql", "-tAc", "SELECT current_database(), version()")
+        assert psql.returncode == 0, psql.stderr
+        assert psql.stdout.startswith("embedding_pipeline|PostgreSQL 18.")
         server = EmbeddedPostgres(tmp_path / "pg", int(env["EP_PG_PORT"]))
         pid = server.status().pid
         assert pid is not None

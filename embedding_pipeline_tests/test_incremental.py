@@ -561,13 +561,15 @@ def test_nulls_set_in_sql_are_cleared_by_a_cli_backfill(fresh_database_url, tmp_
         conn.execute("UPDATE messages SET embedding = NULL")
         conn.commit()
         assert null_count(conn) == 4 + 2 + 3
-    home = tmp_path / "dagster_home"
+    home, user_home = tmp_path / "dagster_home", tmp_path / "home"
     home.mkdir()
+    user_home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {
         **os.environ,
         "DATABASE_URL": fresh_database_url,
         "DAGSTER_HOME": str(home),
+        "HOME": str(user_home),
         "TOKENIZERS_PARALLELISM": "false",
     }
     launched = subprocess.run(
@@ -587,6 +589,9 @@ def test_nulls_set_in_sql_are_cleared_by_a_cli_backfill(fresh_database_url, tmp_
         check=False,
     )
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    said = launched.stdout + launched.stderr
+    assert "Telemetry" not in said and "virtual environment" not in said
+    assert not (user_home / ".dagster").exists(), "dg wrote to ~/.dagster"
     with db.connection(fresh_database_url) as conn:
         assert null_count(conn) == 0
     with dg.DagsterInstance.from_config(str(home)) as recorded:
