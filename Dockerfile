@@ -10,11 +10,12 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /tmp/src
 
 # Dependencies first, from pyproject.toml with a placeholder package, so that a code change
-# rebuilds only the layers below.
+# rebuilds only the layers below. Extras: production (dagster-postgres, for the instance in
+# deploy/dagster.yaml) and openai (the OpenAI provider); the README lists them all.
 COPY pyproject.toml ./
 RUN mkdir embedding_pipeline \
     && touch embedding_pipeline/__init__.py README.md \
-    && pip install . \
+    && pip install ".[production,openai]" \
     && rm -rf embedding_pipeline README.md build ./*.egg-info
 
 COPY README.md ./

@@ -804,12 +804,15 @@ def _check_tables(settings: Settings) -> None:
 
 
 def _check_embedder(e: EmbedderSettings) -> None:
-    from embedding_pipeline.lib.embedders.catalog import local_model_problem
+    from embedding_pipeline.lib.embedders.catalog import local_model_problem, provider_problem
 
     if e.provider not in PROVIDERS:
         raise SettingsError(
             f"EP_EMBEDDING_PROVIDER must be one of {', '.join(PROVIDERS)}, got {e.provider!r}"
         )
+    missing = provider_problem(e.provider)
+    if missing:
+        raise SettingsError(f"EP_EMBEDDING_PROVIDER: {missing}")
     if e.vector_type not in VECTOR_TYPES:
         raise SettingsError(
             f"EP_VECTOR_TYPE must be one of {', '.join(VECTOR_TYPES)}, got {e.vector_type!r}"

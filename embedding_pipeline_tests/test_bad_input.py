@@ -848,6 +848,18 @@ def test_commands_that_read_the_tables_say_to_create_them_first(
         assert run_cli(*command, DATABASE_URL=fresh_database_url) == (2, expected)
 
 
+def test_the_openai_provider_without_its_extra_is_refused_naming_it(
+    run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `openai` client is an extra; a runtime install without it says which."""
+    monkeypatch.setitem(sys.modules, "openai", None)  # as if not installed
+    assert run_cli("status", EP_EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="sk-x") == (
+        2,
+        "error: EP_EMBEDDING_PROVIDER: the openai provider needs the 'openai' package: "
+        "pip install 'embedding_pipeline[openai]'\n",
+    )
+
+
 def test_an_unreachable_database_is_one_line_without_the_password(run_cli) -> None:
     code, err = run_cli("status", DATABASE_URL="postgresql://app:s3cr3t-pw@127.0.0.1:1/app")
     assert code == 2

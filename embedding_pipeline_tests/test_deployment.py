@@ -339,7 +339,9 @@ def test_every_dagster_service_gets_the_instance_settings(compose: dict[str, Any
 def test_dockerfile_installs_the_project_and_the_instance() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    assert re.search(r"pip install (--no-deps --force-reinstall )?\.", text)
+    # the instance in deploy/dagster.yaml needs dagster-postgres: the production extra
+    assert re.search(r'^\s*&& pip install "\.\[production,openai\]"', text, re.M)
+    assert re.search(r"pip install --no-deps --force-reinstall \.$", text, re.M)
     assert re.search(r"DAGSTER_HOME=/opt/dagster/dagster_home\b", text)
     assert re.search(
         r"^COPY (--\S+ )*deploy/dagster\.yaml \$DAGSTER_HOME/dagster\.yaml$", text, re.M

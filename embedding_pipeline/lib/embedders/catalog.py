@@ -56,6 +56,24 @@ def local_model_problem(name: str | None) -> str | None:
     return None
 
 
+#: Providers whose client comes with an extra: provider -> (the package, the extra).
+PROVIDER_PACKAGES: dict[str, tuple[str, str]] = {"openai": ("openai", "openai")}
+
+
+def provider_problem(provider: str) -> str | None:
+    """Why `provider` cannot be used here (its client package is not installed); None
+    when it can."""
+    if provider not in PROVIDER_PACKAGES:
+        return None
+    package, extra = PROVIDER_PACKAGES[provider]
+    if importlib.util.find_spec(package) is None:
+        return (
+            f"the {provider} provider needs the {package!r} package: "
+            f"pip install 'embedding_pipeline[{extra}]'"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class Prompts:
     """Text put before every query and before every document the model embeds."""

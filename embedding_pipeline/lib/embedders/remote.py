@@ -32,7 +32,7 @@ from embedding_pipeline.lib.embedders.base import (
     InputRejectedError,
     TransientEmbeddingError,
 )
-from embedding_pipeline.lib.embedders.catalog import INPUT_TYPE_MODELS
+from embedding_pipeline.lib.embedders.catalog import INPUT_TYPE_MODELS, provider_problem
 
 if TYPE_CHECKING:
     from embedding_pipeline.lib.engine.ratelimit import RateLimiter
@@ -153,6 +153,9 @@ class OpenAIEmbedder(Embedder):
         retry: RetryPolicy | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
+        missing = provider_problem("openai")
+        if missing:
+            raise EmbeddingError(missing)
         super().__init__(retry=retry, limiter=limiter)
         native = _native_dimension("openai", model)
         self.dimension = resolve_dimension("openai", model, dimensions)
