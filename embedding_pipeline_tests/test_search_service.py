@@ -224,6 +224,13 @@ def _assert_answered_without_5xx(answer: httpx.Response) -> None:
     assert ("results" in body) if answer.status_code == 200 else ("detail" in body)
 
 
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(api: httpx.Client):
+    """Found by Hypothesis: the table `0/` (quoted `0%2F`) ended in a 307 with no body."""
+    for path in ("/api/v1/semantic_search/0%2F", "/api/v1/semantic_search/messages/"):
+        answer = _post_raw(api, path, json.dumps({"query": "deploy"}).encode())
+        assert answer.status_code == 404 and "detail" in answer.json(), path
+
+
 @PROPERTY
 @given(table=TABLES, body=BODIES | st.binary(max_size=80))
 def test_no_request_body_gets_a_5xx(api: httpx.Client, table: str, body: Any):

@@ -434,6 +434,9 @@ def create_app(
         version="1",
         lifespan=lifespan,
         redoc_url=None,
+        # a path with a trailing slash is a 404 in JSON like any unknown path, not a 307
+        # redirect with an empty body that a client would follow without its key
+        redirect_slashes=False,
     )
     app.include_router(
         build_router(
