@@ -6,7 +6,9 @@ Nine checks per embedding asset (see docs/checks.md), one builder function each,
 the oldest row waiting), the column's dimension matches the model, an HNSW index that can
 serve the search exists, the planner can (and at size does) use it, recall@k against an
 exact scan, and search latency. The measuring is in `lib/quality.py` and `lib/backlog.py`;
-this module decides pass, severity and metadata.
+this module decides pass, severity and metadata. An asset's checks run as one step (a
+`multi_asset_check`) on one connection: a run pays Dagster's step overhead once, not once
+per check, and each check keeps its own name, blocking flag, description and result.
 
 The embedding assets are partitioned by month but the checks are not: each looks at the
 whole table, because that is what search reads. Dagster runs an asset's checks in every run
@@ -17,9 +19,8 @@ stops downstream steps) only when rows of the run's own partitions are missing, 
 runs on its own; rows missing elsewhere in the table are reported with WARN.
 """
 
-import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -96,33 +97,6 @@ def _run_window(
     return window_for(partitions_def, op_context.partition_time_window), label
 
 
-def _measured(fn: Callable[..., dg.AssetCheckResult]) -> Callable[..., dg.AssetCheckResult]:
-    """Add the check's own run time to its metadata, and turn a database error into a failed
-    ERROR result that names it (search would meet the same error)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> dg.AssetCheckResult:
-        started = time.perf_counter()
-        try:
-            result = fn(*args, **kwargs)
-        except psycopg.Error as exc:
-            message = str(exc).strip() or repr(exc)
-            result = dg.AssetCheckResult(
-                passed=False,
-                severity=ERROR,
-                description=f"database error: {message.splitlines()[0]}",
-                metadata={"error": message, "error_type": type(exc).__name__},
-            )
-        return dg.AssetCheckResult(
-            passed=result.passed,
-            severity=result.severity,
-            description=result.description,
-            metadata={**result.metadata, "check_seconds": round(time.perf_counter() - started, 3)},
-        )
-
-    return wrapper
-
-
 @dataclass(frozen=True)
 class CheckTarget:
     """What every check of one embedding asset needs to know."""
@@ -154,33 +128,142 @@ class CheckTarget:
     def where(self) -> str:
         return f"`{self.spec.table}.{self.spec.embedding_column}`"
 
-
-def _run_start_snapshot(context: dg.AssetCheckExecutionContext, asset: dg.AssetKey) -> str | None:
-    """The start snapshot the asset's embedding step recorded in this run, if it ran."""
-    records = context.instance.get_records_for_run(
-        context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1000
-    ).records
-    for record in records:
-        event = record.event_log_entry.dagster_event
-        materialization = event.step_materialization_data.materialization if event else None
-        if materialization is None or materialization.asset_key != asset:
-            continue
-        details = materialization.metadata.get("run_details")
-        value = getattr(details, "value", None)
-        if isinstance(value, dict) and value.get(START_SNAPSHOT_KEY):
-            return str(value[START_SNAPSHOT_KEY])
-    return None
+    def usable_index(self, conn: psycopg.Connection) -> str | None:
+        """The name of the valid HNSW index search can use, if there is one."""
+        usable = quality.find_hnsw_indexes(conn, self.spec, self.expected_index).usable
+        return usable.name if usable else None
 
 
-def no_missing_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+class CheckScope:
+    """What the checks of one asset share in one step: the resources, the months of the
+    surrounding run (when it materialized the asset), and one database connection,
+    opened on first use and opened again when a check lost it."""
+
+    def __init__(
+        self,
+        context: dg.AssetCheckExecutionContext,
+        postgres: PostgresResource,
+        embedder: EmbedderResource,
+        partitions_def: dg.TimeWindowPartitionsDefinition,
+    ) -> None:
+        self.context = context
+        self.postgres = postgres
+        self.embedder = embedder
+        self.window, self.run_label = _run_window(context, partitions_def)
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def in_run(self) -> bool:
+        """The checks run in a run that materialized some months of the asset."""
+        return self.window is not None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        """The shared connection (pgvector types registered), idle between checks."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self.close()
+            self._conn = self.postgres.connect()
+        return self._conn
+
+    def release(self) -> None:
+        """End whatever transaction a check left open, so the next one starts idle."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def start_snapshot(self, asset: dg.AssetKey) -> str | None:
+        """The start snapshot the asset's embedding step recorded in this run, if it ran."""
+        if self.window is None:
+            return None
+        context = self.context
+        records = context.instance.get_records_for_run(
+            context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1000
+        ).records
+        for record in records:
+            event = record.event_log_entry.dagster_event
+            materialization = event.step_materialization_data.materialization if event else None
+            if materialization is None or materialization.asset_key != asset:
+                continue
+            details = materialization.metadata.get("run_details")
+            value = getattr(details, "value", None)
+            if isinstance(value, dict) and value.get(START_SNAPSHOT_KEY):
+                return str(value[START_SNAPSHOT_KEY])
+        return None
+
+
+@dataclass(frozen=True)
+class EmbeddingCheck:
+    """One check of an embedding asset: its spec (name, blocking, description) and the
+    function that measures it and decides pass, severity and metadata."""
+
+    spec: dg.AssetCheckSpec
+    evaluate: Callable[[CheckScope], dg.AssetCheckResult]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def run(self, scope: CheckScope) -> dg.AssetCheckResult:
+        """The result for the step to yield: the check's own run time in its metadata, and
+        a database error as a failed ERROR result that names it (search would meet the
+        same error). The connection is left idle for the next check."""
+        started = time.perf_counter()
+        try:
+            result = self.evaluate(scope)
+        except psycopg.Error as exc:
+            message = str(exc).strip() or repr(exc)
+            result = dg.AssetCheckResult(
+                passed=False,
+                severity=ERROR,
+                description=f"database error: {message.splitlines()[0]}",
+                metadata={"error": message, "error_type": type(exc).__name__},
+            )
+        finally:
+            scope.release()
+        return dg.AssetCheckResult(
+            asset_key=self.spec.asset_key,
+            check_name=self.name,
+            passed=result.passed,
+            severity=result.severity,
+            description=result.description,
+            metadata={**result.metadata, "check_seconds": round(time.perf_counter() - started, 3)},
+        )
+
+
+def _check(
+    t: CheckTarget, name: str, *, description: str, blocking: bool = False
+) -> Callable[[Callable[[CheckScope], dg.AssetCheckResult]], EmbeddingCheck]:
+    """Declare the decorated function as the check `name` of `t`'s asset."""
+
+    def declare(fn: Callable[[CheckScope], dg.AssetCheckResult]) -> EmbeddingCheck:
+        spec = dg.AssetCheckSpec(name, asset=t.asset, blocking=blocking, description=description)
+        return EmbeddingCheck(spec=spec, evaluate=fn)
+
+    return declare
+
+
+class CheckRaised(RuntimeError):
+    """A check raised (not a database error, which is a failed result): the step fails
+    after the other checks' results, naming it."""
+
+
+def no_missing_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     cfg = t.cfg
-    partitions_def = t.partitions_def
     overdue = cfg.freshness_warn_minutes
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=NO_MISSING,
+    @_check(
+        t,
+        NO_MISSING,
         blocking=True,
         description=f"No row of `{spec.table}` lacks an embedding it should have by now: such "
         "rows are invisible to search. In a run, ERROR when rows of the run's months that "
@@ -190,25 +273,17 @@ def no_missing_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         "reported, never failed; rows whose text is empty (nothing to embed, so search "
         "cannot find them) WARN.",
     )
-    @_measured
-    def no_missing(
-        context: dg.AssetCheckExecutionContext,
-        postgres: PostgresResource,
-        embedder: EmbedderResource,
-    ) -> dg.AssetCheckResult:
-        window, label = _run_window(context, partitions_def)
-        snapshot = _run_start_snapshot(context, t.asset) if window is not None else None
-        with postgres.connection(vector=False) as conn:
-            report = quality.count_missing(
-                conn,
-                spec,
-                sample_ids=cfg.sample_ids,
-                model_id=embedder.model_id,
-                overdue_minutes=overdue,
-                window=window,
-                start_snapshot=snapshot,
-            )
-        return missing_outcome(report, label if report.in_run else None, overdue)
+    def no_missing(s: CheckScope) -> dg.AssetCheckResult:
+        report = quality.count_missing(
+            s.conn,
+            spec,
+            sample_ids=cfg.sample_ids,
+            model_id=s.embedder.model_id,
+            overdue_minutes=overdue,
+            window=s.window,
+            start_snapshot=s.start_snapshot(t.asset),
+        )
+        return missing_outcome(report, s.run_label if report.in_run else None, overdue)
 
     return no_missing
 
@@ -290,21 +365,19 @@ def missing_outcome(
     )
 
 
-def no_stale_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def no_stale_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     cfg = t.cfg
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=NO_STALE,
+    @_check(
+        t,
+        NO_STALE,
         description=f"No embedding of `{spec.table}` was made from other text or by another "
         "model than the configured one. WARN: search still works, on old meaning.",
     )
-    @_measured
-    def no_stale(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
-        model_id = embedder.model_id
-        with postgres.connection(vector=False) as conn:
-            report = quality.count_stale(conn, spec, model_id=model_id, sample_ids=cfg.sample_ids)
+    def no_stale(s: CheckScope) -> dg.AssetCheckResult:
+        model_id = s.embedder.model_id
+        report = quality.count_stale(s.conn, spec, model_id=model_id, sample_ids=cfg.sample_ids)
         description = f"stale {report.stale} of {report.embedded} embedded rows"
         if report.stale:
             description += (
@@ -338,24 +411,22 @@ def no_stale_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     return no_stale
 
 
-def no_failed_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def no_failed_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     cfg = t.cfg
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=NO_FAILED,
+    @_check(
+        t,
+        NO_FAILED,
         description=f"No row of `{spec.table}` is recorded as refused by the provider. ERROR "
         "(not blocking) when rows are given up: they have no vector, search cannot find "
         "them, and only new text or `embedding-pipeline errors retry` brings them back; "
         "WARN while refused rows still wait for another try. Empty texts are counted apart "
         "(nothing to embed, not a fault).",
     )
-    @_measured
-    def no_failed(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
-        model_id = embedder.model_id
-        with postgres.connection(vector=False) as conn:
-            report = row_errors.failed_rows(conn, spec, model_id, sample=cfg.sample_ids)
+    def no_failed(s: CheckScope) -> dg.AssetCheckResult:
+        model_id = s.embedder.model_id
+        report = row_errors.failed_rows(s.conn, spec, model_id, sample=cfg.sample_ids)
         description = f"failed {report.total} rows"
         if report.total:
             description += (
@@ -443,31 +514,22 @@ def lag_outcome(rows: Iterable[BacklogRow], now: datetime, warn_minutes: float) 
     return LagOutcome(minutes <= warn_minutes and not given_up, description, metadata)
 
 
-def embedding_lag_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def embedding_lag_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     minutes = t.cfg.freshness_warn_minutes
     partitions_def = t.partitions_def
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=LAG,
+    @_check(
+        t,
+        LAG,
         description=f"Freshness: how long the oldest row of `{spec.table}` has waited for its "
         f"embedding (since it was inserted, its text changed or its vector was removed: "
         f"`{spec.pending_since_column}`, kept by a trigger). WARN above {minutes:g} minutes; "
         "metadata lists the pending rows per month.",
     )
-    @_measured
-    def embedding_lag(
-        postgres: PostgresResource, embedder: EmbedderResource
-    ) -> dg.AssetCheckResult:
-        with postgres.connection(vector=False) as conn:
-            rows = table_pending(
-                conn,
-                spec,
-                embedder.model_id,
-                partition_mapper(partitions_def),
-            )
-            now = database_now(conn)
+    def embedding_lag(s: CheckScope) -> dg.AssetCheckResult:
+        rows = table_pending(s.conn, spec, s.embedder.model_id, partition_mapper(partitions_def))
+        now = database_now(s.conn)
         outcome = lag_outcome(rows, now, minutes)
         return dg.AssetCheckResult(
             passed=outcome.passed,
@@ -479,31 +541,29 @@ def embedding_lag_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     return embedding_lag
 
 
-def dimension_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def dimension_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     cfg = t.cfg
     where = t.where
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=DIMENSION,
+    @_check(
+        t,
+        DIMENSION,
         blocking=True,
         description=f"{where} is declared with the configured model's dimension and storage "
         "type (EP_VECTOR_TYPE) and stored vectors have it. ERROR: otherwise no query vector "
         "can be compared.",
     )
-    @_measured
-    def dimension(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
-        expected = embedder.dimension
+    def dimension(s: CheckScope) -> dg.AssetCheckResult:
+        expected = s.embedder.dimension
         wanted_type = t.settings.embedder.vector_type
-        with postgres.connection(vector=False) as conn:
-            report = quality.check_dimension(
-                conn,
-                spec,
-                expected=expected,
-                sample_size=cfg.dimension_sample_size,
-                sample_ids=cfg.sample_ids,
-            )
+        report = quality.check_dimension(
+            s.conn,
+            spec,
+            expected=expected,
+            sample_size=cfg.dimension_sample_size,
+            sample_ids=cfg.sample_ids,
+        )
         if report.column_type is None:
             description = f"{where} does not exist"
         elif report.declared is None and not report.dimensions_found:
@@ -542,24 +602,22 @@ def dimension_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     return dimension
 
 
-def index_present_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def index_present_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     expected_index = t.expected_index
     where = t.where
     settings = t.settings
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=INDEX_PRESENT,
+    @_check(
+        t,
+        INDEX_PRESENT,
         blocking=True,
         description=f"A valid HNSW index with `{quality.EXPECTED_OPCLASS}` (on a halfvec "
         f"column `halfvec_cosine_ops`) exists on {where}. "
         "ERROR: without it every search is a sequential scan.",
     )
-    @_measured
-    def index_present(postgres: PostgresResource) -> dg.AssetCheckResult:
-        with postgres.connection(vector=False) as conn:
-            report = quality.find_hnsw_indexes(conn, spec, expected_index)
+    def index_present(s: CheckScope) -> dg.AssetCheckResult:
+        report = quality.find_hnsw_indexes(s.conn, spec, expected_index)
         found = [f"{i.name} ({i.opclass}{'' if i.valid else ', invalid'})" for i in report.indexes]
         metadata: dict[str, Any] = {
             "expected_opclass": report.expected_opclass,
@@ -587,8 +645,7 @@ def index_present_check(t: CheckTarget) -> dg.AssetChecksDefinition:
                 "(search orders by <=>)"
             )
             description += f"; found {', '.join(found)}" if found else "; no HNSW index at all"
-            with postgres.connection(vector=False) as conn:
-                builds = quality.index_builds(conn, spec)
+            builds = quality.index_builds(s.conn, spec)
             metadata["built_by"] = dg.MetadataValue.json(builds)
             if builds:
                 # another run builds it now: search uses an exact scan until it is done
@@ -621,32 +678,28 @@ def index_present_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     return index_present
 
 
-def index_used_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def index_used_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     cfg = t.cfg
     ef_search = t.ef_search
-    expected_index = t.expected_index
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=INDEX_USED,
+    @_check(
+        t,
+        INDEX_USED,
         blocking=True,
         description="EXPLAIN of the search statement: ERROR if the HNSW index cannot serve it "
         "even with sequential scans off; WARN if the planner does not choose it by "
         f"default on a table of {cfg.planner_warn_rows} rows or more.",
     )
-    @_measured
-    def index_used(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
-        with postgres.connection() as conn:
-            usable = quality.find_hnsw_indexes(conn, spec, expected_index).usable
-            report = quality.check_index_use(
-                conn,
-                spec,
-                usable.name if usable else None,
-                dimension=embedder.dimension,
-                k=cfg.k,
-                ef_search=ef_search,
-            )
+    def index_used(s: CheckScope) -> dg.AssetCheckResult:
+        report = quality.check_index_use(
+            s.conn,
+            spec,
+            t.usable_index(s.conn),
+            dimension=s.embedder.dimension,
+            k=cfg.k,
+            ef_search=ef_search,
+        )
         default_scan = (
             "a sequential scan" if "Seq Scan" in report.default_outline else report.default_outline
         )
@@ -671,8 +724,7 @@ def index_used_check(t: CheckTarget) -> dg.AssetChecksDefinition:
             "forced_plan": dg.MetadataValue.json(report.forced_plan),
         }
         if not report.can_serve:
-            with postgres.connection(vector=False) as conn:
-                builds = quality.index_builds(conn, spec)
+            builds = quality.index_builds(s.conn, spec)
             metadata["built_by"] = dg.MetadataValue.json(builds)
             return dg.AssetCheckResult(
                 passed=False,
@@ -701,35 +753,27 @@ def index_used_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     return index_used
 
 
-def recall_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def recall_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     cfg = t.cfg
-    partitions_def = t.partitions_def
     ef_search = t.ef_search
-    expected_index = t.expected_index
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=RECALL,
+    @_check(
+        t,
+        RECALL,
         description=f"recall@{cfg.k} of the HNSW search against an exact scan in the same "
         f"snapshot, over up to {cfg.recall_sample_size} stored vectors (in an embedding "
         f"run, {cfg.run_recall_sample_size}); WARN below {cfg.recall_threshold}.",
     )
-    @_measured
-    def recall(
-        context: dg.AssetCheckExecutionContext, postgres: PostgresResource
-    ) -> dg.AssetCheckResult:
-        in_run = _run_window(context, partitions_def)[0] is not None
-        with postgres.connection() as conn:
-            usable = quality.find_hnsw_indexes(conn, spec, expected_index).usable
-            report = quality.measure_recall(
-                conn,
-                spec,
-                usable.name if usable else None,
-                k=cfg.k,
-                sample_size=cfg.run_recall_sample_size if in_run else cfg.recall_sample_size,
-                ef_search=ef_search,
-            )
+    def recall(s: CheckScope) -> dg.AssetCheckResult:
+        report = quality.measure_recall(
+            s.conn,
+            spec,
+            t.usable_index(s.conn),
+            k=cfg.k,
+            sample_size=cfg.run_recall_sample_size if s.in_run else cfg.recall_sample_size,
+            ef_search=ef_search,
+        )
         metadata: dict[str, Any] = {
             "threshold": cfg.recall_threshold,
             "k": cfg.k,
@@ -774,29 +818,23 @@ def recall_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     return recall
 
 
-def latency_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def latency_check(t: CheckTarget) -> EmbeddingCheck:
     spec = t.spec
     cfg = t.cfg
     ef_search = t.ef_search
-    partitions_def = t.partitions_def
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=LATENCY,
+    @_check(
+        t,
+        LATENCY,
         description=f"p50/p95 of the search statement over up to {cfg.latency_sample_size} "
         f"queries (in an embedding run, {cfg.run_latency_sample_size}); WARN when p95 "
         f"exceeds {cfg.latency_warn_ms} ms.",
     )
-    @_measured
-    def latency(
-        context: dg.AssetCheckExecutionContext, postgres: PostgresResource
-    ) -> dg.AssetCheckResult:
-        in_run = _run_window(context, partitions_def)[0] is not None
-        sample = cfg.run_latency_sample_size if in_run else cfg.latency_sample_size
-        with postgres.connection() as conn:
-            report = quality.measure_latency(
-                conn, spec, k=cfg.k, sample_size=sample, ef_search=ef_search
-            )
+    def latency(s: CheckScope) -> dg.AssetCheckResult:
+        sample = cfg.run_latency_sample_size if s.in_run else cfg.latency_sample_size
+        report = quality.measure_latency(
+            s.conn, spec, k=cfg.k, sample_size=sample, ef_search=ef_search
+        )
         if report.p95_ms is None or report.p50_ms is None or report.max_ms is None:
             return dg.AssetCheckResult(
                 passed=True,
@@ -826,7 +864,7 @@ def latency_check(t: CheckTarget) -> dg.AssetChecksDefinition:
 
 
 #: One builder per check, in the order the CLI and the docs list them.
-CHECK_BUILDERS: tuple[Callable[[CheckTarget], dg.AssetChecksDefinition], ...] = (
+CHECK_BUILDERS: tuple[Callable[[CheckTarget], EmbeddingCheck], ...] = (
     no_missing_check,
     no_stale_check,
     no_failed_check,
@@ -844,7 +882,7 @@ EVAL = "search_eval"
 EVAL_FLOOR_MODES = ("vector", "hybrid")
 
 
-def search_eval_check(t: CheckTarget) -> dg.AssetChecksDefinition:
+def search_eval_check(t: CheckTarget) -> EmbeddingCheck:
     """Search quality on the labelled questions of EP_EVAL_QUESTIONS for this table, through
     the search API: defined only when that file is configured, and run by the checks
     schedule and `embedding-pipeline check`, never by sensor runs."""
@@ -853,16 +891,15 @@ def search_eval_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     key = next(k for k, s in t.settings.tables.items() if s == t.spec)
     floors = f"recall@5 {t.cfg.eval_min_recall:g}, MRR {t.cfg.eval_min_mrr:g}"
 
-    @dg.asset_check(
-        asset=t.asset,
-        name=EVAL,
+    @_check(
+        t,
+        EVAL,
         description=f"recall@5, MRR@10 and nDCG@10 of the vector, text and hybrid search "
         f"modes on the {key} questions of {path.name} (EP_EVAL_QUESTIONS). WARN: the vector "
         f"or hybrid mode below {floors} (EP_EVAL_MIN_RECALL, EP_EVAL_MIN_MRR); ERROR: the "
         "questions cannot be scored.",
     )
-    @_measured
-    def search_eval(postgres: PostgresResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
+    def search_eval(s: CheckScope) -> dg.AssetCheckResult:
         import sqlalchemy as sa
 
         from embedding_pipeline.lib.embedders import EmbeddingError
@@ -870,7 +907,7 @@ def search_eval_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         from embedding_pipeline.search import Searcher, SearchError, engine_for
         from embedding_pipeline.search.evaluation import MissingRows, evaluate, load_questions
 
-        engine = engine_for(postgres.database_url)
+        engine = engine_for(s.postgres.database_url)
         try:
             questions = [q for q in load_questions(path) if q.table == key]
             if not questions:
@@ -878,7 +915,8 @@ def search_eval_check(t: CheckTarget) -> dg.AssetChecksDefinition:
                     passed=True, description=f"no {key} questions in {path}", metadata={}
                 )
             with engine.connect() as conn:
-                result = evaluate(conn, Searcher(t.settings, embedder=embedder.build()), questions)
+                searcher = Searcher(t.settings, embedder=s.embedder.build())
+                result = evaluate(conn, searcher, questions)
         except (InputFileError, MissingRows, SearchError, EmbeddingError, sa.exc.DBAPIError) as exc:
             reason = " ".join(str(exc).split())
             return dg.AssetCheckResult(
@@ -921,23 +959,58 @@ def search_eval_check(t: CheckTarget) -> dg.AssetChecksDefinition:
     return search_eval
 
 
-def build_embedding_checks(spec: TableSpec, settings: Settings) -> list[dg.AssetChecksDefinition]:
+def checks_step_name(spec: TableSpec) -> str:
+    """The one step (op) that runs the checks of `spec`'s embedding asset."""
+    return f"{spec.asset_name}_checks"
+
+
+def build_embedding_checks(spec: TableSpec, settings: Settings) -> dg.AssetChecksDefinition:
     """The checks of one embedding asset, configured by `settings.checks` (with
-    EP_EVAL_QUESTIONS, a tenth: `search_eval`)."""
+    EP_EVAL_QUESTIONS, a tenth: `search_eval`), as one step: the checks a run selects run
+    one after another on one connection, so a run pays for one step, not one per check.
+    A failed blocking check fails the step once every selected check has its result."""
     target = CheckTarget(spec, settings)
-    built = [build(target) for build in CHECK_BUILDERS]
+    checks = [build(target) for build in CHECK_BUILDERS]
     if settings.checks.eval_questions is not None:
-        built.append(search_eval_check(target))
-    return built
+        checks.append(search_eval_check(target))
+
+    @dg.multi_asset_check(
+        name=checks_step_name(spec),
+        specs=[check.spec for check in checks],
+        can_subset=True,
+        description=f"The asset checks of `{spec.asset_name}` (those the run selected), on "
+        "one connection.",
+    )
+    def embedding_checks(
+        context: dg.AssetCheckExecutionContext,
+        postgres: PostgresResource,
+        embedder: EmbedderResource,
+    ) -> Iterator[dg.AssetCheckResult]:
+        selected = {key.name for key in context.selected_asset_check_keys}
+        scope = CheckScope(context, postgres, embedder, target.partitions_def)
+        raised: list[tuple[str, Exception]] = []
+        try:
+            for check in checks:
+                if check.name not in selected:
+                    continue
+                try:
+                    result = check.run(scope)
+                except Exception as exc:  # a bug in one check must not hide the others
+                    raised.append((check.name, exc))
+                    continue
+                yield result
+        finally:
+            scope.close()
+        if raised:
+            reasons = "; ".join(f"{name}: {type(e).__name__}: {e}" for name, e in raised)
+            raise CheckRaised(f"no result, the check raised: {reasons}") from raised[0][1]
+
+    return embedding_checks
 
 
 def build_checks(settings: Settings) -> list[dg.AssetChecksDefinition]:
     """Every embedding asset's checks, for `build_definitions`."""
-    return [
-        check
-        for spec in settings.tables.values()
-        for check in build_embedding_checks(spec, settings)
-    ]
+    return [build_embedding_checks(spec, settings) for spec in settings.tables.values()]
 
 
 def per_run_check_keys(asset_keys: Iterable[dg.AssetKey]) -> list[dg.AssetCheckKey]:

@@ -11,8 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
+from dagster_shared.error import SerializableErrorInfo
 
-from embedding_pipeline.checks import CHECK_NAMES, per_run_check_keys
+from embedding_pipeline.checks import (
+    CHECK_NAMES,
+    CheckRaised,
+    checks_step_name,
+    per_run_check_keys,
+)
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.jobs import MATERIALIZE_ALL, RUN_CHECKS, range_tags, run_tags
 from embedding_pipeline.partitions import monthly_partitions
@@ -211,28 +217,51 @@ def run_embedding_checks(
     ]
     evaluated = {(o.asset, o.check) for o in outcomes}
     failures = {
-        e.step_key: e.step_failure_data.error.message.strip() if e.step_failure_data.error else ""
+        e.step_key: _step_error(e.step_failure_data.error)
         for e in result.all_events
         if e.is_step_failure and e.step_key
+    }
+    steps = {
+        dg.AssetKey(spec.asset_name): checks_step_name(spec) for spec in settings.tables.values()
     }
     for check_key in check_keys:
         asset = check_key.asset_key.to_user_string()
         if (asset, check_key.name) not in evaluated:
-            error = failures.get(f"{asset}_{check_key.name}", "")
+            error = failures.get(steps.get(check_key.asset_key, ""), "")
             outcomes.append(
                 CheckOutcome(
                     asset=asset,
                     check=check_key.name,
                     passed=False,
                     severity="ERROR",
-                    description=f"no result, the check raised: {error.splitlines()[0]}"
-                    if error
-                    else "no result (see the run in the Dagster UI)",
+                    description=_no_result(error, check_key.name),
                 )
             )
     order = {name: i for i, name in enumerate(CHECK_NAMES)}
     outcomes.sort(key=lambda o: (o.asset, order.get(o.check, len(order))))
     return CheckRun(run_id=result.run_id, seconds=time.monotonic() - started, outcomes=outcomes)
+
+
+def _step_error(error: SerializableErrorInfo | None) -> str:
+    """What a step raised: the checks' own `CheckRaised` where Dagster wrapped it."""
+    found = error
+    while found is not None and found.cls_name != CheckRaised.__name__:
+        found = found.cause
+    chosen = found or error
+    return chosen.message.strip() if chosen is not None else ""
+
+
+def _no_result(step_error: str, check: str) -> str:
+    """Why a selected check has no result: what its step raised (for this check, when the
+    step names several), else a pointer to the run."""
+    if not step_error:
+        return "no result (see the run in the Dagster UI)"
+    line = step_error.splitlines()[0]
+    _, _, reasons = line.partition("no result, the check raised: ")
+    mine = [r for r in reasons.split("; ") if r.startswith(f"{check}: ")]
+    if mine:
+        return f"no result, the check raised: {mine[0].removeprefix(f'{check}: ')}"
+    return f"no result, the check step failed: {line}"
 
 
 def summary_lines(run: CheckRun) -> list[str]:

@@ -546,6 +546,33 @@ def test_a_database_error_is_a_failed_error_result_not_a_crash(
     assert dimension.description == "`messages.no_such_column` does not exist"
 
 
+def test_a_check_that_raises_leaves_the_other_results_and_is_named(
+    embedded, settings, resources, instance, monkeypatch
+):
+    """The checks of an asset share one step: a check that raises (a bug, not a database
+    error) hides none of the others' results; the step fails after them, and the summary
+    `embedding-pipeline check` prints names the check and what it raised."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the latency measurement broke")
+
+    monkeypatch.setattr(quality, "measure_latency", broken)
+    run = runner.run_embedding_checks(
+        settings,
+        defs=build_definitions(settings, resources),
+        instance=instance,
+        tables=["messages"],
+    )
+    outcomes = {o.check: o for o in run.outcomes}
+    assert set(outcomes) == set(checks.CHECK_NAMES)
+    latency = outcomes.pop(checks.LATENCY)
+    assert not latency.passed and latency.severity == "ERROR"
+    assert latency.description == (
+        "no result, the check raised: RuntimeError: the latency measurement broke"
+    )
+    assert [o.check for o in outcomes.values() if not o.passed] == []
+
+
 # -- the measurements on a larger synthetic table -------------------------------------------
 
 SYNTHETIC = TableSpec(
@@ -795,6 +822,9 @@ def test_an_embedding_run_evaluates_every_check_on_small_samples(
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(evaluations) == set(checks.CHECK_NAMES)
     assert [n for n, e in evaluations.items() if not e.passed] == []
+    # one step embeds, one step runs the nine checks (on one connection)
+    steps = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    assert steps == {MESSAGES, checks.checks_step_name(settings.tables["messages"])}
     assert _meta(evaluations[checks.RECALL])["queries"] == 2
     assert _meta(evaluations[checks.LATENCY])["queries"] == 3
     alone = _check(variant, instance, MESSAGES, checks.RECALL)

@@ -101,8 +101,8 @@ def test_a_sensor_run_failed_by_a_provider_outage_is_retried_until_every_row_is_
         assert succeeded.parent_run_id == failed.run_id
         assert succeeded.tags["dagster/retry_number"] == "1"
         assert succeeded.tags["dagster/partition"] == "2025-03-01"
-        # the retry re-executes every step (embedding and all nine checks), not only the
-        # failed one: a retry that re-ran only a failed check would embed nothing
+        # the retry re-executes every step (the embedding and the step of all nine checks),
+        # not only the failed one: a retry that re-ran only a failed check would embed nothing
         assert failed.tags["dagster/retry_strategy"] == "ALL_STEPS"
         started = {
             r.event_log_entry.step_key
@@ -110,8 +110,11 @@ def test_a_sensor_run_failed_by_a_provider_outage_is_retried_until_every_row_is_
                 succeeded.run_id, of_type=dg.DagsterEventType.STEP_START
             ).records
         }
-        assert "message_embeddings" in started
-        assert len([s for s in started if s and s.startswith("message_embeddings_")]) == 9
+        assert started == {"message_embeddings", "message_embeddings_checks"}
+        evaluated = instance.get_records_for_run(
+            succeeded.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ).records
+        assert len(evaluated) == 9
         failure = instance.get_records_for_run(
             failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
         ).records
@@ -175,9 +178,21 @@ def test_a_run_that_failed_only_on_a_check_is_retried_with_its_embedding(
         failures = instance.get_records_for_run(
             failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
         ).records
-        assert {r.event_log_entry.step_key for r in failures} == {
-            "message_embeddings_no_missing_embeddings"
-        }
+        # the checks' step fails on its blocking check, once every check has its result
+        assert {r.event_log_entry.step_key for r in failures} == {"message_embeddings_checks"}
+        [failure] = [r.event_log_entry.dagster_event for r in failures]
+        assert failure is not None and failure.step_failure_data.error is not None
+        assert (
+            "message_embeddings: no_missing_embeddings" in failure.step_failure_data.error.message
+        )
+        assert (
+            len(
+                instance.get_records_for_run(
+                    failed.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+                ).records
+            )
+            == 9
+        )
         [succeeded] = wait_for(
             "the retried run to succeed", lambda: runs(dg.DagsterRunStatus.SUCCESS), 120, log
         )
