@@ -115,9 +115,8 @@ def run(
     started = time.monotonic()
     completed, reason, metadata = True, "", {}
     try:
-        metadata = materialize_all(settings, only=["messages"], instance=instance)[
-            "message_embeddings"
-        ]
+        done = materialize_all(settings, only=["messages"], instance=instance)
+        metadata = done.figures.get("message_embeddings", {})
     except RunFailed as exc:
         completed, reason = False, str(exc)
     seconds = time.monotonic() - started

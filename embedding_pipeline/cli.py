@@ -242,11 +242,13 @@ def _materialize(args: argparse.Namespace, settings: Settings, *, trigger: str) 
     _require_database(settings)
     started = time.monotonic()
     try:
-        results = materialize_all(settings, only=args.table or None, trigger=trigger)
+        done = materialize_all(settings, only=args.table or None, trigger=trigger)
     except RunFailed as exc:
         raise CliError(str(exc)) from None
     failed = 0
-    for name, metadata in results.items():
+    for name in done.current:
+        print(f"  {name:<20} nothing due: every row has a current embedding")
+    for name, metadata in done.figures.items():
         run_failed = metadata["run_rows_failed"]
         failed += run_failed
         print(

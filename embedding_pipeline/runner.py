@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
+import psycopg
 from dagster_shared.error import SerializableErrorInfo
 
 from embedding_pipeline.checks import (
@@ -21,7 +22,10 @@ from embedding_pipeline.checks import (
 )
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.jobs import MATERIALIZE_ALL, RUN_CHECKS, range_tags, run_tags
+from embedding_pipeline.lib import db
 from embedding_pipeline.partitions import monthly_partitions
+from embedding_pipeline.resources import EmbedderResource
+from embedding_pipeline.sensors.backlog import read_tables
 from embedding_pipeline.settings import Settings
 
 
@@ -100,6 +104,34 @@ def _execute(
     )
 
 
+def months_to_run(settings: Settings, keys: Iterable[str], model_id: str) -> dict[str, list[str]]:
+    """Per table of `keys`, the months a run should materialize: those with rows that
+    need embedding (missing, stale, failed and due), or the last month when its HNSW index
+    is missing; none when the table is current. Read as the backlog sensor reads it (the
+    partial pending index); a database without the pipeline's columns yet gets every
+    month (the run creates them)."""
+    partitions_def = monthly_partitions(settings.partition_start)
+    tables = [(key, settings.tables[key]) for key in keys]
+    last = partitions_def.get_last_partition_key()
+    assert last is not None
+    try:
+        with db.connection(settings.effective_database_url, vector=False) as conn:
+            states = read_tables(conn, tables, model_id, partitions_def)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+        every = partitions_def.get_partition_keys()
+        return {key: list(every) for key, _ in tables}
+    return {state.key: state.months_to_run(last) for state in states}
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """What one `materialize_all` run did: each embedding asset's run figures (those it
+    materialized), and the tables it left alone because nothing was due."""
+
+    figures: dict[str, dict[str, Any]]
+    current: list[str]
+
+
 def materialize_all(
     settings: Settings,
     *,
@@ -107,26 +139,35 @@ def materialize_all(
     instance: dg.DagsterInstance | None = None,
     trigger: str = "cli",
     defs: dg.Definitions | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Materialize the source tables and every partition of their embedding assets in one
-    run of the `materialize_all` job; returns each embedding asset's run figures."""
+) -> Materialized:
+    """One run of the `materialize_all` job: the source tables, every month of their
+    embedding assets that has work (`months_to_run`: a table with nothing due is not
+    materialized, so a run with nothing to do records no month), and the checks of every
+    embedding asset of the tables."""
     defs = defs or build_definitions(settings)
     keys = list(only) if only else list(settings.tables)
     instance = instance or dg.DagsterInstance.get()
+    embedder = (defs.resources or {}).get("embedder")
+    assert isinstance(embedder, EmbedderResource)
+    months = months_to_run(settings, keys, embedder.model_id)
+    due = [key for key in keys if months[key]]
+    every_month = sorted({m for key in due for m in months[key]})
     embedding_keys = [dg.AssetKey(settings.tables[key].asset_name) for key in keys]
-    selection = [dg.AssetKey(key) for key in keys] + embedding_keys
-    partition_keys = monthly_partitions(settings.partition_start).get_partition_keys()
+    selection = [dg.AssetKey(key) for key in keys] + [
+        dg.AssetKey(settings.tables[key].asset_name) for key in due
+    ]
+    tags = run_tags(trigger, keys, every_month)
+    if every_month:
+        tags.update(range_tags(every_month[0], every_month[-1]))
     result = _execute(
         defs,
         MATERIALIZE_ALL,
         instance,
-        tags={
-            **range_tags(partition_keys[0], partition_keys[-1]),
-            **run_tags(trigger, keys, partition_keys),
-        },
+        tags=tags,
         asset_selection=selection,
         # the job's own checks: a subset would otherwise carry every check of its assets,
-        # the sampled recall and latency searches too
+        # the sampled recall and latency searches too; a table with nothing due gets its
+        # checks all the same (they then judge the table, as on their own)
         check_selection=per_run_check_keys(embedding_keys),
     )
     if not result.success:
@@ -137,7 +178,8 @@ def materialize_all(
         name = materialization.asset_key.to_user_string()
         if materialization.partition is not None and name not in out:
             out[name] = {k: v.value for k, v in materialization.metadata.items()}
-    return out
+    current = [settings.tables[key].asset_name for key in keys if not months[key]]
+    return Materialized(figures=out, current=current)
 
 
 # -- running the checks (CLI and demo) -----------------------------------------------------

@@ -300,3 +300,43 @@ def test_python_text_and_hash_equal_the_database_expressions(schema, conn, name,
 def test_embedder_checks_shape_itself():
     with pytest.raises(EmbeddingError, match="returned 2 vectors for 3 texts"):
         _WrongCount().embed(["a", "b", "c"])
+
+
+def test_materialize_all_records_only_the_months_with_work_and_checks_every_table(
+    small_data, settings, defs, conn
+):
+    """`embedding-pipeline materialize` (one `materialize_all` run) materializes the months
+    with rows due, runs every table's checks, and records no month of a table with
+    nothing due: a run with nothing to do writes the source assets and the checks only."""
+    from embedding_pipeline import runner
+    from embedding_pipeline.checks import CHECK_NAMES
+
+    with dg.instance_for_test() as instance:
+        first = runner.materialize_all(settings, instance=instance, defs=defs)
+        assert first.current == []  # every table had rows to embed
+        conn.execute("UPDATE messages SET embedding = NULL WHERE telegram_message_id = 2")
+        conn.commit()
+        repair = runner.materialize_all(settings, instance=instance, defs=defs)
+        assert repair.current == ["topic_embeddings", "atom_embeddings"]
+        assert repair.figures["message_embeddings"]["run_rows_embedded"] == 1
+        noop = runner.materialize_all(settings, instance=instance, defs=defs)
+        assert noop.figures == {}
+        assert noop.current == ["message_embeddings", "topic_embeddings", "atom_embeddings"]
+        runs = instance.get_runs(limit=3)  # newest first
+        months = [
+            {
+                str(r.event_log_entry.dagster_event.partition)
+                for r in instance.get_records_for_run(
+                    run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+                ).records
+                if r.event_log_entry.dagster_event
+                and r.event_log_entry.dagster_event.asset_key == dg.AssetKey("message_embeddings")
+            }
+            for run in runs
+        ]
+        assert months == [set(), {SEPTEMBER}, {SEPTEMBER, OCTOBER}]
+        assert "dagster/asset_partition_range_start" not in runs[0].tags
+        checked = instance.get_records_for_run(
+            runs[0].run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ).records
+        assert len(checked) == 3 * len(CHECK_NAMES)

@@ -98,6 +98,12 @@ class TableState:
     def index_missing(self) -> bool:
         return self.index != "valid"
 
+    def months_to_run(self, last_partition: str) -> list[str]:
+        """The months a run of this table should cover: those with rows due, else the
+        last month when the HNSW index is missing or invalid (the run builds it at its
+        end), else none."""
+        return self.months_due or ([last_partition] if self.index_missing else [])
+
     def reason(self) -> str:
         parts = []
         missing = sum(r.missing for r in self.rows)
@@ -264,7 +270,7 @@ def build_backlog_sensor(
         events: list[dg.AssetObservation | dg.AssetCheckEvaluation | dg.AssetMaterialization] = []
         next_cursor = BacklogCursor(tick=cursor.tick + 1)
         for state in states:
-            months = state.months_due or ([last_partition] if state.index_missing else [])
+            months = state.months_to_run(last_partition)
             if months:
                 busy = busy_with(spans, dg.AssetKey(state.spec.asset_name), months)
                 if busy:
