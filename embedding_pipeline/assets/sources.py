@@ -18,22 +18,30 @@ from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec
 
+#: Figures a run records and the next one compares with.
+_COMPARED = ("max_id", "latest_extraction_id")
 
-def _previous_value(context: dg.AssetExecutionContext, key: str) -> int | None:
-    """`key` of the latest materialization that has it: the backlog sensor reports the
-    table's backlog as materializations of its own, without these figures."""
+
+def _previous_values(context: dg.AssetExecutionContext) -> dict[str, int | None]:
+    """`max_id` and `latest_extraction_id` of the latest materialization that has them, in
+    one read of the newest materializations (the backlog sensor reports the table's backlog
+    as materializations of its own, without these figures)."""
+    found: dict[str, int | None] = {}
     cursor = None
     for _ in range(20):
         page = context.instance.fetch_materializations(context.asset_key, limit=50, cursor=cursor)
         for record in page.records:
             materialization = record.asset_materialization
-            if materialization is not None and key in materialization.metadata:
-                value = materialization.metadata[key].value
-                return int(value) if isinstance(value, int | float) else None
+            if materialization is None or _COMPARED[0] not in materialization.metadata:
+                continue
+            for key in _COMPARED:
+                value = getattr(materialization.metadata.get(key), "value", None)
+                found[key] = int(value) if isinstance(value, int | float) else None
+            return found
         if not page.has_more:
-            return None
+            break
         cursor = page.cursor
-    return None
+    return dict.fromkeys(_COMPARED)
 
 
 def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.AssetsDefinition:
@@ -48,8 +56,8 @@ def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.Ass
     def _source(
         context: dg.AssetExecutionContext, postgres: PostgresResource, embedder: EmbedderResource
     ) -> dg.MaterializeResult:
-        previous_max_id = _previous_value(context, "max_id")
-        previous_extraction = _previous_value(context, "latest_extraction_id")
+        previous = _previous_values(context)
+        previous_max_id, previous_extraction = previous["max_id"], previous["latest_extraction_id"]
         with postgres.connection(vector=False) as conn:
             report = ensure_schema(conn, settings, embedder.dimension, embedder.model_id)
             table = sql.Identifier(spec.table)
