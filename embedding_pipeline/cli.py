@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import os
 import select
@@ -234,10 +235,19 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
     return _materialize(args, settings, trigger="cli")
 
 
+def _imports_done() -> None:
+    """Keep what the imports built (modules, classes, the definitions) out of the cyclic
+    garbage collector's scans for the rest of this short-lived process: a Dagster run
+    allocates enough to start full collections, and each one walked every imported object
+    again (about 0.2 s of a run with nothing to do, measured)."""
+    gc.freeze()
+
+
 def _materialize(args: argparse.Namespace, settings: Settings, *, trigger: str) -> int:
-    """One run of the `materialize_all` job (sources and every embedding partition)."""
+    """One run of the `materialize_all` job (sources and every month with work)."""
     from embedding_pipeline.runner import RunFailed, materialize_all
 
+    _imports_done()
     _require_api_key(settings)
     _require_database(settings)
     started = time.monotonic()
@@ -505,6 +515,7 @@ def _print_checks(settings: Settings, tables: Sequence[str] | None, trigger: str
     reasons, if any."""
     from embedding_pipeline.runner import run_embedding_checks, summary_lines
 
+    _imports_done()
     run = run_embedding_checks(settings, tables=tables, trigger=trigger)
     print("\n".join(summary_lines(run)))
     return "; ".join(f"{o.asset}.{o.check} ({o.description})" for o in run.errors)
