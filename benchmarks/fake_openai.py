@@ -2,10 +2,14 @@
 answer, or with a fixed latency per request.
 
 `POST /v1/embeddings` answers one unit vector per input (base64 float32, or a list of
-floats when asked), picked from a pool by a hash of the text, so the same text always
-gets the same vector and the server spends its time on the protocol, not on maths.
-`GET /stats` returns the inputs and requests received so far. Run it as a separate
-process, as a real provider would be:
+floats when asked), derived from a hash of the text as a real model's answer is a function
+of the text: the same text always gets the same vector, and distinct texts get distinct
+vectors (Gaussian components from a generator seeded by the text's BLAKE2b digest, then
+normalised), so an HNSW index built over the answers is built over as many distinct
+vectors as there are texts. Such vectors have no neighbourhood structure (the worst case
+for an HNSW graph; real embeddings of related texts cluster). `GET /stats` returns the
+inputs and requests received so far. Run it as a separate process, as a real provider
+would be:
 
     python benchmarks/fake_openai.py --port 18080 --dimensions 1536 --latency 0.2
 """
@@ -22,16 +26,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-POOL_SIZE = 997
+
+def text_vector(text: str, dimensions: int) -> np.ndarray:
+    """The unit vector of `text`: a function of the text alone, distinct for distinct texts."""
+    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
+    vector = np.random.Generator(np.random.PCG64(seed)).standard_normal(dimensions)
+    return (vector / np.linalg.norm(vector)).astype("<f4")
 
 
 class _State:
     def __init__(self, dimensions: int, latency: float) -> None:
-        rng = np.random.default_rng(0)
-        vectors = rng.standard_normal((POOL_SIZE, dimensions)).astype("<f4")
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        self.base64 = [base64.b64encode(v.tobytes()).decode() for v in vectors]
-        self.floats = [[float(x) for x in v] for v in vectors]
+        self.dimensions = dimensions
         self.latency = latency
         self.inputs = 0
         self.requests = 0
@@ -65,22 +70,19 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 state.requests += 1
             if state.latency:
                 time.sleep(state.latency)
-            pool = state.base64 if request.get("encoding_format") == "base64" else state.floats
-            data = [
-                {"object": "embedding", "index": i, "embedding": pool[_slot(text)]}
-                for i, text in enumerate(texts)
-            ]
+            as_base64 = request.get("encoding_format") == "base64"
+            data = []
+            for i, text in enumerate(texts):
+                vector = text_vector(text, state.dimensions)
+                embedding = (
+                    base64.b64encode(vector.tobytes()).decode() if as_base64 else vector.tolist()
+                )
+                data.append({"object": "embedding", "index": i, "embedding": embedding})
             usage = {"prompt_tokens": len(texts), "total_tokens": len(texts)}
             body = {"object": "list", "data": data, "model": request["model"], "usage": usage}
             self._send(json.dumps(body).encode())
 
     return Handler
-
-
-def _slot(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") % (
-        POOL_SIZE
-    )
 
 
 def main() -> None:
