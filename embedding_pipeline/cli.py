@@ -64,6 +64,20 @@ concurrency:
     granularity: run
     default_limit: 2
 """
+#: The queue starts a queued run within a second (Dagster's default waits up to five): a
+#: sensor's run of a few new rows is part of how soon they are searchable.
+LOCAL_INSTANCE_CONFIG += """run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+"""
+#: Settings a dagster.yaml written by an older checkout may lack; added when absent.
+_ADDED_WHEN_ABSENT = {
+    "telemetry": "telemetry:\n  enabled: false\n",
+    "nux": "nux:\n  enabled: false\n",
+    "run_coordinator": LOCAL_INSTANCE_CONFIG[LOCAL_INSTANCE_CONFIG.index("run_coordinator:") :],
+}
 
 
 class CliError(RuntimeError):
@@ -1201,15 +1215,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_local_instance_config(path: Path) -> None:
     """Create the local instance's dagster.yaml, or add the settings it lacks (an older
-    checkout wrote telemetry only) without touching what a person configured."""
+    checkout wrote telemetry only, or no run queue setting) without touching what a
+    person configured."""
     if not path.exists():
         path.write_text(LOCAL_INSTANCE_CONFIG)
         return
     text = path.read_text()
     keys = {line.split(":", 1)[0] for line in text.splitlines() if not line.startswith(" ")}
-    added = "".join(
-        f"{key}:\n  enabled: false\n" for key in ("telemetry", "nux") if key not in keys
-    )
+    added = "".join(block for key, block in _ADDED_WHEN_ABSENT.items() if key not in keys)
     if added:
         path.write_text(text.rstrip("\n") + "\n" + added if text.strip() else added)
 

@@ -118,14 +118,22 @@ class HnswSettings:
 class SensorSettings:
     """The extraction sensor: how often it looks and how much it takes per tick."""
 
-    interval_seconds: int = 30
+    #: Seconds between ticks of the extraction sensor: with the run queue's second and a
+    #: run's start, a new row is searchable well within 30 s (docs/operations.md, "How
+    #: soon a new row is searchable"); an idle tick is two index lookups.
+    interval_seconds: int = 5
     max_extractions_per_tick: int = 200
     #: How long an extraction id missing below the cursor (a transaction still running,
     #: or one rolled back) is watched for before the sensor stops looking for it.
     gap_grace_seconds: int = 600
     #: Seconds between ticks of the backlog sensor (rows missing, stale or due for a retry
-    #: by any cause, and missing HNSW indexes).
-    backlog_interval_seconds: int = 300
+    #: by any cause, and missing HNSW indexes): rows the application writes without an
+    #: extraction are embedded this soon too. An idle tick reads the partial pending index.
+    backlog_interval_seconds: int = 10
+    #: After an embedding run of a table failed (its retries too), the backlog sensor waits
+    #: this long before it launches another for that table: a run that fails at once (a
+    #: refused key, a wrong dimension) is not relaunched at every tick. 0: no wait.
+    backlog_failure_backoff_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -535,6 +543,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             backlog_interval_seconds=_int(
                 env, "EP_BACKLOG_SENSOR_INTERVAL_SECONDS", SensorSettings.backlog_interval_seconds
             ),
+            backlog_failure_backoff_seconds=_int(
+                env,
+                "EP_BACKLOG_FAILURE_BACKOFF_SECONDS",
+                SensorSettings.backlog_failure_backoff_seconds,
+            ),
         ),
         checks=_checks_from_env(env),
         engine=engine,
@@ -593,6 +606,7 @@ def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | 
         ("EP_SENSOR_INTERVAL_SECONDS", s.sensor.interval_seconds, 1, None),
         ("EP_SENSOR_MAX_EXTRACTIONS", s.sensor.max_extractions_per_tick, 1, None),
         ("EP_BACKLOG_SENSOR_INTERVAL_SECONDS", s.sensor.backlog_interval_seconds, 1, None),
+        ("EP_BACKLOG_FAILURE_BACKOFF_SECONDS", s.sensor.backlog_failure_backoff_seconds, 0, None),
         ("EP_CHECK_RECALL_SAMPLE_SIZE", s.checks.recall_sample_size, 1, None),
         ("EP_CHECK_K", s.checks.k, 1, None),
         ("EP_CHECK_LATENCY_SAMPLE_SIZE", s.checks.latency_sample_size, 1, None),

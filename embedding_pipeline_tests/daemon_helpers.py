@@ -1,5 +1,5 @@
 """The real `dagster-daemon` for tests where automation is the subject: a project-local
-instance (the config `embedding-pipeline` writes, with the daemons looking every second),
+instance (the config `embedding-pipeline` writes: its queue looks every second),
 a workspace loading this project, and the daemon process in its own process group."""
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ from embedding_pipeline_tests.fault_server import FaultServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-#: Test pace only: the queue and the retry daemon look every second instead of every five.
-QUICK_DAEMONS = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    dequeue_interval_seconds: 1
-"""
 T = TypeVar("T")
 
 
@@ -47,10 +39,11 @@ def wait_for(what: str, probe: Callable[[], T | None], seconds: float, log: Path
 
 
 def instance_home(tmp_path: Path) -> Path:
-    """A DAGSTER_HOME with the project-local instance config and quick daemons."""
+    """A DAGSTER_HOME with the project-local instance config (its queue looks every second;
+    the retry daemon is quickened by `project_env`)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG + QUICK_DAEMONS)
+    (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG)
     # create the SQLite storages now: the daemon and the test opening a new instance at
     # the same moment would both try to create them
     dg.DagsterInstance.from_config(str(home)).dispose()

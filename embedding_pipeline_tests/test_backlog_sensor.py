@@ -80,7 +80,7 @@ def source_reports(result: dg.SensorResult) -> dict[str, dict[str, object]]:
 def test_sensor_runs_by_default_with_the_configured_interval(defs):
     sensor = defs.resolve_sensor_def(BACKLOG_SENSOR)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensor.minimum_interval_seconds == 300
+    assert sensor.minimum_interval_seconds == 10
     assert {job.name for job in sensor.jobs} >= {"embed_messages", "embed_topics", "embed_atoms"}
 
 
@@ -231,6 +231,29 @@ def test_a_missing_hnsw_index_launches_a_run_that_builds_it(embedded, defs, inst
     ).fetchone() == (1,)
 
 
+def test_a_table_whose_latest_run_just_failed_waits_before_another_is_launched(
+    embedded, defs, instance, state, conn
+):
+    """Ticking every few seconds, the sensor must not relaunch a run that fails at once (a
+    refused key, a wrong dimension) at every tick: after the table's latest embedding run
+    failed (its retries are later runs), it waits EP_BACKLOG_FAILURE_BACKOFF_SECONDS and
+    says so; the other tables are not held up."""
+    conn.execute("UPDATE messages SET embedding = NULL WHERE id = (SELECT min(id) FROM messages)")
+    conn.commit()
+    failed = dg.DagsterRun(
+        job_name="embed_messages", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED
+    )
+    instance.add_run(failed)
+    instance.report_run_failed(failed)
+    try:
+        waiting = tick(defs, instance, state)
+        assert "embed_messages" not in requests(waiting)
+        assert f"run {failed.run_id[:8]} failed less than 300 s ago" in str(waiting.skip_reason)
+    finally:
+        instance.delete_run(failed.run_id)
+    assert "embed_messages" in requests(tick(defs, instance, state))
+
+
 def test_backlog_interval_comes_from_the_environment():
     from embedding_pipeline.settings import load_settings
 
@@ -240,4 +263,8 @@ def test_backlog_interval_comes_from_the_environment():
     )
     with pytest.raises(ValueError, match="EP_BACKLOG_SENSOR_INTERVAL_SECONDS"):
         load_settings({"EP_BACKLOG_SENSOR_INTERVAL_SECONDS": "0"})
+    backoff = load_settings({"EP_BACKLOG_FAILURE_BACKOFF_SECONDS": "0"})
+    assert backoff.sensor.backlog_failure_backoff_seconds == 0
+    with pytest.raises(ValueError, match="EP_BACKLOG_FAILURE_BACKOFF_SECONDS"):
+        load_settings({"EP_BACKLOG_FAILURE_BACKOFF_SECONDS": "-1"})
     assert load_settings({"EP_FRESHNESS_WARN_MINUTES": "5"}).checks.freshness_warn_minutes == 5

@@ -30,7 +30,7 @@ from dagster._core.workspace.config_schema import ensure_workspace_config
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
 from embedding_pipeline import cli, definitions, settings
-from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
+from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG, write_local_instance_config
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import PROVIDERS
 from embedding_pipeline.lib.pgserver import EmbeddedPostgres
@@ -413,4 +413,31 @@ def test_the_local_instance_config_retries_runs_and_limits_pools(tmp_path: Path)
     dagster_instance_config(str(tmp_path))
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        # a sensor's run waits at most a second in the queue (part of the freshness figure)
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
         assert_retries_and_pools(instance, default_limit=2)
+
+
+def test_an_older_local_instance_config_gets_what_it_lacks_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A dagster.yaml an older checkout wrote (telemetry only) gets the pop-up and the
+    run queue settings; one that sets its own run coordinator keeps it."""
+    old = tmp_path / "old" / "dagster.yaml"
+    old.parent.mkdir()
+    old.write_text("telemetry:\n  enabled: false\n")
+    write_local_instance_config(old)
+    with dg.DagsterInstance.from_config(str(old.parent)) as instance:
+        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
+    assert yaml.safe_load(old.read_text())["nux"] == {"enabled": False}
+    own = tmp_path / "own" / "dagster.yaml"
+    own.parent.mkdir()
+    mine = (
+        "run_coordinator:\n  module: dagster._core.run_coordinator\n"
+        "  class: DefaultRunCoordinator\n"
+    )
+    own.write_text(mine)
+    write_local_instance_config(own)
+    assert own.read_text().startswith(mine)
+    assert own.read_text().count("run_coordinator:") == 1

@@ -72,12 +72,12 @@ def state():
 def test_sensor_is_running_by_default_with_the_configured_interval(defs):
     sensor = defs.resolve_sensor_def(SENSOR_NAME)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensor.minimum_interval_seconds == 30
+    assert sensor.minimum_interval_seconds == 5
     from embedding_pipeline.definitions import build_definitions
     from embedding_pipeline.settings import load_settings
 
-    quick = build_definitions(load_settings({"EP_SENSOR_INTERVAL_SECONDS": "5"}))
-    assert quick.resolve_sensor_def(SENSOR_NAME).minimum_interval_seconds == 5
+    slow = build_definitions(load_settings({"EP_SENSOR_INTERVAL_SECONDS": "30"}))
+    assert slow.resolve_sensor_def(SENSOR_NAME).minimum_interval_seconds == 30
 
 
 def test_no_extractions_table_yet_skips(defs, resources, instance):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,7 +47,7 @@ from embedding_pipeline.lib.db import database_now
 from embedding_pipeline.lib.schema import hnsw_index_name, index_state, relation_exists
 from embedding_pipeline.partitions import partition_mapper
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
-from embedding_pipeline.sensors.planning import busy_with, in_flight, table_run
+from embedding_pipeline.sensors.planning import busy_with, failed_lately, in_flight, table_run
 from embedding_pipeline.settings import Settings, TableSpec
 
 BACKLOG_SENSOR = "backlog_sensor"
@@ -236,6 +237,7 @@ def build_backlog_sensor(
     last_partition = partitions_def.get_last_partition_key()
     assert last_partition is not None
     warn_minutes = settings.checks.freshness_warn_minutes
+    backoff = settings.sensor.backlog_failure_backoff_seconds
 
     @dg.sensor(
         name=BACKLOG_SENSOR,
@@ -265,6 +267,7 @@ def build_backlog_sensor(
             states = read_tables(conn, settings.tables.items(), embedder.model_id, partitions_def)
 
         spans = in_flight(context.instance, settings)
+        now_s = time.time()
         requests: list[dg.RunRequest] = []
         waiting: list[str] = []
         events: list[dg.AssetObservation | dg.AssetCheckEvaluation | dg.AssetMaterialization] = []
@@ -275,6 +278,12 @@ def build_backlog_sensor(
                 busy = busy_with(spans, dg.AssetKey(state.spec.asset_name), months)
                 if busy:
                     waiting.append(f"{state.key} ({state.reason()}) waits for run {busy}")
+                # its latest run failed a moment ago: no relaunch at every tick
+                elif failed := failed_lately(context.instance, state.key, backoff, now_s):
+                    waiting.append(
+                        f"{state.key} ({state.reason()}) waits: run {failed} failed less than "
+                        f"{backoff:g} s ago (EP_BACKLOG_FAILURE_BACKOFF_SECONDS)"
+                    )
                 else:
                     span = months[0] if len(months) == 1 else f"{months[0]}...{months[-1]}"
                     requests.append(

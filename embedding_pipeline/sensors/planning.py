@@ -27,6 +27,13 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.STARTED,
 ]
 
+#: Run states of a run that is over.
+FINISHED = [
+    dg.DagsterRunStatus.SUCCESS,
+    dg.DagsterRunStatus.FAILURE,
+    dg.DagsterRunStatus.CANCELED,
+]
+
 
 @dataclass(frozen=True)
 class RunSpan:
@@ -69,6 +76,27 @@ def in_flight(instance: dg.DagsterInstance, settings: Settings) -> list[RunSpan]
     """What every queued or running run covers."""
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT), limit=500)
     return [run_span(run, settings) for run in runs]
+
+
+def failed_lately(
+    instance: dg.DagsterInstance, table_key: str, within_seconds: float, now: float
+) -> str | None:
+    """The id (8 characters) of the latest finished run of `embed_<table>` when it failed
+    (its retries included: a retry is a later run) less than `within_seconds` ago, else
+    None. One run-storage read."""
+    if within_seconds <= 0:
+        return None
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(job_name=embed_job_name(table_key), statuses=FINISHED), limit=1
+    )
+    if not records:
+        return None
+    record = records[0]
+    ended = record.end_time
+    failed = record.dagster_run.status == dg.DagsterRunStatus.FAILURE
+    if failed and ended is not None and now - ended < within_seconds:
+        return record.dagster_run.run_id[:8]
+    return None
 
 
 def busy_with(spans: Sequence[RunSpan], asset: dg.AssetKey, months: Sequence[str]) -> str | None:
