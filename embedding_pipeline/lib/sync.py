@@ -1028,8 +1028,13 @@ class _Pipeline:
         self.to_release = []
 
     def _report(self, *, final: bool = False) -> None:
+        """A progress line every `progress_interval_seconds`, and a last one at the end of
+        a run that reported before (a shorter run's summary says the same: one event-log
+        write less per small run)."""
         now = time.monotonic()
         if self.on_progress is None:
+            return
+        if final and self.last_report == self.started:
             return
         if not final and now - self.last_report < self.options.progress_interval_seconds:
             return
