@@ -4,31 +4,39 @@ Every case runs on a throw-away PostgreSQL+pgvector (the project's embedded serv
 temporary folder, on a free port) and on the same texts: the sample chat's messages in
 their order, repeated up to `--rows`, each pass marked with its number. Providers:
 
-- **openai, instant**: `benchmarks/fake_openai.py` in its own process, answering at once;
+- **openai, instant**: `benchmarks/fake_openai.py` in its own process, answering at once
+  with a distinct vector per distinct text (derived from its hash);
 - **openai, 200 ms**: the same server sleeping 200 ms per request;
 - **local**: all-MiniLM-L6-v2 (int8 ONNX) in this process.
 
-Cases (one line each in the table):
+Cases (one line each in the table, or more):
 
-1. `raw`: the provider alone, the same requests the pipeline makes (OpenAI: the `openai`
-   SDK, batches of the pipeline's size, as many in flight as the pipeline; local: today's
-   embedder called directly on id-order batches of 64), nothing written.
-2. `pipeline`: `sync_embeddings` as a run calls it (claims, requests in flight, writes,
-   the HNSW index built after the load): rows/s of embed-and-write, the index build
-   reported on its own line against one plain `CREATE INDEX` on the final data.
-3. `materialize`: `embedding-pipeline materialize --table messages` as a new process,
-   wall clock (imports, Dagster, the run, the checks).
-4. `first run after a load`: the pipeline right after 20,000 rows arrive by COPY (no
-   ANALYZE yet), against the same after `ANALYZE`.
-5. `no-op`: `materialize` over every partition of 100,000 up-to-date rows, against the
-   start of a process that imports the pipeline, and the provider requests it made (0).
-6. `write path`: writing precomputed vectors through the pipeline's path (claims, COPY,
-   one UPDATE by primary key) against a loop of single-row UPDATEs committed every 64
-   rows, at 5,000 and 20,000 rows.
-7. `peak RSS`: a process running the pipeline over 20,000 and 100,000 rows.
+1. `fixed`: the fixed cost of a run on the demo database (the sample chat, the local
+   model): `embedding-pipeline materialize --table messages` with nothing to do, and after
+   three messages of one month were edited, each against the start of a process that
+   imports what `materialize` imports (the definitions are built at import), interleaved,
+   medians of `--fixed-rounds`.
+2. `openai`: the provider alone (`raw`: the `openai` SDK, batches of the pipeline's size,
+   as many in flight as the pipeline, nothing written); the pipeline's embed-and-write
+   (`sync_embeddings` as a run calls it: claims, requests in flight, writes; with two and
+   with one write connection), the HNSW index build after the load against one plain
+   `CREATE INDEX` on the final data; `embedding-pipeline materialize --table messages` as
+   a new process over the `--rows` rows, split into process start, the run's fixed cost
+   (Dagster, the source asset, the checks), embed+write and index build; the same
+   `materialize` again with nothing to do.
+3. `latency`: the pipeline against a provider answering in 200 ms, 1, 4 and 8 requests
+   in flight; `local`: the local model raw and through the pipeline.
+4. `first-run`: the pipeline right after 20,000 rows arrive by COPY (no ANALYZE yet),
+   against the same after `ANALYZE`.
+5. `noop`: `materialize --table messages` with nothing to do over 100,000 up-to-date rows
+   of distinct vectors, against process start, and the provider requests it made (0).
+6. `write`: writing precomputed vectors through the pipeline's path (claims, COPY, one
+   UPDATE by primary key) against a loop of single-row UPDATEs committed every 64 rows,
+   at 5,000 and 20,000 rows (index builds not counted).
+7. `rss`: peak RSS of a process running the pipeline over 20,000 and 100,000 rows.
 
-    .venv/bin/python benchmarks/throughput.py                     # everything, ~12 min
-    .venv/bin/python benchmarks/throughput.py --cases openai,noop --rows 5000
+    .venv/bin/python benchmarks/throughput.py                     # everything, ~20 min
+    .venv/bin/python benchmarks/throughput.py --cases fixed,openai --dimensions 384
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -69,6 +78,7 @@ BIN = Path(sys.executable).parent
 CASES = ("fixed", "openai", "latency", "local", "first-run", "noop", "write", "rss")
 START = datetime(2024, 1, 1, tzinfo=UTC)
 TWO_YEARS_MINUTES = 2 * 365 * 24 * 60
+MESSAGES_INDEX = "messages_embedding_hnsw_idx"
 
 
 @dataclass
@@ -128,9 +138,7 @@ def reset(url: str) -> None:
     """Every message without a vector again (and no HNSW index)."""
     with db.connection(url, autocommit=True) as conn:
         conn.execute("UPDATE messages SET embedding = NULL, embedding_model = NULL")
-        conn.execute(
-            sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier("messages_embedding_hnsw_idx"))
-        )
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(MESSAGES_INDEX)))
         conn.execute("VACUUM ANALYZE messages")
 
 
@@ -237,34 +245,45 @@ def raw_openai(base: str, contents: list[str], batch: int, in_flight: int) -> fl
     return done / (time.monotonic() - started)
 
 
-def cli_process(url: str, env: dict[str, str], home: Path, *args: str) -> tuple[float, str]:
-    """Wall clock and output of `embedding-pipeline <args>` as a new process."""
+@dataclass
+class Timed:
+    """A process's wall clock, its CPU time (user + system) and its output."""
+
+    wall: float
+    cpu: float
+    stdout: str = ""
+
+
+def timed_process(command: list[str], env: dict[str, str] | None = None) -> Timed:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    process = subprocess.run(
-        [str(BIN / "embedding-pipeline"), *args],
-        env={**os.environ, **env, "DATABASE_URL": url, "DAGSTER_HOME": str(home)},
-        capture_output=True,
-        text=True,
-    )
+    process = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode:
         raise RuntimeError(process.stderr[-2000:])
-    return wall, process.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Timed(wall, cpu, process.stdout)
 
 
-def materialize_process(url: str, env: dict[str, str], home: Path) -> tuple[float, str]:
+def cli_process(url: str, env: dict[str, str], home: Path, *args: str) -> Timed:
+    """`embedding-pipeline <args>` as a new process."""
+    return timed_process(
+        [str(BIN / "embedding-pipeline"), *args],
+        {**os.environ, **env, "DATABASE_URL": url, "DAGSTER_HOME": str(home)},
+    )
+
+
+def materialize_process(url: str, env: dict[str, str], home: Path) -> Timed:
     return cli_process(url, env, home, "materialize", "--table", "messages")
 
 
-def import_seconds() -> float:
-    """Process start: the wall clock of a process that only imports what `materialize`
-    imports (the definitions are built at import)."""
-    started = time.monotonic()
-    subprocess.run(
-        [sys.executable, "-c", "import embedding_pipeline.cli, embedding_pipeline.runner"],
-        check=True,
+def process_start() -> Timed:
+    """Process start: a process that only imports what `materialize` imports (the
+    definitions are built at import)."""
+    return timed_process(
+        [sys.executable, "-c", "import embedding_pipeline.cli, embedding_pipeline.runner"]
     )
-    return time.monotonic() - started
 
 
 def latest_run_details(home: Path) -> dict:
@@ -341,10 +360,10 @@ def case_openai(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line])
                 "OPENAI_API_KEY": "benchmark",
                 **({"EP_EMBEDDING_DIMENSIONS": str(dim)} if dim != 1536 else {}),
             }
-            wall, _ = materialize_process(url, env, Path(home))
+            wall = materialize_process(url, env, Path(home)).wall
             figures = latest_run_details(Path(home))
-            noops = [materialize_process(url, env, Path(home))[0] for _ in range(3)]
-        start = statistics.median(import_seconds() for _ in range(3))
+            noops = [materialize_process(url, env, Path(home)).wall for _ in range(3)]
+        start = statistics.median(process_start().wall for _ in range(3))
         index = float(figures["run_details"]["index_build_seconds"])
         embed = float(figures["run_seconds"]) - index
         fixed = wall - start - embed - index
@@ -455,12 +474,18 @@ def case_first_run(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Lin
 
 
 def case_noop(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
+    """`materialize --table messages` with nothing to do over `--noop-rows` distinct
+    vectors (two years of months): the run writes the source asset and runs the nine
+    checks (recall's ten exact scans grow with the table), and calls no provider."""
     dim = 384
     with fake_openai(dim) as base:
         embedder = openai_embedder(base, dim)
         url = fresh_database(pg, "tp_noop", dim, embedder.model_id)
-        vectors = np.random.default_rng(1).standard_normal((1000, dim)).astype(np.float32)
-        load_messages(url, texts(args.noop_rows), vectors, embedder.model_id)
+        vectors = np.random.default_rng(1).standard_normal((args.noop_rows, dim))
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        with db.connection(url, autocommit=True) as conn:  # loaded without it, built once
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(MESSAGES_INDEX)))
+        load_messages(url, texts(args.noop_rows), vectors.astype(np.float32), embedder.model_id)
         with db.connection(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE messages")
         env = {
@@ -469,19 +494,22 @@ def case_noop(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -
             "OPENAI_API_KEY": "benchmark",
             "EP_EMBEDDING_DIMENSIONS": str(dim),
         }
+        starts, walls = [], []
         with tempfile.TemporaryDirectory() as home:
             materialize_process(url, env, Path(home))  # builds the index, records the runs
             before = provider_requests(base)
-            walls = [materialize_process(url, env, Path(home))[0] for _ in range(3)]
+            for _ in range(3):
+                starts.append(process_start().wall)
+                walls.append(materialize_process(url, env, Path(home)).wall)
             requests = provider_requests(base) - before
-        start = min(import_seconds() for _ in range(3))
-        wall = min(walls)
+        start, wall = statistics.median(starts), statistics.median(walls)
         out.append(
             Line(
                 "no-op",
-                f"`materialize` over every partition, {args.noop_rows:,} rows up to date",
+                f"`materialize --table messages`, {args.noop_rows:,} rows up to date",
                 f"{wall - start:.2f} s beyond process start",
-                f"{wall:.2f} s wall, process start {start:.2f} s, {requests} provider requests",
+                f"{wall:.2f} s wall, process start {start:.2f} s (medians of 3), "
+                f"{requests} provider requests",
             )
         )
 
@@ -509,10 +537,12 @@ def case_fixed(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) 
             str(sample / "extraction.json"),
         )
         cli_process(url, {}, home, "materialize")  # the demo's run: everything embedded
-        starts, noops, edits = [], [], []
+        starts: list[Timed] = []
+        noops: list[Timed] = []
+        edits: list[Timed] = []
         for round_number in range(args.fixed_rounds):
-            starts.append(import_seconds())
-            noops.append(materialize_process(url, {}, home)[0])
+            starts.append(process_start())
+            noops.append(materialize_process(url, {}, home))
             with db.connection(url, autocommit=True) as conn:
                 conn.execute(
                     "UPDATE messages SET content = content || %s WHERE id IN (SELECT id FROM "
@@ -520,24 +550,26 @@ def case_fixed(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) 
                     "ORDER BY id LIMIT 3)",
                     (f" (edit {round_number})",),
                 )
-            wall, output = materialize_process(url, {}, home)
-            if "embedded      3" not in output:
-                raise RuntimeError(f"the edited rows were not embedded: {output}")
-            edits.append(wall)
-    start = statistics.median(starts)
-    spread = f"{min(starts):.2f}-{max(starts):.2f}"
-    for what, walls in (
+            edits.append(materialize_process(url, {}, home))
+            if "embedded      3" not in edits[-1].stdout:
+                raise RuntimeError(f"the edited rows were not embedded: {edits[-1].stdout}")
+    start = statistics.median(t.wall for t in starts)
+    start_cpu = statistics.median(t.cpu for t in starts)
+    spread = f"{min(t.wall for t in starts):.2f}-{max(t.wall for t in starts):.2f}"
+    for what, runs in (
         ("nothing to do", noops),
         ("3 edited rows in one month (local model loaded)", edits),
     ):
-        wall = statistics.median(walls)
+        walls = [t.wall for t in runs]
+        wall, cpu = statistics.median(walls), statistics.median(t.cpu for t in runs)
         out.append(
             Line(
                 "fixed cost (demo database)",
                 f"`materialize --table messages`, {what}",
                 f"{wall - start:.2f} s beyond process start",
                 f"{wall:.2f} s wall, median of {len(walls)} ({min(walls):.2f}-{max(walls):.2f}); "
-                f"process start {start:.2f} s (median, {spread})",
+                f"process start {start:.2f} s (median, {spread}); CPU {cpu:.2f} s against "
+                f"{start_cpu:.2f} s",
             )
         )
 
