@@ -23,9 +23,11 @@ from urllib.parse import urlsplit
 import dagster as dg
 import pytest
 import yaml
+from dagster._core.definitions.run_request import InstigatorType
 from dagster._core.instance.config import PoolGranularity, dagster_instance_config
 from dagster._core.launcher import DefaultRunLauncher
 from dagster._core.run_coordinator import QueuedRunCoordinator
+from dagster._core.scheduler.instigation import TickStatus
 from dagster._core.workspace.config_schema import ensure_workspace_config
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
@@ -399,8 +401,14 @@ def test_dagster_yaml_runs_on_real_postgres(
 
 def assert_retries_and_pools(instance: dg.DagsterInstance, *, default_limit: int) -> None:
     """Failed runs are retried by the daemon, and the provider pools hold `default_limit`
-    runs at once each, counted per run (a run of three embedding assets is one)."""
+    runs at once each, counted per run (a run of three embedding assets is one); the
+    queue looks every second; sensors' skipped ticks are kept one day, the others as
+    Dagster keeps them."""
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 3
+    assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+    assert instance.run_coordinator.dequeue_interval_seconds == 1
+    retention = instance.get_tick_retention_settings(InstigatorType.SENSOR)
+    assert retention[TickStatus.SKIPPED] == 1 and retention[TickStatus.SUCCESS] == -1
     assert instance.run_retries_retry_on_asset_or_op_failure  # a provider outage is a step failure
     pools = instance.get_concurrency_config().pool_config
     assert pools.default_pool_limit == default_limit
@@ -412,17 +420,14 @@ def test_the_local_instance_config_retries_runs_and_limits_pools(tmp_path: Path)
     (tmp_path / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG)
     dagster_instance_config(str(tmp_path))
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
-        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
-        # a sensor's run waits at most a second in the queue (part of the freshness figure)
-        assert instance.run_coordinator.dequeue_interval_seconds == 1
         assert_retries_and_pools(instance, default_limit=2)
 
 
 def test_an_older_local_instance_config_gets_what_it_lacks_and_keeps_the_rest(
     tmp_path: Path,
 ) -> None:
-    """A dagster.yaml an older checkout wrote (telemetry only) gets the pop-up and the
-    run queue settings; one that sets its own run coordinator keeps it."""
+    """A dagster.yaml an older checkout wrote (telemetry only) gets the pop-up, run queue
+    and tick retention settings; one that sets its own run coordinator keeps it."""
     old = tmp_path / "old" / "dagster.yaml"
     old.parent.mkdir()
     old.write_text("telemetry:\n  enabled: false\n")
@@ -430,7 +435,9 @@ def test_an_older_local_instance_config_gets_what_it_lacks_and_keeps_the_rest(
     with dg.DagsterInstance.from_config(str(old.parent)) as instance:
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         assert instance.run_coordinator.dequeue_interval_seconds == 1
-    assert yaml.safe_load(old.read_text())["nux"] == {"enabled": False}
+    written = yaml.safe_load(old.read_text())
+    assert written["nux"] == {"enabled": False}
+    assert written["retention"] == {"sensor": {"purge_after_days": {"skipped": 1}}}
     own = tmp_path / "own" / "dagster.yaml"
     own.parent.mkdir()
     mine = (
