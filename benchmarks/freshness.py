@@ -18,9 +18,11 @@ A row's time to searchable is measured on the database's clock, from the moment 
 transaction wrote it (`embedding_pending_since`, set by the tracking trigger) to the
 moment its vector was written (`embedded_at`, in the transaction that also puts it in the
 HNSW index); a round's is its slowest row's. After each round the search API (vector
-mode) is asked for the new message's text and must return it first. Reported: each
-round, p50 and p95 over the small rounds (by path too), the runs the sensors launched
-(from the webserver's GraphQL API: what the UI lists), and the load average.
+mode) is asked for the new message's text and must return it first. Reported: what
+the idle `dagster dev` and PostgreSQL cost at these intervals (share of one core over
+`--idle-seconds` before the rounds), each round, p50 and p95 over the small rounds (by
+path too), the runs the sensors launched (from the webserver's GraphQL API: what the UI
+lists), and the load average.
 
 Run: ``.venv/bin/python benchmarks/freshness.py`` (about three minutes; ``--interval`` and
 ``--backlog-interval`` override the sensors' defaults).
@@ -176,6 +178,48 @@ def found_first(url: str, text: str) -> bool:
     return bool(hits) and hits[0].text.startswith(text)
 
 
+def _cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU seconds of `pids` so far (processes gone meanwhile count 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def _process_tree(roots: set[int]) -> set[int]:
+    """`roots` and every process below them."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
+def idle_cpu_share(roots: set[int], seconds: float) -> float:
+    """The share of one core the process trees of `roots` used over `seconds` of doing
+    nothing but their own ticks."""
+    pids = _process_tree(roots)
+    before = _cpu_seconds(pids)
+    time.sleep(seconds)
+    return (_cpu_seconds(pids) - before) / seconds
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     ordered = sorted(values)
@@ -193,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         "--backlog-interval", type=int, help="EP_BACKLOG_SENSOR_INTERVAL_SECONDS (default: its)"
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds a round may take")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=60, help="CPU of the idle daemon measured this long"
+    )
     args = parser.parse_args(argv)
 
     load_start = os.getloadavg()
@@ -252,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
             f"dagster dev up (extraction sensor every {intervals[0]} s, backlog sensor every "
             f"{intervals[1]} s); logs in {work}"
         )
+        if args.idle_seconds:
+            postmaster = int((work / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+            share = idle_cpu_share({dev.pid, postmaster}, args.idle_seconds)
+            print(
+                f"idle for {args.idle_seconds:g} s: dagster dev (webserver, daemon, code "
+                f"server) and PostgreSQL used {100 * share:.1f}% of one core"
+            )
         print(f"{'round':>5} {'path':>7} {'rows':>5} {'to searchable':>14}  search finds it")
         rounds: list[tuple[str, float]] = []
         for number in range(0, args.rounds + 1):
