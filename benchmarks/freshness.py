@@ -354,10 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         load_end = os.getloadavg()
         print()
         print(f"the sample update: all its rows searchable after {rounds[0][1]:.1f} s")
-        print(
-            f"small ingests ({len(small)}): p50 {statistics.median(small):.1f} s, "
-            f"p95 {percentile(small, 0.95):.1f} s, max {max(small):.1f} s"
-        )
+        if small:
+            print(
+                f"small ingests ({len(small)}): p50 {statistics.median(small):.1f} s, "
+                f"p95 {percentile(small, 0.95):.1f} s, max {max(small):.1f} s"
+            )
         for kind in ("ingest", "insert"):
             values = [seconds for k, seconds in rounds[1:] if k == kind]
             if values:
