@@ -15,7 +15,8 @@ Cases (one line each in the table, or more):
    model): `embedding-pipeline materialize --table messages` with nothing to do, and after
    three messages of one month were edited, each against the start of a process that
    imports what `materialize` imports (the definitions are built at import), interleaved,
-   medians of `--fixed-rounds`.
+   medians of `--fixed-rounds`; with `--baseline SRC` the code of another commit
+   (`git archive <commit> | tar -x -C SRC`) in the same rounds, on the same database.
 2. `openai`: the provider alone (`raw`: the `openai` SDK, batches of the pipeline's size,
    as many in flight as the pipeline, nothing written); the pipeline's embed-and-write
    (`sync_embeddings` as a run calls it: claims, requests in flight, writes; with two and
@@ -254,10 +255,12 @@ class Timed:
     stdout: str = ""
 
 
-def timed_process(command: list[str], env: dict[str, str] | None = None) -> Timed:
+def timed_process(
+    command: list[str], env: dict[str, str] | None = None, cwd: str | None = None
+) -> Timed:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    process = subprocess.run(command, env=env, capture_output=True, text=True)
+    process = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode:
@@ -278,12 +281,13 @@ def materialize_process(url: str, env: dict[str, str], home: Path) -> Timed:
     return cli_process(url, env, home, "materialize", "--table", "messages")
 
 
+#: What `materialize` imports (the definitions are built at import).
+IMPORTS = "import embedding_pipeline.cli, embedding_pipeline.runner"
+
+
 def process_start() -> Timed:
-    """Process start: a process that only imports what `materialize` imports (the
-    definitions are built at import)."""
-    return timed_process(
-        [sys.executable, "-c", "import embedding_pipeline.cli, embedding_pipeline.runner"]
-    )
+    """Process start: a process that only imports what `materialize` imports."""
+    return timed_process([sys.executable, "-c", IMPORTS])
 
 
 def latest_run_details(home: Path) -> dict:
@@ -514,64 +518,83 @@ def case_noop(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -
         )
 
 
+def _code_process(source: Path | None, env: dict[str, str], *args: str) -> Timed:
+    """A process of this checkout's code, or of the source tree `source` (another commit,
+    exported with `git archive`), both started the same way, from outside the checkout."""
+    extra = {"PYTHONPATH": str(source)} if source else {}
+    with tempfile.TemporaryDirectory() as cwd:
+        return timed_process([sys.executable, *args], {**os.environ, **env, **extra}, cwd)
+
+
 def case_fixed(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
     """The fixed cost of a run on the demo database (the sample chat, the local model),
     against process start, interleaved so load hits both sides alike: `materialize
     --table messages` with nothing to do, and the same after the application edited the
-    text of three messages of one month (a run of a few rows in one month)."""
+    text of three messages of one month (a run of a few rows in one month). With
+    `--baseline SRC`, the code of SRC (`git archive <commit> | tar -x -C SRC`) is measured
+    the same way in the same rounds, on the same database."""
     url = pg.url("tp_demo")
     with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS tp_demo WITH (FORCE)")
         conn.execute("CREATE DATABASE tp_demo")
     sample = SAMPLE.parent
+    codes: dict[str, Path | None] = {"this checkout": None}
+    if args.baseline:
+        codes[f"baseline {args.baseline}"] = Path(args.baseline).resolve()
+    timed: dict[tuple[str, str], list[Timed]] = {}
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder)
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        cli_process(
-            url,
-            {},
-            home,
+        env = {"DATABASE_URL": url, "DAGSTER_HOME": str(home)}
+        cli = ("-m", "embedding_pipeline.cli")
+        _code_process(
+            None,
+            env,
+            *cli,
             "ingest",
             str(sample / "result.json"),
             "--extraction",
             str(sample / "extraction.json"),
         )
-        cli_process(url, {}, home, "materialize")  # the demo's run: everything embedded
-        starts: list[Timed] = []
-        noops: list[Timed] = []
-        edits: list[Timed] = []
+        _code_process(None, env, *cli, "materialize")  # the demo's run: everything embedded
         for round_number in range(args.fixed_rounds):
-            starts.append(process_start())
-            noops.append(materialize_process(url, {}, home))
-            with db.connection(url, autocommit=True) as conn:
-                conn.execute(
-                    "UPDATE messages SET content = content || %s WHERE id IN (SELECT id FROM "
-                    "messages WHERE sent_at >= '2025-10-01' AND sent_at < '2025-11-01' "
-                    "ORDER BY id LIMIT 3)",
-                    (f" (edit {round_number})",),
+            for name, source in codes.items():
+                start = _code_process(source, env, "-c", IMPORTS)
+                noop = _code_process(source, env, *cli, "materialize", "--table", "messages")
+                with db.connection(url, autocommit=True) as conn:
+                    conn.execute(
+                        "UPDATE messages SET content = content || %s WHERE id IN (SELECT id "
+                        "FROM messages WHERE sent_at >= '2025-10-01' AND sent_at < "
+                        "'2025-11-01' ORDER BY id LIMIT 3)",
+                        (f" (edit {round_number} {name})",),
+                    )
+                edit = _code_process(source, env, *cli, "materialize", "--table", "messages")
+                if "embedded      3" not in edit.stdout:
+                    raise RuntimeError(f"the edited rows were not embedded: {edit.stdout}")
+                for what, measured in (("start", start), ("noop", noop), ("edit", edit)):
+                    timed.setdefault((name, what), []).append(measured)
+    for name in codes:
+        starts = timed[(name, "start")]
+        start = statistics.median(t.wall for t in starts)
+        start_cpu = statistics.median(t.cpu for t in starts)
+        spread = f"{min(t.wall for t in starts):.2f}-{max(t.wall for t in starts):.2f}"
+        for what, key in (
+            ("nothing to do", "noop"),
+            ("3 edited rows in one month (local model loaded)", "edit"),
+        ):
+            walls = [t.wall for t in timed[(name, key)]]
+            wall = statistics.median(walls)
+            cpu = statistics.median(t.cpu for t in timed[(name, key)])
+            out.append(
+                Line(
+                    f"fixed cost (demo database), {name}",
+                    f"`materialize --table messages`, {what}",
+                    f"{wall - start:.2f} s beyond process start",
+                    f"{wall:.2f} s wall, median of {len(walls)} ({min(walls):.2f}-"
+                    f"{max(walls):.2f}); process start {start:.2f} s (median, {spread}); "
+                    f"CPU {cpu:.2f} s against {start_cpu:.2f} s",
                 )
-            edits.append(materialize_process(url, {}, home))
-            if "embedded      3" not in edits[-1].stdout:
-                raise RuntimeError(f"the edited rows were not embedded: {edits[-1].stdout}")
-    start = statistics.median(t.wall for t in starts)
-    start_cpu = statistics.median(t.cpu for t in starts)
-    spread = f"{min(t.wall for t in starts):.2f}-{max(t.wall for t in starts):.2f}"
-    for what, runs in (
-        ("nothing to do", noops),
-        ("3 edited rows in one month (local model loaded)", edits),
-    ):
-        walls = [t.wall for t in runs]
-        wall, cpu = statistics.median(walls), statistics.median(t.cpu for t in runs)
-        out.append(
-            Line(
-                "fixed cost (demo database)",
-                f"`materialize --table messages`, {what}",
-                f"{wall - start:.2f} s beyond process start",
-                f"{wall:.2f} s wall, median of {len(walls)} ({min(walls):.2f}-{max(walls):.2f}); "
-                f"process start {start:.2f} s (median, {spread}); CPU {cpu:.2f} s against "
-                f"{start_cpu:.2f} s",
             )
-        )
 
 
 class _Instant(Embedder):
@@ -694,6 +717,10 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated of {CASES}")
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--fixed-rounds", type=int, default=3)
+    parser.add_argument(
+        "--baseline",
+        help="fixed case: also measure the source tree in this folder (`git archive`)",
+    )
     parser.add_argument("--latency-rows", type=int, default=20_000)
     parser.add_argument("--local-rows", type=int, default=20_000)
     parser.add_argument("--noop-rows", type=int, default=100_000)
