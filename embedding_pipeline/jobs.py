@@ -5,8 +5,9 @@ what a run does, and its tags say who started it, for which tables and months.
   month partitions (the backlog sensor, the extraction sensor, a person);
 - `embed_tables`: several tables' embeddings in one run (a person, from the UI or
   `dg launch`; the sensors launch one run per table);
-- `materialize_all`: the source tables and every embedding partition in one run, with the
-  embedding assets' per-run checks (`embedding-pipeline materialize`, the demo);
+- `materialize_all`: the source tables and their embedding partitions in one run, with the
+  embedding assets' per-run checks (`embedding-pipeline materialize` and the demo run it
+  over the months with rows to embed, `runner.months_to_run`);
 - `run_checks`: every check of the embedding assets (the checks schedule,
   `embedding-pipeline check`).
 
