@@ -29,7 +29,7 @@ import dagster as dg
 import psycopg
 
 from embedding_pipeline.assets.embeddings import START_SNAPSHOT_KEY
-from embedding_pipeline.jobs import RUN_CHECKS, run_tags
+from embedding_pipeline.jobs import MATERIALIZE_ALL, RUN_CHECKS, run_tags
 from embedding_pipeline.lib import quality
 from embedding_pipeline.lib.backlog import BacklogRow, table_pending
 from embedding_pipeline.lib.db import database_now
@@ -153,9 +153,13 @@ class CheckScope:
         self._conn: psycopg.Connection | None = None
 
     @property
-    def in_run(self) -> bool:
-        """The checks run in a run that materialized some months of the asset."""
-        return self.window is not None
+    def run_samples(self) -> bool:
+        """Recall and latency take the run's smaller samples: the checks run inside an
+        embedding run (one that materialized months of the asset, or a `materialize_all`
+        run, which runs every table's checks whether or not it had work for the table).
+        The checks schedule, `embedding-pipeline check` and the UI's "Execute" take the
+        full samples."""
+        return self.window is not None or self.context.run.job_name == MATERIALIZE_ALL
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -771,7 +775,7 @@ def recall_check(t: CheckTarget) -> EmbeddingCheck:
             spec,
             t.usable_index(s.conn),
             k=cfg.k,
-            sample_size=cfg.run_recall_sample_size if s.in_run else cfg.recall_sample_size,
+            sample_size=cfg.run_recall_sample_size if s.run_samples else cfg.recall_sample_size,
             ef_search=ef_search,
         )
         metadata: dict[str, Any] = {
@@ -831,7 +835,7 @@ def latency_check(t: CheckTarget) -> EmbeddingCheck:
         f"exceeds {cfg.latency_warn_ms} ms.",
     )
     def latency(s: CheckScope) -> dg.AssetCheckResult:
-        sample = cfg.run_latency_sample_size if s.in_run else cfg.latency_sample_size
+        sample = cfg.run_latency_sample_size if s.run_samples else cfg.latency_sample_size
         report = quality.measure_latency(
             s.conn, spec, k=cfg.k, sample_size=sample, ef_search=ef_search
         )

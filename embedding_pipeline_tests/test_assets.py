@@ -303,14 +303,20 @@ def test_embedder_checks_shape_itself():
 
 
 def test_materialize_all_records_only_the_months_with_work_and_checks_every_table(
-    small_data, settings, defs, conn
+    small_data, settings, resources, conn
 ):
     """`embedding-pipeline materialize` (one `materialize_all` run) materializes the months
     with rows due, runs every table's checks, and records no month of a table with
-    nothing due: a run with nothing to do writes the source assets and the checks only."""
-    from embedding_pipeline import runner
-    from embedding_pipeline.checks import CHECK_NAMES
+    nothing due: a run with nothing to do writes the source assets and the checks only,
+    recall and latency on the run's small samples all the same."""
+    from dataclasses import replace
 
+    from embedding_pipeline import runner
+    from embedding_pipeline.checks import CHECK_NAMES, LATENCY, RECALL
+    from embedding_pipeline.definitions import build_definitions
+
+    samples = replace(settings.checks, run_recall_sample_size=2, run_latency_sample_size=3)
+    defs = build_definitions(replace(settings, checks=samples), resources)
     conn.execute("UPDATE messages SET embedding = NULL")
     conn.commit()
     with dg.instance_for_test() as instance:
@@ -342,3 +348,11 @@ def test_materialize_all_records_only_the_months_with_work_and_checks_every_tabl
             runs[0].run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
         ).records
         assert len(checked) == 3 * len(CHECK_NAMES)
+        evaluations = [r.event_log_entry.dagster_event.asset_check_evaluation_data for r in checked]
+        queries = {
+            e.check_name: e.metadata["queries"].value
+            for e in evaluations
+            if e.asset_key == dg.AssetKey("message_embeddings")
+            and e.check_name in (RECALL, LATENCY)
+        }
+        assert queries[RECALL] == 2 and queries[LATENCY] == 3
