@@ -4,12 +4,12 @@ answer, or with a fixed latency per request.
 `POST /v1/embeddings` answers one unit vector per input (base64 float32, or a list of
 floats when asked), derived from a hash of the text as a real model's answer is a function
 of the text: the same text always gets the same vector, and distinct texts get distinct
-vectors (Gaussian components from a generator seeded by the text's BLAKE2b digest, then
-normalised), so an HNSW index built over the answers is built over as many distinct
-vectors as there are texts. Such vectors have no neighbourhood structure (the worst case
-for an HNSW graph; real embeddings of related texts cluster). `GET /stats` returns the
-inputs and requests received so far. Run it as a separate process, as a real provider
-would be:
+vectors (the test suite's `fault_server.fake_vector`: Gaussian components from a
+generator seeded by the text's SHA-256, normalised), so an HNSW index built over the
+answers is built over as many distinct vectors as there are texts. Such vectors have no
+neighbourhood structure (the worst case for an HNSW graph; real embeddings of related
+texts cluster). `GET /stats` returns the inputs and requests received so far. Run it as a
+separate process, as a real provider would be:
 
     python benchmarks/fake_openai.py --port 18080 --dimensions 1536 --latency 0.2
 """
@@ -17,21 +17,16 @@ would be:
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the vectors of the tests
 
-
-def text_vector(text: str, dimensions: int) -> np.ndarray:
-    """The unit vector of `text`: a function of the text alone, distinct for distinct texts."""
-    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
-    vector = np.random.Generator(np.random.PCG64(seed)).standard_normal(dimensions)
-    return (vector / np.linalg.norm(vector)).astype("<f4")
+from embedding_pipeline_tests.fault_server import b64, fake_vector
 
 
 class _State:
@@ -73,10 +68,8 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
             as_base64 = request.get("encoding_format") == "base64"
             data = []
             for i, text in enumerate(texts):
-                vector = text_vector(text, state.dimensions)
-                embedding = (
-                    base64.b64encode(vector.tobytes()).decode() if as_base64 else vector.tolist()
-                )
+                vector = fake_vector(text, state.dimensions)
+                embedding = b64(vector) if as_base64 else vector.tolist()
                 data.append({"object": "embedding", "index": i, "embedding": embedding})
             usage = {"prompt_tokens": len(texts), "total_tokens": len(texts)}
             body = {"object": "list", "data": data, "model": request["model"], "usage": usage}
