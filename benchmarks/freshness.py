@@ -1,9 +1,10 @@
 """Freshness: how soon a new or changed row is searchable, with `dagster dev` at its defaults.
 
 What an operator does, timed: the embedded database is started (`embedding-pipeline db
-start`) in a throwaway folder, the sample chat is ingested and embedded, then `dagster dev`
-runs (its own process group, a throwaway DAGSTER_HOME holding the config `make dev` uses)
-and, with no other action:
+start`) in a throwaway folder, the sample chat is ingested and embedded, then
+`embedding-pipeline dev` (what `make dev` runs: `dagster dev` on the project's instance)
+runs in its own process group with a throwaway DAGSTER_HOME holding the config `make dev`
+uses and, with no other action:
 
 1. the sample update is ingested (`embedding-pipeline ingest update_result.json
    --extraction update_extraction.json`: new messages, an edited one, a new topic, new and
@@ -280,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         cli(env, "materialize")
         assert pending_rows(url) == 0
         log = (work / "dagster_dev.log").open("w")
-        command = ["dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(ui_port)]
-        dev = subprocess.Popen(
-            [str(BIN / "dagster"), *command],
+        dev = subprocess.Popen(  # what `make dev` runs
+            [str(BIN / "embedding-pipeline"), "dev", "--port", str(ui_port)],
             cwd=ROOT,
             env=env,
             stdout=log,
