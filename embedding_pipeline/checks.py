@@ -30,11 +30,11 @@ import psycopg
 from embedding_pipeline.assets.embeddings import START_SNAPSHOT_KEY
 from embedding_pipeline.jobs import RUN_CHECKS, run_tags
 from embedding_pipeline.lib import quality
-from embedding_pipeline.lib.backlog import BacklogRow, table_pending
-from embedding_pipeline.lib.db import database_now
-from embedding_pipeline.lib.engine import errors as row_errors
-from embedding_pipeline.lib.schema import hnsw_index_name
-from embedding_pipeline.lib.sync import Window
+from embedding_pipeline.lib.engine import row_errors
+from embedding_pipeline.lib.engine.run import Window
+from embedding_pipeline.lib.quality.backlog import BacklogRow, table_pending
+from embedding_pipeline.lib.store.db import database_now
+from embedding_pipeline.lib.store.schema import hnsw_index_name
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import CheckSettings, Settings, TableSpec
@@ -866,7 +866,7 @@ def search_eval_check(t: CheckTarget) -> dg.AssetChecksDefinition:
         import sqlalchemy as sa
 
         from embedding_pipeline.lib.embedders import EmbeddingError
-        from embedding_pipeline.lib.telegram import InputFileError
+        from embedding_pipeline.lib.sources.telegram import InputFileError
         from embedding_pipeline.search import Searcher, SearchError, engine_for
         from embedding_pipeline.search.evaluation import MissingRows, evaluate, load_questions
 

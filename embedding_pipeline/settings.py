@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from embedding_pipeline.lib.conninfo import URL_FORMS, connection_problem, redact_url
+from embedding_pipeline.lib.store.conninfo import URL_FORMS, connection_problem, redact_url
 
 
 def _project_root() -> Path:

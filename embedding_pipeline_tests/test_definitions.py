@@ -10,9 +10,9 @@ import dagster as dg
 import psycopg
 import pytest
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.db import redact_url
-from embedding_pipeline.lib.pgserver import SERVICE_USER, EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.db import redact_url
+from embedding_pipeline.lib.store.pgserver import SERVICE_USER, EmbeddedPostgres, free_port
 from embedding_pipeline.settings import load_settings
 
 ROOT = Path(__file__).parent.parent

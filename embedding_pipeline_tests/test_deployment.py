@@ -33,7 +33,7 @@ from embedding_pipeline import cli, definitions, settings
 from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import PROVIDERS
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.settings import api_keys, load_settings
 from embedding_pipeline_tests.conftest import create_database
 

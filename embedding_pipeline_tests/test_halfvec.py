@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LocalEmbedder
-from embedding_pipeline.lib.model_switch import switch_models
-from embedding_pipeline.lib.schema import (
+from embedding_pipeline.lib.engine.model_switch import switch_models
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.schema import (
     SchemaError,
     ensure_schema,
     hnsw_index_name,

@@ -23,17 +23,17 @@ import psycopg
 import pytest
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.backlog import backlog, partition_range
-from embedding_pipeline.lib.ingest import ingest
-from embedding_pipeline.lib.schema import (
+from embedding_pipeline.lib.engine.run import bulk_load_wanted
+from embedding_pipeline.lib.quality.backlog import backlog, partition_range
+from embedding_pipeline.lib.sources.ingest import ingest
+from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.schema import (
     bulk_load_lock_key,
     ensure_schema,
     hnsw_index_name,
     index_state,
 )
-from embedding_pipeline.lib.sync import bulk_load_wanted
-from embedding_pipeline.lib.telegram import load_export, load_extraction
 from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.search import Searcher

@@ -14,9 +14,8 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import EmbeddingError, LocalEmbedder, build_embedder
-from embedding_pipeline.lib.model_switch import (
+from embedding_pipeline.lib.engine.model_switch import (
     abort_switch,
     fill_shadow,
     model_status,
@@ -25,7 +24,8 @@ from embedding_pipeline.lib.model_switch import (
     switch_models,
 )
 from embedding_pipeline.lib.quality import index_scans
-from embedding_pipeline.lib.schema import (
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.schema import (
     SchemaError,
     hnsw_index_name,
     index_state,

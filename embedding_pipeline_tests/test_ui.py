@@ -34,7 +34,7 @@ import pytest
 
 from embedding_pipeline.cli import write_local_instance_config
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID, LocalEmbedder
-from embedding_pipeline.lib.pgserver import free_port
+from embedding_pipeline.lib.store.pgserver import free_port
 from embedding_pipeline.runner import materialize_all, run_embedding_checks
 from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for

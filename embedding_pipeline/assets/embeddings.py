@@ -23,12 +23,12 @@ import dagster as dg
 import psycopg
 
 from embedding_pipeline.jobs import missing_run_tags
-from embedding_pipeline.lib.backlog import BacklogRow, window_backlog
-from embedding_pipeline.lib.db import database_now
 from embedding_pipeline.lib.embedders import EmbeddingError
-from embedding_pipeline.lib.engine.errors import RowErrorPolicy
-from embedding_pipeline.lib.schema import SchemaError, ensure_schema
-from embedding_pipeline.lib.sync import EngineOptions, Progress, SyncResult, sync_embeddings
+from embedding_pipeline.lib.engine.row_errors import RowErrorPolicy
+from embedding_pipeline.lib.engine.run import EngineOptions, Progress, SyncResult, sync_embeddings
+from embedding_pipeline.lib.quality.backlog import BacklogRow, window_backlog
+from embedding_pipeline.lib.store.db import database_now
+from embedding_pipeline.lib.store.schema import SchemaError, ensure_schema
 from embedding_pipeline.partitions import partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec

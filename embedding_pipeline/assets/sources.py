@@ -12,8 +12,8 @@ never shows an old backlog.
 import dagster as dg
 from psycopg import sql
 
-from embedding_pipeline.lib.backlog import render_markdown, table_pending
-from embedding_pipeline.lib.schema import ensure_schema
+from embedding_pipeline.lib.quality.backlog import render_markdown, table_pending
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec

@@ -9,8 +9,8 @@ from embedding_pipeline.lib.embedders import (
     expected_dimension,
     expected_model_id,
 )
-from embedding_pipeline.lib.engine.ratelimit import RateLimits
-from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.lib.embedders.ratelimit import RateLimits
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
 from embedding_pipeline.settings import DEFAULT_BATCH_SIZES
 
 

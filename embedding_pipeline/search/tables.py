@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector
 from sqlalchemy.dialects.postgresql import TSVECTOR
 
-from embedding_pipeline.lib.schema import MODEL_REGISTRY_TABLE
+from embedding_pipeline.lib.store.schema import MODEL_REGISTRY_TABLE
 from embedding_pipeline.settings import TableSpec
 
 #: The tables search serves, by the key used in the API, the CLI and HTTP paths.

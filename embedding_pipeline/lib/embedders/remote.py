@@ -35,8 +35,8 @@ from embedding_pipeline.lib.embedders.base import (
 from embedding_pipeline.lib.embedders.catalog import INPUT_TYPE_MODELS
 
 if TYPE_CHECKING:
-    from embedding_pipeline.lib.engine.ratelimit import RateLimiter
-    from embedding_pipeline.lib.engine.retry import RetryPolicy
+    from embedding_pipeline.lib.embedders.ratelimit import RateLimiter
+    from embedding_pipeline.lib.embedders.retry import RetryPolicy
 
 #: Native output dimension of well-known models; anything else needs explicit dimensions.
 KNOWN_DIMENSIONS: dict[str, dict[str, int]] = {
@@ -82,7 +82,7 @@ def classify_status(
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """The wait a provider asked for: `retry-after-ms`, `Retry-After` in seconds, or
     failing both the later of OpenAI's rate-limit resets."""
-    from embedding_pipeline.lib.engine.ratelimit import parse_reset
+    from embedding_pipeline.lib.embedders.ratelimit import parse_reset
 
     lowered = {k.lower(): v for k, v in headers.items()}
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import needs_embedding_expr
-from embedding_pipeline.lib.engine.errors import recorded_expr
+from embedding_pipeline.lib.engine.row_errors import recorded_expr
+from embedding_pipeline.lib.store.db import needs_embedding_expr
 from embedding_pipeline.settings import TableSpec
 
 

@@ -10,8 +10,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from embedding_pipeline.lib.conninfo import redact
-from embedding_pipeline.lib.conninfo import redact_url as redact_url
+from embedding_pipeline.lib.store.conninfo import redact
+from embedding_pipeline.lib.store.conninfo import redact_url as redact_url
 from embedding_pipeline.settings import TableSpec
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.telegram import (
+from embedding_pipeline.lib.sources.telegram import (
     AtomRecord,
     ChatExport,
     ExtractionFile,

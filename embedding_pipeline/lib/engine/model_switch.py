@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, replace
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import connect
 from embedding_pipeline.lib.embedders.base import Embedder
-from embedding_pipeline.lib.schema import (
+from embedding_pipeline.lib.engine.run import Progress, SyncResult, Window, sync_embeddings
+from embedding_pipeline.lib.store.db import connect
+from embedding_pipeline.lib.store.schema import (
     MODEL_REGISTRY_TABLE,
     SCHEMA_LOCK_KEY,
     STATE_TABLE,
@@ -42,7 +43,6 @@ from embedding_pipeline.lib.schema import (
     vector_column_dimension,
     vector_column_type,
 )
-from embedding_pipeline.lib.sync import Progress, SyncResult, Window, sync_embeddings
 from embedding_pipeline.settings import SHADOW_SUFFIX, HnswSettings, TableSpec
 
 #: How long the swap waits for its table lock before giving up (the command then says to

@@ -19,9 +19,9 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import needs_embedding_expr
-from embedding_pipeline.lib.engine.errors import blocked_expr, recorded_expr
-from embedding_pipeline.lib.sync import Window
+from embedding_pipeline.lib.engine.row_errors import blocked_expr, recorded_expr
+from embedding_pipeline.lib.engine.run import Window
+from embedding_pipeline.lib.store.db import needs_embedding_expr
 from embedding_pipeline.settings import TableSpec
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import hash_expr, needs_embedding_expr
+from embedding_pipeline.lib.store.db import hash_expr, needs_embedding_expr
 from embedding_pipeline.settings import (
     SEARCH_FILTER_COLUMNS,
     VECTOR_TYPES,

@@ -53,11 +53,12 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import needs_embedding_expr, text_expr
 from embedding_pipeline.lib.embedders.base import Embedder, EmbeddingError, InputRejectedError
-from embedding_pipeline.lib.engine import errors as row_errors
-from embedding_pipeline.lib.engine.errors import RowErrorPolicy, RowFailure
-from embedding_pipeline.lib.schema import (
+from embedding_pipeline.lib.embedders.batching import plan_requests
+from embedding_pipeline.lib.engine import row_errors
+from embedding_pipeline.lib.engine.row_errors import RowErrorPolicy, RowFailure
+from embedding_pipeline.lib.store.db import needs_embedding_expr, text_expr
+from embedding_pipeline.lib.store.schema import (
     SchemaError,
     build_hnsw_index_concurrently,
     bulk_load_lock_key,
@@ -69,7 +70,6 @@ from embedding_pipeline.lib.schema import (
     state_age_seconds,
     vector_column_dimension,
 )
-from embedding_pipeline.lib.text import plan_requests
 from embedding_pipeline.settings import DEFAULT_WRITE_CONNECTIONS, HnswSettings, TableSpec
 
 
