@@ -31,9 +31,9 @@ from embedding_pipeline.assets.embeddings import START_SNAPSHOT_KEY
 from embedding_pipeline.jobs import RUN_CHECKS, run_tags
 from embedding_pipeline.lib import quality
 from embedding_pipeline.lib.engine import row_errors
-from embedding_pipeline.lib.engine.run import Window
 from embedding_pipeline.lib.quality.backlog import BacklogRow, table_pending
 from embedding_pipeline.lib.store.db import database_now
+from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.schema import hnsw_index_name
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource

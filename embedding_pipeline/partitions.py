@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from embedding_pipeline.lib.engine.run import Window
+from embedding_pipeline.lib.store.domain import Window
 
 PARTITION_KEY_FORMAT = "%Y-%m-%d"
 

@@ -15,7 +15,17 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from embedding_pipeline.lib.engine.run import DEFAULT_WRITE_CONNECTIONS
 from embedding_pipeline.lib.store.conninfo import URL_FORMS, connection_problem, redact_url
+from embedding_pipeline.lib.store.domain import (
+    MAX_INDEXED_DIMENSIONS,
+    SEARCH_FILTER_COLUMNS,
+    SHADOW_SUFFIX,
+    VECTOR_TYPES,
+    HnswSettings,
+    TableSpec,
+    default_tables,
+)
 
 
 def _project_root() -> Path:
@@ -27,91 +37,6 @@ def _project_root() -> Path:
 
 #: Where the embedded database (`.pgdata`) and the local Dagster instance live by default.
 PROJECT_ROOT = _project_root()
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """Where one embedded entity lives and which of its columns the pipeline reads and writes.
-
-    Every name is a setting so the pipeline can be pointed at an existing application
-    database: the text the model sees is the non-NULL `text_columns` joined by newlines.
-    """
-
-    entity: str
-    table: str
-    text_columns: tuple[str, ...]
-    partition_column: str
-    id_column: str = "id"
-    embedding_column: str = "embedding"
-    model_column: str = "embedding_model"
-    hash_column: str = "embedding_hash"
-    embedded_at_column: str = "embedded_at"
-    extraction_column: str = "extraction_id"
-    #: SHA-256 of the row's current text, kept by a trigger (`schema.ensure_tracking`), so
-    #: that finding rows whose text changed is an index lookup, not a hash of every row.
-    source_hash_column: str = "embedding_source_hash"
-    #: When the row last started to need an embedding (inserted, text changed, vector
-    #: removed); kept by the same trigger, read by the freshness check.
-    pending_since_column: str = "embedding_pending_since"
-    #: Generated tsvector of the text columns (full-text and hybrid search).
-    tsv_column: str = "search_tsv"
-
-    @property
-    def asset_name(self) -> str:
-        return f"{self.entity}_embeddings"
-
-    @property
-    def source_asset_name(self) -> str:
-        return self.table if self.table.isidentifier() else self.entity
-
-
-def default_tables() -> dict[str, TableSpec]:
-    return {
-        "messages": TableSpec(
-            entity="message",
-            table="messages",
-            text_columns=("content",),
-            partition_column="sent_at",
-        ),
-        "topics": TableSpec(
-            entity="topic",
-            table="topics",
-            text_columns=("name", "description"),
-            partition_column="created_at",
-        ),
-        "atoms": TableSpec(
-            entity="atom",
-            table="atoms",
-            text_columns=("title", "content"),
-            partition_column="created_at",
-        ),
-    }
-
-
-@dataclass(frozen=True)
-class HnswSettings:
-    """HNSW index parameters, how it is built, and when a run builds it after loading
-    instead of inserting into it row by row.
-
-    A run loads without the index and builds it at the end when it has at least
-    `bulk_load_min_rows` pending rows, those are at least `rebuild_fraction` of the rows
-    the index will hold, and the index holds fewer than `bulk_load_max_indexed_rows` (above
-    that, search without an index for the length of a load costs more than the inserts
-    save). The rule and the measurements behind it are in docs/operations.md.
-    """
-
-    m: int = 16
-    ef_construction: int = 64
-    ef_search: int = 40
-    bulk_load_min_rows: int = 2_000
-    rebuild_fraction: float = 0.3
-    bulk_load_max_indexed_rows: int = 250_000
-    #: Most memory an index build may take (`maintenance_work_mem`), in MB; a build takes
-    #: what the graph needs up to this (a graph that does not fit builds several times
-    #: slower). Parallel builds use shared memory: give a containerised server enough.
-    build_memory_mb: int = 1024
-    #: Parallel workers of an index build; None: the server's max_parallel_maintenance_workers.
-    build_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -246,11 +171,6 @@ class EmbedderSettings:
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size or DEFAULT_BATCH_SIZES.get(self.provider, 64)
-
-
-#: Connections that write a run's vectors (EP_WRITE_CONNECTIONS). Measured at 1536-d against
-#: an instant provider on 2 cores (docs/benchmarks.md).
-DEFAULT_WRITE_CONNECTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -553,17 +473,9 @@ PROVIDERS = ("local", "openai", "ollama")
 #: PostgreSQL cuts longer names short (NAMEDATALEN - 1), so an index made under a longer
 #: name would never be found again under it.
 MAX_IDENTIFIER_BYTES = 63
-#: pgvector's HNSW index takes columns of at most this many dimensions, per storage type.
-MAX_INDEXED_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
-VECTOR_TYPES = tuple(MAX_INDEXED_DIMENSIONS)
-#: Appended to the embedding columns while `model switch` fills their replacements.
-SHADOW_SUFFIX = "_next"
 #: The most EP_API_MAX_QUERY_CHARS may allow: a 1 MB query held PostgreSQL's text search for
 #: 40 s before it failed with "stack depth limit exceeded".
 MAX_QUERY_CHARS = 100_000
-#: Columns the search API filters on, B-tree indexed where a table has them (lib/schema.py),
-#: so that a selective filter is answered by an exact scan of the few matching rows.
-SEARCH_FILTER_COLUMNS = ("author_id", "topic_id", "kind")
 
 
 def _whole_number_ranges(s: Settings) -> list[tuple[str, int | None, int, int | None]]:

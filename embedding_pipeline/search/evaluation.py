@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from embedding_pipeline.lib.embedders import Embedder
-from embedding_pipeline.lib.engine.run import Window, sync_embeddings
+from embedding_pipeline.lib.engine.run import sync_embeddings
 from embedding_pipeline.lib.sources.ingest import ingest
 from embedding_pipeline.lib.sources.telegram import (
     InputFileError,
@@ -46,6 +46,7 @@ from embedding_pipeline.lib.sources.telegram import (
     load_extraction,
 )
 from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.search.api import MODES, Searcher
 from embedding_pipeline.search.tables import TABLE_KEYS

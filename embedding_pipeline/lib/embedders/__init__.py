@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from embedding_pipeline.lib.embedders.base import (
-    Embedder,
-    EmbeddingError,
-    InputRejectedError,
-    TransientEmbeddingError,
-    check_vectors,
-)
+from embedding_pipeline.lib.embedders.base import Embedder, check_vectors
 from embedding_pipeline.lib.embedders.catalog import (
     LOCAL_MODELS,
     NATIVE_PROMPT_MODELS,
@@ -16,6 +10,11 @@ from embedding_pipeline.lib.embedders.catalog import (
     local_model,
     prompted_model_id,
     resolve_prompts,
+)
+from embedding_pipeline.lib.embedders.errors import (
+    EmbeddingError,
+    InputRejectedError,
+    TransientEmbeddingError,
 )
 from embedding_pipeline.lib.embedders.local import (
     LOCAL_DIMENSION,

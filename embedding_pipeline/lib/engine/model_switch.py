@@ -26,8 +26,9 @@ import psycopg
 from psycopg import sql
 
 from embedding_pipeline.lib.embedders.base import Embedder
-from embedding_pipeline.lib.engine.run import Progress, SyncResult, Window, sync_embeddings
+from embedding_pipeline.lib.engine.run import Progress, SyncResult, sync_embeddings
 from embedding_pipeline.lib.store.db import connect
+from embedding_pipeline.lib.store.domain import SHADOW_SUFFIX, HnswSettings, TableSpec, Window
 from embedding_pipeline.lib.store.schema import (
     MODEL_REGISTRY_TABLE,
     SCHEMA_LOCK_KEY,
@@ -43,7 +44,6 @@ from embedding_pipeline.lib.store.schema import (
     vector_column_dimension,
     vector_column_type,
 )
-from embedding_pipeline.settings import SHADOW_SUFFIX, HnswSettings, TableSpec
 
 #: How long the swap waits for its table lock before giving up (the command then says to
 #: run it again; the filled shadow columns are kept).

@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from queue import SimpleQueue
 from typing import Any, Literal
 
@@ -53,11 +52,13 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.embedders.base import Embedder, EmbeddingError, InputRejectedError
+from embedding_pipeline.lib.embedders.base import Embedder
 from embedding_pipeline.lib.embedders.batching import plan_requests
+from embedding_pipeline.lib.embedders.errors import EmbeddingError, InputRejectedError
 from embedding_pipeline.lib.engine import row_errors
 from embedding_pipeline.lib.engine.row_errors import RowErrorPolicy, RowFailure
 from embedding_pipeline.lib.store.db import needs_embedding_expr, text_expr
+from embedding_pipeline.lib.store.domain import HnswSettings, TableSpec, Window
 from embedding_pipeline.lib.store.schema import (
     SchemaError,
     build_hnsw_index_concurrently,
@@ -70,35 +71,10 @@ from embedding_pipeline.lib.store.schema import (
     state_age_seconds,
     vector_column_dimension,
 )
-from embedding_pipeline.settings import DEFAULT_WRITE_CONNECTIONS, HnswSettings, TableSpec
 
-
-@dataclass(frozen=True)
-class Window:
-    """Rows whose partition column lies in [start, end); None leaves that side open.
-
-    An open start also takes rows whose partition column is NULL.
-    """
-
-    start: datetime | None = None
-    end: datetime | None = None
-
-    def clause(self, spec: TableSpec, alias: str = "t") -> tuple[sql.Composable, dict[str, object]]:
-        column = sql.Identifier(alias, spec.partition_column)
-        parts: list[sql.Composable] = []
-        params: dict[str, object] = {}
-        if self.start is not None:
-            parts.append(sql.SQL("{} >= %(window_start)s").format(column))
-            params["window_start"] = self.start
-        if self.end is not None:
-            upper = sql.SQL("{} < %(window_end)s").format(column)
-            if self.start is None:
-                upper = sql.SQL("({} OR {} IS NULL)").format(upper, column)
-            parts.append(upper)
-            params["window_end"] = self.end
-        if not parts:
-            return sql.SQL("TRUE"), params
-        return sql.SQL(" AND ").join(parts), params
+#: Connections that write a run's vectors (EP_WRITE_CONNECTIONS). Measured at 1536-d against
+#: an instant provider on 2 cores (docs/benchmarks.md).
+DEFAULT_WRITE_CONNECTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -1153,7 +1129,6 @@ __all__ = [
     "EngineOptions",
     "Progress",
     "SyncResult",
-    "Window",
     "claiming_sessions",
     "count_window",
     "sync_embeddings",

@@ -9,7 +9,7 @@ from psycopg import sql
 
 from embedding_pipeline.lib.engine.row_errors import recorded_expr
 from embedding_pipeline.lib.store.db import needs_embedding_expr
-from embedding_pipeline.settings import TableSpec
+from embedding_pipeline.lib.store.domain import TableSpec
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from embedding_pipeline.lib.sources.telegram import (
     InputFileError,
     TopicRecord,
 )
-from embedding_pipeline.settings import Settings
+from embedding_pipeline.lib.store.domain import StoreSettings
 
 
 @dataclass
@@ -56,7 +56,7 @@ class IngestReport:
 
 def ingest(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     export: ChatExport,
     extraction: ExtractionFile | None = None,
 ) -> IngestReport:
@@ -104,7 +104,10 @@ class _NothingChanged(Exception):
 
 
 def _check_references(
-    conn: psycopg.Connection, settings: Settings, export: ChatExport, extraction: ExtractionFile
+    conn: psycopg.Connection,
+    settings: StoreSettings,
+    export: ChatExport,
+    extraction: ExtractionFile,
 ) -> None:
     """Refuse, before anything is written, an extraction naming a message or a topic that
     is neither in these files nor in the database."""
@@ -150,7 +153,7 @@ def _check_references(
 
 def _insert_extraction(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     export: ChatExport,
     extraction: ExtractionFile | None,
 ) -> int:
@@ -173,7 +176,7 @@ def _insert_extraction(
 
 def _upsert_messages(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     export: ChatExport,
     extraction_id: int,
     report: IngestReport,
@@ -221,7 +224,7 @@ def _upsert_messages(
 
 def _upsert_topics(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     extraction: ExtractionFile,
     extraction_id: int,
     report: IngestReport,
@@ -257,7 +260,7 @@ def _upsert_topics(
 
 def _assign_topics(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     extraction: ExtractionFile,
     message_ids: dict[int, int],
     topic_ids: dict[str, int],
@@ -278,7 +281,7 @@ def _assign_topics(
 
 def _upsert_atoms(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     extraction: ExtractionFile,
     extraction_id: int,
     message_ids: dict[int, int],

@@ -12,7 +12,7 @@ from psycopg import sql
 
 from embedding_pipeline.lib.store.conninfo import redact
 from embedding_pipeline.lib.store.conninfo import redact_url as redact_url
-from embedding_pipeline.settings import TableSpec
+from embedding_pipeline.lib.store.domain import TableSpec
 
 
 def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:

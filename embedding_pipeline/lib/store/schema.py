@@ -13,11 +13,11 @@ import psycopg
 from psycopg import sql
 
 from embedding_pipeline.lib.store.db import hash_expr, needs_embedding_expr
-from embedding_pipeline.settings import (
+from embedding_pipeline.lib.store.domain import (
     SEARCH_FILTER_COLUMNS,
     VECTOR_TYPES,
     HnswSettings,
-    Settings,
+    StoreSettings,
     TableSpec,
 )
 
@@ -118,7 +118,7 @@ def column_type_sql(vector_type: str, dimension: int) -> sql.Composed:
     return sql.SQL("{}({})").format(sql.SQL(vector_type), sql.Literal(dimension))
 
 
-def _base_tables(settings: Settings) -> list[tuple[str, sql.Composed]]:
+def _base_tables(settings: StoreSettings) -> list[tuple[str, sql.Composed]]:
     """CREATE TABLE IF NOT EXISTS statements for the pipeline's own schema."""
     t = settings.tables
     ident = sql.Identifier
@@ -258,7 +258,7 @@ def set_state(conn: psycopg.Connection, key: str, value: str) -> None:
 
 
 def ensure_schema(
-    conn: psycopg.Connection, settings: Settings, dimension: int, model_id: str | None = None
+    conn: psycopg.Connection, settings: StoreSettings, dimension: int, model_id: str | None = None
 ) -> SchemaReport:
     """Create the extension, tables, bookkeeping columns, tracking triggers and indexes that
     are missing.
@@ -298,7 +298,7 @@ def ensure_schema(
 
 def _ensure_embedding_columns(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     spec: TableSpec,
     dimension: int,
     report: SchemaReport,
