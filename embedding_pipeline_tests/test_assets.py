@@ -8,11 +8,15 @@ import pytest
 from psycopg import sql
 
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, LocalEmbedder
-from embedding_pipeline.lib.embedders.batching import compose_text, content_hash
 from embedding_pipeline.lib.embedders.local import LOCAL_MODEL_ID
 from embedding_pipeline.lib.quality.backlog import window_backlog
-from embedding_pipeline.lib.store.db import hash_expr, text_expr
 from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.expressions import (
+    compose_text,
+    content_hash,
+    hash_expr,
+    text_expr,
+)
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline_tests.incremental_helpers import figures

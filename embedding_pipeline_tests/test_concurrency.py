@@ -19,10 +19,10 @@ import numpy as np
 import psycopg
 import pytest
 
-from embedding_pipeline.lib.embedders.batching import content_hash
 from embedding_pipeline.lib.engine.run import EngineOptions, sync_embeddings
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.expressions import content_hash
 from embedding_pipeline_tests.incremental_helpers import (
     HashEmbedder,
     insert_messages,

@@ -57,8 +57,8 @@ from embedding_pipeline.lib.embedders.batching import plan_requests
 from embedding_pipeline.lib.embedders.errors import EmbeddingError, InputRejectedError
 from embedding_pipeline.lib.engine import row_errors
 from embedding_pipeline.lib.engine.row_errors import RowErrorPolicy, RowFailure
-from embedding_pipeline.lib.store.db import needs_embedding_expr, text_expr
 from embedding_pipeline.lib.store.domain import HnswSettings, TableSpec, Window
+from embedding_pipeline.lib.store.expressions import needs_embedding_expr, text_expr
 from embedding_pipeline.lib.store.schema import (
     SchemaError,
     build_hnsw_index_concurrently,

@@ -26,8 +26,8 @@ from psycopg.pq import TransactionStatus
 
 from embedding_pipeline.lib.engine.row_errors import recorded_expr
 from embedding_pipeline.lib.engine.run import claimed_elsewhere_expr, claiming_sessions
-from embedding_pipeline.lib.store.db import hash_expr, needs_embedding_expr, text_expr
 from embedding_pipeline.lib.store.domain import TableSpec, Window
+from embedding_pipeline.lib.store.expressions import hash_expr, needs_embedding_expr, text_expr
 from embedding_pipeline.lib.store.schema import (
     bulk_load_lock_key,
     cosine_opclass,

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.store.db import hash_expr, needs_embedding_expr
 from embedding_pipeline.lib.store.domain import (
     SEARCH_FILTER_COLUMNS,
     VECTOR_TYPES,
@@ -20,6 +19,7 @@ from embedding_pipeline.lib.store.domain import (
     StoreSettings,
     TableSpec,
 )
+from embedding_pipeline.lib.store.expressions import hash_expr, needs_embedding_expr
 
 # Advisory lock key held while the schema changes, so concurrent runs do not race.
 SCHEMA_LOCK_KEY = 7_318_004_211
