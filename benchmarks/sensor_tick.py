@@ -51,8 +51,9 @@ from embedding_pipeline.lib.sources.extractions import (
     touched_months,
 )
 from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
-from embedding_pipeline.lib.store.schema import ensure_schema, hnsw_index_name
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors import BACKLOG_SENSOR, SENSOR_NAME

@@ -59,12 +59,9 @@ from embedding_pipeline.lib.engine.run import EngineOptions, SyncResult, sync_em
 from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.hnsw import hnsw_index_definition, hnsw_index_name
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port, temporary_server
-from embedding_pipeline.lib.store.schema import (
-    ensure_schema,
-    hnsw_index_definition,
-    hnsw_index_name,
-)
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from embedding_pipeline.lib.engine import row_errors
 from embedding_pipeline.lib.quality.backlog import BacklogRow, table_pending
 from embedding_pipeline.lib.store.db import database_now
 from embedding_pipeline.lib.store.domain import Window
-from embedding_pipeline.lib.store.schema import hnsw_index_name
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import CheckSettings, Settings, TableSpec

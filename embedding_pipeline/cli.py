@@ -19,9 +19,10 @@ import sqlalchemy.exc
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.lib.sources.telegram import InputFileError
 from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import relation_exists
 from embedding_pipeline.lib.store.conninfo import redact
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, EmbeddedServerError
-from embedding_pipeline.lib.store.schema import ERRORS_TABLE, SchemaError, relation_exists
+from embedding_pipeline.lib.store.schema import ERRORS_TABLE, SchemaError
 from embedding_pipeline.search.errors import SearchError
 from embedding_pipeline.search.filters import FILTER_NAMES
 from embedding_pipeline.settings import (

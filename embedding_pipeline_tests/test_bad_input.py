@@ -29,7 +29,8 @@ from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
 from embedding_pipeline.lib.embedders import PROVIDERS as BUILDABLE_PROVIDERS
 from embedding_pipeline.lib.engine.model_switch import shadow_spec
 from embedding_pipeline.lib.store import db
-from embedding_pipeline.lib.store.schema import ensure_schema, hnsw_index_name
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import PROVIDERS, Settings, load_settings, postgres_names
 

@@ -19,7 +19,7 @@ from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
 from embedding_pipeline.lib.engine.run import CLAIM_SESSION_NAME, lock_namespace
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
-from embedding_pipeline.lib.store.schema import bulk_load_lock_key
+from embedding_pipeline.lib.store.hnsw import bulk_load_lock_key
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
 from embedding_pipeline_tests.conftest import embed_months
 

@@ -28,12 +28,9 @@ from embedding_pipeline.lib.quality.backlog import backlog, partition_range
 from embedding_pipeline.lib.sources.ingest import ingest
 from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
 from embedding_pipeline.lib.store import db
-from embedding_pipeline.lib.store.schema import (
-    bulk_load_lock_key,
-    ensure_schema,
-    hnsw_index_name,
-    index_state,
-)
+from embedding_pipeline.lib.store.catalog import index_state
+from embedding_pipeline.lib.store.hnsw import bulk_load_lock_key, hnsw_index_name
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.search import Searcher

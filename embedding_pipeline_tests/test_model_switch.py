@@ -25,12 +25,9 @@ from embedding_pipeline.lib.engine.model_switch import (
 )
 from embedding_pipeline.lib.quality import index_scans
 from embedding_pipeline.lib.store import db
-from embedding_pipeline.lib.store.schema import (
-    SchemaError,
-    hnsw_index_name,
-    index_state,
-    vector_column_dimension,
-)
+from embedding_pipeline.lib.store.catalog import index_state, vector_column_dimension
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
+from embedding_pipeline.lib.store.schema import SchemaError
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for

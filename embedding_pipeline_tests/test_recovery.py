@@ -17,9 +17,11 @@ from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
 from embedding_pipeline.lib.engine.run import EngineOptions, sync_embeddings
 from embedding_pipeline.lib.quality import index_builds
 from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import index_state
 from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, temporary_server
-from embedding_pipeline.lib.store.schema import ensure_schema, hnsw_index_name, index_state
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import HnswSettings, Settings
 from embedding_pipeline_tests.conftest import create_database
 from embedding_pipeline_tests.fault_helpers import (

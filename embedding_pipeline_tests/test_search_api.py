@@ -29,12 +29,8 @@ from embedding_pipeline.lib.engine.run import sync_embeddings
 from embedding_pipeline.lib.quality import index_scans
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
-from embedding_pipeline.lib.store.schema import (
-    SchemaError,
-    build_hnsw_index_concurrently,
-    ensure_schema,
-    hnsw_index_name,
-)
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
+from embedding_pipeline.lib.store.schema import SchemaError, ensure_schema
 from embedding_pipeline.search import (
     InvalidQuery,
     ModelMismatch,

@@ -42,8 +42,9 @@ import psycopg
 from embedding_pipeline.assets.embeddings import backlog_metadata
 from embedding_pipeline.checks import LAG, lag_outcome
 from embedding_pipeline.lib.quality.backlog import BacklogRow, render_markdown, table_pending
+from embedding_pipeline.lib.store.catalog import index_state, relation_exists
 from embedding_pipeline.lib.store.db import database_now
-from embedding_pipeline.lib.store.schema import hnsw_index_name, index_state, relation_exists
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.partitions import partition_mapper
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors.planning import busy_with, in_flight, table_run

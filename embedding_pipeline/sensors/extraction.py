@@ -43,7 +43,7 @@ from embedding_pipeline.lib.sources.extractions import (
     read_new_extractions,
     touched_months,
 )
-from embedding_pipeline.lib.store.schema import relation_exists
+from embedding_pipeline.lib.store.catalog import relation_exists
 from embedding_pipeline.partitions import partition_key_for, partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors.planning import busy_with, in_flight, table_run

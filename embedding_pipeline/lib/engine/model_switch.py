@@ -27,22 +27,23 @@ from psycopg import sql
 
 from embedding_pipeline.lib.embedders.base import Embedder
 from embedding_pipeline.lib.engine.run import Progress, SyncResult, sync_embeddings
+from embedding_pipeline.lib.store.catalog import (
+    column_type_sql,
+    index_state,
+    relation_exists,
+    vector_column_dimension,
+    vector_column_type,
+)
 from embedding_pipeline.lib.store.db import connect
 from embedding_pipeline.lib.store.domain import SHADOW_SUFFIX, HnswSettings, TableSpec, Window
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
 from embedding_pipeline.lib.store.schema import (
     MODEL_REGISTRY_TABLE,
     SCHEMA_LOCK_KEY,
     STATE_TABLE,
     SchemaError,
-    build_hnsw_index_concurrently,
-    column_type_sql,
-    hnsw_index_name,
-    index_state,
     registered_model,
-    relation_exists,
     set_state,
-    vector_column_dimension,
-    vector_column_type,
 )
 
 #: How long the swap waits for its table lock before giving up (the command then says to

@@ -57,19 +57,20 @@ from embedding_pipeline.lib.embedders.batching import plan_requests
 from embedding_pipeline.lib.embedders.errors import EmbeddingError, InputRejectedError
 from embedding_pipeline.lib.engine import row_errors
 from embedding_pipeline.lib.engine.row_errors import RowErrorPolicy, RowFailure
+from embedding_pipeline.lib.store.catalog import index_state, vector_column_dimension
 from embedding_pipeline.lib.store.domain import HnswSettings, TableSpec, Window
 from embedding_pipeline.lib.store.expressions import needs_embedding_expr, text_expr
-from embedding_pipeline.lib.store.schema import (
-    SchemaError,
+from embedding_pipeline.lib.store.hnsw import (
     build_hnsw_index_concurrently,
     bulk_load_lock_key,
     drop_hnsw_index_concurrently,
     hnsw_index_name,
-    index_state,
+)
+from embedding_pipeline.lib.store.schema import (
+    SchemaError,
     registered_model,
     set_state,
     state_age_seconds,
-    vector_column_dimension,
 )
 
 #: Connections that write a run's vectors (EP_WRITE_CONNECTIONS). Measured at 1536-d against

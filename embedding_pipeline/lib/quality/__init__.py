@@ -26,14 +26,10 @@ from psycopg.pq import TransactionStatus
 
 from embedding_pipeline.lib.engine.row_errors import recorded_expr
 from embedding_pipeline.lib.engine.run import claimed_elsewhere_expr, claiming_sessions
+from embedding_pipeline.lib.store.catalog import vector_column_dimension, vector_column_type
 from embedding_pipeline.lib.store.domain import TableSpec, Window
 from embedding_pipeline.lib.store.expressions import hash_expr, needs_embedding_expr, text_expr
-from embedding_pipeline.lib.store.schema import (
-    bulk_load_lock_key,
-    cosine_opclass,
-    vector_column_dimension,
-    vector_column_type,
-)
+from embedding_pipeline.lib.store.hnsw import bulk_load_lock_key, cosine_opclass
 
 #: The operator class that serves `ORDER BY embedding <=> q` (cosine distance) on a
 #: `vector` column, the order `nearest_query` and the search API use; an HNSW index of
