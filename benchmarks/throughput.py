@@ -55,7 +55,8 @@ from psycopg import sql
 
 from embedding_pipeline.lib.embedders import Embedder, LocalEmbedder, build_embedder
 from embedding_pipeline.lib.embedders.retry import RetryPolicy
-from embedding_pipeline.lib.engine.run import EngineOptions, SyncResult, sync_embeddings
+from embedding_pipeline.lib.engine.options import EngineOptions, SyncResult
+from embedding_pipeline.lib.engine.run import sync_embeddings
 from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window

@@ -600,7 +600,7 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
         save_candidate,
         stage_switch,
     )
-    from embedding_pipeline.lib.engine.run import Progress
+    from embedding_pipeline.lib.engine.options import Progress
 
     url = _require_schema(settings)
     specs = list(settings.tables.values())

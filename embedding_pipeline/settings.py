@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from embedding_pipeline.lib.engine.run import DEFAULT_WRITE_CONNECTIONS
+from embedding_pipeline.lib.engine.options import DEFAULT_WRITE_CONNECTIONS
 from embedding_pipeline.lib.store.conninfo import URL_FORMS, connection_problem, redact_url
 from embedding_pipeline.lib.store.domain import (
     MAX_INDEXED_DIMENSIONS,

@@ -19,7 +19,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from embedding_pipeline.lib.engine.run import EngineOptions, sync_embeddings
+from embedding_pipeline.lib.engine.options import EngineOptions
+from embedding_pipeline.lib.engine.run import sync_embeddings
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.expressions import content_hash

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib.engine.run import bulk_load_wanted
+from embedding_pipeline.lib.engine.index_lifecycle import bulk_load_wanted
 from embedding_pipeline.lib.quality.backlog import backlog, partition_range
 from embedding_pipeline.lib.sources.ingest import ingest
 from embedding_pipeline.lib.sources.telegram import load_export, load_extraction

@@ -23,7 +23,7 @@ from embedding_pipeline.lib.engine.model_switch import (
     shadow_spec,
     switch_models,
 )
-from embedding_pipeline.lib.quality import index_scans
+from embedding_pipeline.lib.quality.index import index_scans
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.catalog import index_state, vector_column_dimension
 from embedding_pipeline.lib.store.hnsw import hnsw_index_name

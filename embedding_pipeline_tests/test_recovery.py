@@ -14,8 +14,9 @@ import psycopg
 import pytest
 
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
-from embedding_pipeline.lib.engine.run import EngineOptions, sync_embeddings
-from embedding_pipeline.lib.quality import index_builds
+from embedding_pipeline.lib.engine.options import EngineOptions
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.quality.index import index_builds
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.catalog import index_state
 from embedding_pipeline.lib.store.domain import Window

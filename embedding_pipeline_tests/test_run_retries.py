@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 from dagster._core.scheduler.instigation import InstigatorType
 
-from embedding_pipeline.lib.engine.run import lock_namespace
+from embedding_pipeline.lib.engine.claims import lock_namespace
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.sensors import SENSOR_NAME

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from embedding_pipeline.lib.embedders import LocalEmbedder
 from embedding_pipeline.lib.engine.model_switch import switch_models
 from embedding_pipeline.lib.engine.run import sync_embeddings
-from embedding_pipeline.lib.quality import index_scans
+from embedding_pipeline.lib.quality.index import index_scans
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name

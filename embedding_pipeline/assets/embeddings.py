@@ -24,8 +24,9 @@ import psycopg
 
 from embedding_pipeline.jobs import missing_run_tags
 from embedding_pipeline.lib.embedders import EmbeddingError
+from embedding_pipeline.lib.engine.options import EngineOptions, Progress, SyncResult
 from embedding_pipeline.lib.engine.row_errors import RowErrorPolicy
-from embedding_pipeline.lib.engine.run import EngineOptions, Progress, SyncResult, sync_embeddings
+from embedding_pipeline.lib.engine.run import sync_embeddings
 from embedding_pipeline.lib.quality.backlog import BacklogRow, window_backlog
 from embedding_pipeline.lib.store.db import database_now
 from embedding_pipeline.lib.store.schema import SchemaError, ensure_schema

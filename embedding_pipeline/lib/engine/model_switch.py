@@ -26,7 +26,8 @@ import psycopg
 from psycopg import sql
 
 from embedding_pipeline.lib.embedders.base import Embedder
-from embedding_pipeline.lib.engine.run import Progress, SyncResult, sync_embeddings
+from embedding_pipeline.lib.engine.options import Progress, SyncResult
+from embedding_pipeline.lib.engine.run import sync_embeddings
 from embedding_pipeline.lib.store.catalog import (
     column_type_sql,
     index_state,
