@@ -31,7 +31,7 @@ from embedding_pipeline.lib.store.domain import (
 def _project_root() -> Path:
     """The source checkout this package runs from, or the working directory when the
     package is installed elsewhere (site-packages is no place for data)."""
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
 
 
