@@ -26,22 +26,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     )
     return {
         "postgres": PostgresResource(database_url=database_url),
-        "embedder": EmbedderResource(
-            provider=e.provider,
-            model_name=e.model,
-            dimensions=e.dimensions,
-            batch_size=e.batch_size,
-            concurrency=e.concurrency,
-            openai_api_key=dg.EnvVar("OPENAI_API_KEY") if e.provider == "openai" else None,
-            openai_base_url=e.openai_base_url,
-            ollama_host=e.ollama_host,
-            ollama_max_input_tokens=e.ollama_max_input_tokens,
-            timeout_seconds=e.timeout_seconds,
-            retry_deadline_seconds=e.retry_deadline_seconds,
-            requests_per_minute=e.requests_per_minute,
-            tokens_per_minute=e.tokens_per_minute,
-            query_prefix=e.query_prefix,
-            document_prefix=e.document_prefix,
+        "embedder": EmbedderResource.from_settings(
+            e, openai_api_key=dg.EnvVar("OPENAI_API_KEY") if e.provider == "openai" else None
         ),
     }
 

@@ -57,7 +57,7 @@ def engine_options(
     return EngineOptions(
         session_label=run_label,
         batch_size=embedder.effective_batch_size,
-        concurrency=embedder.concurrency,
+        concurrency=embedder.settings.concurrency,
         row_errors=RowErrorPolicy(
             max_attempts=e.row_max_attempts, retry_base_seconds=e.row_retry_base_seconds
         ),

@@ -6,6 +6,7 @@ from embedding_pipeline.lib.embedders.base import Embedder, check_vectors
 from embedding_pipeline.lib.embedders.catalog import (
     LOCAL_MODELS,
     NATIVE_PROMPT_MODELS,
+    PROVIDERS,
     Prompts,
     local_model,
     prompted_model_id,
@@ -31,8 +32,6 @@ from embedding_pipeline.lib.embedders.remote import (
     resolve_dimension,
 )
 from embedding_pipeline.lib.embedders.retry import RetryPolicy
-
-PROVIDERS = ("local", "openai", "ollama")
 
 
 def build_embedder(
