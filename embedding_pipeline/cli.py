@@ -190,7 +190,7 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _materialize(args: argparse.Namespace, settings: Settings, *, trigger: str) -> int:
-    """One run of the `materialize_all` job (sources and every embedding partition)."""
+    """One run of the `materialize_all` job (every embedding partition)."""
     from embedding_pipeline.runner import RunFailed, materialize_all
 
     _require_api_key(settings)

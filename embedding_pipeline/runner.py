@@ -102,13 +102,14 @@ def materialize_all(
     trigger: str = "cli",
     defs: dg.Definitions | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Materialize the source tables and every partition of their embedding assets in one
-    run of the `materialize_all` job; returns each embedding asset's run figures."""
+    """Materialize every partition of the embedding assets of `only` (default: every
+    table) in one run of the `materialize_all` job; returns each embedding asset's run
+    figures. Each embedding step sets up the schema first (`ensure_schema`); the source
+    tables are external assets, which no run materializes."""
     defs = defs or build_definitions(settings)
     keys = list(only) if only else list(settings.tables)
     instance = instance or dg.DagsterInstance.get()
     embedding_keys = [dg.AssetKey(settings.tables[key].asset_name) for key in keys]
-    selection = [dg.AssetKey(key) for key in keys] + embedding_keys
     partition_keys = monthly_partitions(settings.partition_start).get_partition_keys()
     result = _execute(
         defs,
@@ -118,7 +119,7 @@ def materialize_all(
             **range_tags(partition_keys[0], partition_keys[-1]),
             **run_tags(trigger, keys, partition_keys),
         },
-        asset_selection=selection,
+        asset_selection=embedding_keys,
         # the job's own checks: a subset would otherwise carry every check of its assets,
         # the sampled recall and latency searches too
         check_selection=per_run_check_keys(embedding_keys),

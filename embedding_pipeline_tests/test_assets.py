@@ -42,17 +42,6 @@ def _metadata(result, name):
     return figures(events[0].step_materialization_data.materialization.metadata)
 
 
-def test_source_assets_report_counts_and_changes(small_data, defs, instance):
-    result = _materialize(defs, ["messages", "topics", "atoms"], instance)
-    assert result.success
-    assert _metadata(result, "messages")["dagster/row_count"] == 4
-    assert _metadata(result, "topics")["dagster/row_count"] == 2
-    assert _metadata(result, "atoms")["new_rows"] == 3
-    again = _materialize(defs, ["messages"], instance)
-    assert _metadata(again, "messages")["new_rows"] == 0
-    assert _metadata(again, "messages")["changed_rows"] == 0
-
-
 def test_partition_run_embeds_only_its_month(small_data, defs, instance, conn):
     result = _materialize(defs, ["message_embeddings"], instance, partition_key=SEPTEMBER)
     assert result.success

@@ -218,24 +218,15 @@ def test_the_lineage_graph_shows_the_six_assets(world, page, shots):
     shoot(page, shots, "lineage")
 
 
-def test_a_materialization_launched_by_a_click_succeeds(world, page, shots):
-    instance = world["instance"]
-    before = {r.run_id for r in instance.get_runs()}
+def test_a_source_table_is_an_external_asset_with_its_columns(world, page, shots):
+    """`messages` is the application's table: an external asset (Materialize disabled)
+    with its owner, its table name and the columns the pipeline reads and writes."""
     open_page(page, world, "/assets/messages")
-    page.locator("button", has_text=re.compile(r"^\s*Materialize\s*$")).first.click()
-    run = wait_for(
-        "the clicked run",
-        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
-        30,
-    )
-    finished = wait_for(
-        "the clicked run to finish",
-        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished and r,
-        90,
-    )
-    assert finished.status == dg.DagsterRunStatus.SUCCESS
-    open_page(page, world, f"/runs/{run.run_id}")
-    page.get_by_text("Success").first.wait_for()
+    page.get_by_text("External Asset", exact=True).first.wait_for()
+    page.get_by_text("embedding_source_hash", exact=True).first.wait_for()
+    page.get_by_text("embedding-pipeline", exact=True).first.wait_for()
+    shoot(page, shots, "source-table")
+    assert page.locator("button", has_text=re.compile(r"^\s*Materialize")).first.is_disabled()
 
 
 def test_the_checks_tab_shows_the_checks_with_their_metadata(world, page, shots):
@@ -470,3 +461,29 @@ def test_a_backfill_launched_from_the_ui_carries_the_projects_tags(world, page, 
     tags.get_by_text("embedding_pipeline/trigger: backfill").first.wait_for()
     tags.get_by_text("embedding_pipeline/tables: messages").first.wait_for()
     shoot(page, shots, "run-backfill-tags")
+
+
+def test_a_materialization_launched_by_a_click_succeeds(world, page, shots):
+    """Last: its run of the latest (empty) month would otherwise be the check results the
+    checks tab shows."""
+    instance = world["instance"]
+    before = {r.run_id for r in instance.get_runs()}
+    open_page(page, world, "/assets/message_embeddings")
+    # a partitioned asset: the dialog picks the months (here the latest) for one run
+    page.locator("button", has_text=re.compile(r"^\s*Materialize")).first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_role("button", name="Latest", exact=True).click()
+    dialog.get_by_role("button", name="Launch 1 run").click()
+    run = wait_for(
+        "the clicked run",
+        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
+        30,
+    )
+    finished = wait_for(
+        "the clicked run to finish",
+        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished and r,
+        90,
+    )
+    assert finished.status == dg.DagsterRunStatus.SUCCESS
+    open_page(page, world, f"/runs/{run.run_id}")
+    page.get_by_text("Success").first.wait_for()

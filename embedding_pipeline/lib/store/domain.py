@@ -47,10 +47,6 @@ class TableSpec:
     def asset_name(self) -> str:
         return f"{self.entity}_embeddings"
 
-    @property
-    def source_asset_name(self) -> str:
-        return self.table if self.table.isidentifier() else self.entity
-
 
 def default_tables() -> dict[str, TableSpec]:
     return {
