@@ -152,3 +152,36 @@ def test_lib_does_not_import_the_settings():
         if imp == "embedding_pipeline.settings" or imp.startswith("embedding_pipeline.settings.")
     )
     assert offenders == []
+
+
+#: What each `lib/` package may import of `lib/`: the order the data travels in (the
+#: store at the bottom; docs/architecture.md).
+LIB_LAYERS = {
+    "store": set(),
+    "embedders": set(),
+    "sources": {"store"},
+    "engine": {"store", "embedders"},
+    "quality": {"store", "embedders", "engine"},
+}
+
+
+def test_lib_packages_import_only_the_layers_below():
+    graph = import_graph()
+
+    def lib_package(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 2 and parts[1] == "lib" else None
+
+    offenders = sorted(
+        f"{name} imports {imp}"
+        for name, imps in graph.items()
+        if (own := lib_package(name)) is not None
+        for imp in imps
+        if (other := lib_package(imp)) is not None
+        and other != own
+        and other not in LIB_LAYERS.get(own, set())
+    )
+    assert offenders == []
+    assert {
+        p.name for p in (ROOT / "lib").iterdir() if p.is_dir() and p.name != "__pycache__"
+    } == set(LIB_LAYERS)
