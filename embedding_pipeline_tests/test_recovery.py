@@ -1,5 +1,5 @@
 """Runs recover: the database stopped and started mid-run (on a server of this module's
-own, started with the project's `lib/pgserver.py`), with the HNSW index in place or dropped
+own, started with the project's `lib/store/pgserver.py`), with the HNSW index in place or dropped
 for a bulk load; a run that cannot get its database back; and a run that cannot reach its
 provider, which must leave the index alone."""
 

@@ -166,7 +166,7 @@ class PostgresName:
 
 def postgres_names(settings: Settings) -> list[PostgresName]:
     """Every table, column, index and database name the settings make, with the names
-    lib/schema.py and lib/model_switch.py derive from them."""
+    lib/store/ and lib/engine/model_switch.py derive from them."""
     names = [
         PostgresName("EP_EXTRACTION_TABLE", settings.extraction_table),
         PostgresName("EP_PG_DATABASE", settings.embedded.database),

@@ -2,7 +2,7 @@
 adapters for, the query and document prompts that well-known models expect, and how those
 prompts become part of the model id stored with every vector.
 
-Pure and light (no numpy, no SDK): `settings.py` checks a configuration against it when
+Pure and light (no numpy, no SDK): `settings/validation.py` checks a configuration against it when
 the settings load.
 """
 

@@ -11,7 +11,7 @@ moment search keeps using the old vectors and index; after it, only new-model ve
 exist (rows that arrived since the last pass are NULL and embedded by the next run).
 
 Runs configured for another model than the registered one refuse to write
-(`sync.check_model`), so a forgotten configuration change fails loudly instead of
+(`preflight.check_model`), so a forgotten configuration change fails loudly instead of
 re-embedding the column back to the old model.
 """
 

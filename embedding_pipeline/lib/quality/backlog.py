@@ -6,7 +6,7 @@ metadata. Nothing is embedded or written.
 
 Two readings: `table_backlog` counts every row of every month (one grouped scan of the
 table: for reports), `table_pending` visits only the rows that need embedding, through the
-partial pending index (`schema.ensure_pending_index`), so its cost follows the backlog,
+partial pending index (`tracking.ensure_pending_index`), so its cost follows the backlog,
 not the table (for the backlog sensor's every tick).
 """
 

@@ -1,4 +1,4 @@
-"""Shape: the stored vectors have the model's dimension, are finite and have unit length."""
+"""Shape: the column's declared type and the stored vectors' dimension match the model."""
 
 from __future__ import annotations
 

@@ -34,13 +34,13 @@ class TableSpec:
     hash_column: str = "embedding_hash"
     embedded_at_column: str = "embedded_at"
     extraction_column: str = "extraction_id"
-    #: SHA-256 of the row's current text, kept by a trigger (`schema.ensure_tracking`), so
+    #: SHA-256 of the row's current text, kept by a trigger (`tracking.ensure_tracking`), so
     #: that finding rows whose text changed is an index lookup, not a hash of every row.
     source_hash_column: str = "embedding_source_hash"
     #: When the row last started to need an embedding (inserted, text changed, vector
     #: removed); kept by the same trigger, read by the freshness check.
     pending_since_column: str = "embedding_pending_since"
-    #: Generated tsvector of the text columns (full-text and hybrid search).
+    #: tsvector of the text columns, kept by the tracking trigger (full-text and hybrid search).
     tsv_column: str = "search_tsv"
 
     @property
@@ -108,7 +108,7 @@ VECTOR_TYPES = tuple(MAX_INDEXED_DIMENSIONS)
 SHADOW_SUFFIX = "_next"
 
 
-#: Columns the search API filters on, B-tree indexed where a table has them (lib/schema.py),
+#: Columns the search API filters on, B-tree indexed where a table has them (lib/store/schema.py),
 #: so that a selective filter is answered by an exact scan of the few matching rows.
 SEARCH_FILTER_COLUMNS = ("author_id", "topic_id", "kind")
 

@@ -32,7 +32,7 @@ def needs_embedding_expr(
     Reads stored columns only, so no row's text is hashed. The model id is written as a
     literal, not a parameter: the planner then proves that a query filtering on this
     expression can use the partial "pending" index built on the very same expression
-    (`schema.ensure_pending_index`)."""
+    (`tracking.ensure_pending_index`)."""
 
     def col(name: str) -> sql.Composable:
         return sql.Identifier(alias, name) if alias else sql.Identifier(name)

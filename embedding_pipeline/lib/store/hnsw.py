@@ -55,7 +55,8 @@ def ensure_hnsw_index(conn: psycopg.Connection, spec: TableSpec, hnsw: HnswSetti
     index over fewer than `hnsw.bulk_load_min_rows` vectors (always the case for a new
     column). A larger column without its index (a bulk load that was killed) is left to
     the next embedding run, which builds it concurrently without blocking writers
-    (`sync.sync_embeddings`). Does nothing while another session bulk-loads the column.
+    (`engine.index_lifecycle.build_index`). Does nothing while another session bulk-loads
+    the column.
     """
     state = index_state(conn, hnsw_index_name(spec))
     if state == "valid":

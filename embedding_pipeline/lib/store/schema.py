@@ -34,10 +34,11 @@ from embedding_pipeline.lib.store.tracking import (
 
 # Advisory lock key held while the schema changes, so concurrent runs do not race.
 SCHEMA_LOCK_KEY = 7_318_004_211
-#: Which model each embedding column belongs to, written by `model switch` (lib/model_switch.py).
+#: Which model each embedding column belongs to, written by `model switch`
+#: (lib/engine/model_switch.py).
 MODEL_REGISTRY_TABLE = "embedding_models"
 #: Rows a provider refused to embed, with the reason and when they are tried again
-#: (lib/engine/errors.py).
+#: (lib/engine/row_errors.py).
 ERRORS_TABLE = "embedding_errors"
 #: Small facts the pipeline keeps between runs (key, value, when), e.g. a failed bulk load.
 STATE_TABLE = "embedding_pipeline_state"

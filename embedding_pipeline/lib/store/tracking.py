@@ -181,7 +181,7 @@ def ensure_pending_index(conn: psycopg.Connection, spec: TableSpec, model_id: st
 
     It holds only pending rows, so it is empty when everything is current: a run or a
     sensor tick with nothing to do costs one index probe at any table size. Its predicate
-    is `db.needs_embedding_expr` with the model as a literal, so it belongs to one model.
+    is `expressions.needs_embedding_expr` with the model as a literal, so it belongs to one model.
     It only makes lookups fast (every query is correct without it), so when a lock is not
     granted within `OPTIONAL_DDL_LOCK_TIMEOUT` the change is left to the next call instead
     of making the application wait. Runs in the caller's transaction.
