@@ -5,7 +5,7 @@ Nine checks per embedding asset (see docs/checks.md), one builder function each,
 `CHECK_BUILDERS`: no missing, no stale and no failed embeddings, the embedding lag (age of
 the oldest row waiting), the column's dimension matches the model, an HNSW index that can
 serve the search exists, the planner can (and at size does) use it, recall@k against an
-exact scan, and search latency. The measuring is in `lib/quality/` (`backlog.py` among it);
+exact scan, and search latency. The measuring is in `lib/quality.py` and `lib/backlog.py`;
 this module decides pass, severity and metadata.
 
 The embedding assets are partitioned by month but the checks are not: each looks at the
