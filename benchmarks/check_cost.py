@@ -35,9 +35,10 @@ from psycopg import sql
 
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
-from embedding_pipeline.lib.schema import ensure_hnsw_index, ensure_schema, hnsw_index_name
-from embedding_pipeline.lib.text import compose_text, content_hash
+from embedding_pipeline.lib.store.expressions import compose_text, content_hash
+from embedding_pipeline.lib.store.hnsw import ensure_hnsw_index, hnsw_index_name
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.runner import CheckRun, run_embedding_checks
 from embedding_pipeline.settings import Settings

@@ -48,8 +48,8 @@ import psycopg
 
 from embedding_pipeline.cli import write_local_instance_config
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
-from embedding_pipeline.lib.pgserver import free_port
-from embedding_pipeline.lib.status import table_status
+from embedding_pipeline.lib.quality.status import table_status
+from embedding_pipeline.lib.store.pgserver import free_port
 from embedding_pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,9 +31,9 @@ import numpy as np
 import psycopg
 from search_latency import load, unit_rows
 
-from embedding_pipeline.lib.pgserver import temporary_server
-from embedding_pipeline.lib.quality import describe_plan, index_scans
-from embedding_pipeline.lib.schema import build_hnsw_index_concurrently, hnsw_index_name
+from embedding_pipeline.lib.quality.index import describe_plan, index_scans
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
+from embedding_pipeline.lib.store.pgserver import temporary_server
 from embedding_pipeline.search import Searcher, engine_for
 from embedding_pipeline.settings import Settings
 

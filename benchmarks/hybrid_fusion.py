@@ -32,7 +32,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from search_quality import sample_database
 
-from embedding_pipeline.lib.pgserver import temporary_server
+from embedding_pipeline.lib.store.pgserver import temporary_server
 from embedding_pipeline.search.evaluation import (
     QUESTIONS,
     QUESTIONS_ATOMS_TOPICS,

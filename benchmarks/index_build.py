@@ -34,7 +34,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
 
 TABLE = "bench_index_build"
 

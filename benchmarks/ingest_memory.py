@@ -36,8 +36,8 @@ from pathlib import Path
 import psycopg
 
 from embedding_pipeline.cli import SAMPLE_DIR
-from embedding_pipeline.lib.pgserver import temporary_server
-from embedding_pipeline.lib.telegram import load_export
+from embedding_pipeline.lib.sources.telegram import load_export
+from embedding_pipeline.lib.store.pgserver import temporary_server
 
 CLI = Path(sys.executable).parent / "embedding-pipeline"
 #: Sentences of the sample chat, and words to make a fifth of the messages Cyrillic.

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the fault server lives with the tests
 
 from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG  # noqa: E402
-from embedding_pipeline.lib import db  # noqa: E402
-from embedding_pipeline.lib.pgserver import temporary_server  # noqa: E402
-from embedding_pipeline.lib.schema import ensure_schema  # noqa: E402
+from embedding_pipeline.lib.store import db  # noqa: E402
+from embedding_pipeline.lib.store.pgserver import temporary_server  # noqa: E402
+from embedding_pipeline.lib.store.schema import ensure_schema  # noqa: E402
 from embedding_pipeline.runner import RunFailed, materialize_all  # noqa: E402
 from embedding_pipeline.settings import Settings, load_settings  # noqa: E402
 from embedding_pipeline_tests.fault_server import Faults, FaultServer  # noqa: E402

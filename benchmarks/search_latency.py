@@ -61,14 +61,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID, LocalEmbedder
-from embedding_pipeline.lib.pgserver import free_port, temporary_server
-from embedding_pipeline.lib.quality import describe_plan
-from embedding_pipeline.lib.schema import (
-    build_hnsw_index_concurrently,
-    ensure_schema,
-    hnsw_index_name,
-)
-from embedding_pipeline.lib.telegram import load_export
+from embedding_pipeline.lib.quality.index import describe_plan
+from embedding_pipeline.lib.sources.telegram import load_export
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
+from embedding_pipeline.lib.store.pgserver import free_port, temporary_server
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.search import Hit, Searcher, engine_for
 from embedding_pipeline.search.evaluation import SAMPLE_DIR
 from embedding_pipeline.settings import SearchSettings, Settings

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from embedding_pipeline.lib.embedders import Embedder, build_embedder
 from embedding_pipeline.lib.embedders.catalog import local_model
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, temporary_server
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, temporary_server
 from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.search.evaluation import (

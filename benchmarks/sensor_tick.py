@@ -42,17 +42,18 @@ import psycopg
 from psycopg import sql
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
-from embedding_pipeline.lib.extractions import (
+from embedding_pipeline.lib.sources.extractions import (
     ExtractionCursor,
     months_query,
     new_extractions_query,
     read_new_extractions,
     touched_months,
 )
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
-from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_name
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors import BACKLOG_SENSOR, SENSOR_NAME

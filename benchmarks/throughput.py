@@ -64,13 +64,16 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import Embedder, LocalEmbedder, build_embedder
-from embedding_pipeline.lib.engine.retry import RetryPolicy
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port, temporary_server
-from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_definition, hnsw_index_name
-from embedding_pipeline.lib.sync import EngineOptions, SyncResult, Window, sync_embeddings
-from embedding_pipeline.lib.telegram import load_export
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
+from embedding_pipeline.lib.engine.options import EngineOptions, SyncResult
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.sources.telegram import load_export
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.hnsw import hnsw_index_definition, hnsw_index_name
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port, temporary_server
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ Nine checks per embedding asset (see docs/checks.md), one builder function each,
 `CHECK_BUILDERS`: no missing, no stale and no failed embeddings, the embedding lag (age of
 the oldest row waiting), the column's dimension matches the model, an HNSW index that can
 serve the search exists, the planner can (and at size does) use it, recall@k against an
-exact scan, and search latency. The measuring is in `lib/quality.py` and `lib/backlog.py`;
+exact scan, and search latency. The measuring is in `lib/quality/`;
 this module decides pass, severity and metadata. An asset's checks run as one step (a
 `multi_asset_check`) on one connection: a run pays Dagster's step overhead once, not once
 per check, and each check keeps its own name, blocking flag, description and result.
@@ -31,11 +31,11 @@ import psycopg
 from embedding_pipeline.assets.embeddings import START_SNAPSHOT_KEY
 from embedding_pipeline.jobs import MATERIALIZE_ALL, RUN_CHECKS, run_tags
 from embedding_pipeline.lib import quality
-from embedding_pipeline.lib.backlog import BacklogRow, table_pending
-from embedding_pipeline.lib.db import database_now
-from embedding_pipeline.lib.engine import errors as row_errors
-from embedding_pipeline.lib.schema import hnsw_index_name
-from embedding_pipeline.lib.sync import Window
+from embedding_pipeline.lib.engine import row_errors
+from embedding_pipeline.lib.quality.backlog import BacklogRow, table_pending
+from embedding_pipeline.lib.store.db import database_now
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import CheckSettings, Settings, TableSpec
@@ -907,7 +907,7 @@ def search_eval_check(t: CheckTarget) -> EmbeddingCheck:
         import sqlalchemy as sa
 
         from embedding_pipeline.lib.embedders import EmbeddingError
-        from embedding_pipeline.lib.telegram import InputFileError
+        from embedding_pipeline.lib.sources.telegram import InputFileError
         from embedding_pipeline.search import Searcher, SearchError, engine_for
         from embedding_pipeline.search.evaluation import MissingRows, evaluate, load_questions
 

@@ -20,16 +20,17 @@ import psycopg
 import sqlalchemy.exc
 from psycopg import sql
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.conninfo import redact
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
-from embedding_pipeline.lib.pgserver import (
+from embedding_pipeline.lib.sources.telegram import InputFileError
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import relation_exists
+from embedding_pipeline.lib.store.conninfo import redact
+from embedding_pipeline.lib.store.pgserver import (
     EmbeddedPostgres,
     EmbeddedServerError,
     postgres_bin_dir,
 )
-from embedding_pipeline.lib.schema import ERRORS_TABLE, SchemaError, relation_exists
-from embedding_pipeline.lib.telegram import InputFileError
+from embedding_pipeline.lib.store.schema import ERRORS_TABLE, SchemaError
 from embedding_pipeline.search.errors import SearchError
 from embedding_pipeline.search.filters import FILTER_NAMES
 from embedding_pipeline.settings import (
@@ -41,8 +42,8 @@ from embedding_pipeline.settings import (
 )
 
 if TYPE_CHECKING:
-    from embedding_pipeline.lib.engine.errors import ErrorRecord
-    from embedding_pipeline.lib.model_switch import Candidate
+    from embedding_pipeline.lib.engine.model_switch import Candidate
+    from embedding_pipeline.lib.engine.row_errors import ErrorRecord
     from embedding_pipeline.search import Hit, Searcher
     from embedding_pipeline.search.evaluation import Evaluation, Question
 
@@ -215,7 +216,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     from embedding_pipeline.lib.embedders import expected_dimension, expected_model_id
-    from embedding_pipeline.lib.schema import ensure_schema
+    from embedding_pipeline.lib.store.schema import ensure_schema
 
     url = _require_database(settings)
     e = settings.embedder
@@ -231,8 +232,8 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from embedding_pipeline.lib.ingest import ingest
-    from embedding_pipeline.lib.telegram import load_export, load_extraction
+    from embedding_pipeline.lib.sources.ingest import ingest
+    from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
 
     export = load_export(args.export)
     extraction = load_extraction(args.extraction) if args.extraction else None
@@ -269,7 +270,7 @@ def _imports_done() -> None:
 
 
 def _materialize(args: argparse.Namespace, settings: Settings, *, trigger: str) -> int:
-    """One run of the `materialize_all` job (sources and every month with work)."""
+    """One run of the `materialize_all` job (every month with work, and the checks)."""
     from embedding_pipeline.runner import RunFailed, materialize_all
 
     _imports_done()
@@ -301,7 +302,7 @@ def _materialize(args: argparse.Namespace, settings: Settings, *, trigger: str) 
 
 
 def _print_status(settings: Settings) -> int:
-    from embedding_pipeline.lib.status import table_status
+    from embedding_pipeline.lib.quality.status import table_status
 
     model_id = _embedder(settings).model_id
     missing_total = failed_total = 0
@@ -500,7 +501,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _load_sample(args: argparse.Namespace, settings: Settings) -> None:
     """Ingest the sample chat, unless the database already holds it: loading it again would
     put its original text back over what was ingested since (`update_result.json`)."""
-    from embedding_pipeline.lib.telegram import load_export
+    from embedding_pipeline.lib.sources.telegram import load_export
 
     chat = load_export(args.export).chat_id
     messages = settings.tables["messages"].table
@@ -559,7 +560,7 @@ def cmd_backlog(args: argparse.Namespace, settings: Settings) -> int:
     """Per table and month partition, the rows a backfill would embed (nothing is written)."""
     import json
 
-    from embedding_pipeline.lib.backlog import backlog, partition_range, pending
+    from embedding_pipeline.lib.quality.backlog import backlog, partition_range, pending
     from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 
     url = _require_schema(settings)
@@ -622,7 +623,7 @@ def _backfill_command(assets: str, first: str, last: str) -> str:
 
 def cmd_model_status(args: argparse.Namespace, settings: Settings) -> int:
     """Each table's embedding column: size, registered model, models present, switch state."""
-    from embedding_pipeline.lib.model_switch import model_status
+    from embedding_pipeline.lib.engine.model_switch import model_status
 
     url = _require_schema(settings)
     with db.connection(url, vector=False) as conn:
@@ -650,7 +651,7 @@ def _candidate_settings(settings: Settings, candidate: Candidate) -> Settings:
 
 
 def _staged_candidate(url: str) -> Candidate:
-    from embedding_pipeline.lib.model_switch import load_candidate
+    from embedding_pipeline.lib.engine.model_switch import load_candidate
 
     with db.connection(url, vector=False) as conn:
         candidate = load_candidate(conn)
@@ -667,7 +668,7 @@ def _candidate_searcher(settings: Settings, url: str) -> Searcher:
     search code as the live one, on the other columns and index."""
     from dataclasses import replace
 
-    from embedding_pipeline.lib.model_switch import shadow_spec
+    from embedding_pipeline.lib.engine.model_switch import shadow_spec
     from embedding_pipeline.search import Searcher
 
     candidate = _staged_candidate(url)
@@ -724,14 +725,14 @@ def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
     """Re-embed every table with another model in shadow columns, then swap them in;
     `--no-promote` stops before the swap (the candidate can be evaluated), `--promote`
     swaps a staged candidate in, `--require-not-worse` refuses a worse one."""
-    from embedding_pipeline.lib.model_switch import (
+    from embedding_pipeline.lib.engine.model_switch import (
         abort_switch,
         clear_candidate,
         promote_switch,
         save_candidate,
         stage_switch,
     )
-    from embedding_pipeline.lib.sync import Progress
+    from embedding_pipeline.lib.engine.options import Progress
 
     url = _require_schema(settings)
     specs = list(settings.tables.values())
@@ -820,7 +821,7 @@ def _candidate_from_args(settings: Settings, args: argparse.Namespace) -> Candid
     """The model the command line names (prompts: the model's own unless given; storage
     type: the current one unless given)."""
     from embedding_pipeline.lib.embedders import expected_model_id
-    from embedding_pipeline.lib.model_switch import Candidate
+    from embedding_pipeline.lib.engine.model_switch import Candidate
 
     return Candidate(
         provider=args.provider,
@@ -896,7 +897,7 @@ def _error_targets(
 ) -> list[tuple[TableSpec, list[int] | None]]:
     """(table, its row ids or None for all) to act on; every id must be recorded for
     exactly one of `specs`' tables."""
-    from embedding_pipeline.lib.engine.errors import list_errors
+    from embedding_pipeline.lib.engine.row_errors import list_errors
 
     if ids is None:
         return [(spec, None) for spec in specs]
@@ -924,7 +925,7 @@ def cmd_errors(args: argparse.Namespace, settings: Settings) -> int:
     forget them."""
     import json
 
-    from embedding_pipeline.lib.engine import errors as row_errors
+    from embedding_pipeline.lib.engine import row_errors
 
     url = _require_schema(settings)
     specs = [settings.tables[key] for key in (args.table or settings.tables)]

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
-
 import dagster as dg
 
-from embedding_pipeline.assets import build_embedding_asset, build_source_asset
+from embedding_pipeline.assets import build_embedding_asset, build_source_spec
 from embedding_pipeline.checks import build_checks, build_checks_schedule, per_run_check_keys
 from embedding_pipeline.jobs import build_jobs
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors import build_backlog_sensor, build_extraction_sensor
 from embedding_pipeline.settings import Settings, load_settings
-
-# BackfillPolicy is beta in Dagster 1.13; the choice is deliberate (see docs/operations.md).
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -26,22 +21,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     )
     return {
         "postgres": PostgresResource(database_url=database_url),
-        "embedder": EmbedderResource(
-            provider=e.provider,
-            model_name=e.model,
-            dimensions=e.dimensions,
-            batch_size=e.batch_size,
-            concurrency=e.concurrency,
-            openai_api_key=dg.EnvVar("OPENAI_API_KEY") if e.provider == "openai" else None,
-            openai_base_url=e.openai_base_url,
-            ollama_host=e.ollama_host,
-            ollama_max_input_tokens=e.ollama_max_input_tokens,
-            timeout_seconds=e.timeout_seconds,
-            retry_deadline_seconds=e.retry_deadline_seconds,
-            requests_per_minute=e.requests_per_minute,
-            tokens_per_minute=e.tokens_per_minute,
-            query_prefix=e.query_prefix,
-            document_prefix=e.document_prefix,
+        "embedder": EmbedderResource.from_settings(
+            e, openai_api_key=dg.EnvVar("OPENAI_API_KEY") if e.provider == "openai" else None
         ),
     }
 
@@ -50,9 +31,9 @@ def build_definitions(
     settings: Settings, resources: dict[str, dg.ConfigurableResource] | None = None
 ) -> dg.Definitions:
     partitions_def = monthly_partitions(settings.partition_start)
-    assets: list[dg.AssetsDefinition] = []
+    assets: list[dg.AssetsDefinition | dg.AssetSpec] = []
     for name, spec in settings.tables.items():
-        assets.append(build_source_asset(name, spec, settings))
+        assets.append(build_source_spec(name, spec, settings))
         assets.append(build_embedding_asset(name, spec, settings, partitions_def))
     jobs = build_jobs(
         settings,

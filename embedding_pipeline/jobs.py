@@ -5,9 +5,10 @@ what a run does, and its tags say who started it, for which tables and months.
   month partitions (the backlog sensor, the extraction sensor, a person);
 - `embed_tables`: several tables' embeddings in one run (a person, from the UI or
   `dg launch`; the sensors launch one run per table);
-- `materialize_all`: the source tables and their embedding partitions in one run, with the
-  embedding assets' per-run checks (`embedding-pipeline materialize` and the demo run it
-  over the months with rows to embed, `runner.months_to_run`);
+- `materialize_all`: the embedding partitions in one run, with the embedding assets'
+  per-run checks (`embedding-pipeline materialize` and the demo run it over the months with
+  rows to embed, `runner.months_to_run`; the source tables are external assets, which no
+  run materializes);
 - `run_checks`: every check of the embedding assets (the checks schedule,
   `embedding-pipeline check`).
 
@@ -112,7 +113,6 @@ def build_jobs(
     `materialize_all` carries (`checks.per_run_check_keys`)."""
     tables = list(settings.tables)
     embeddings = {key: dg.AssetKey(spec.asset_name) for key, spec in settings.tables.items()}
-    sources = [dg.AssetKey(key) for key in tables]
     jobs = [
         dg.define_asset_job(
             embed_job_name(key),
@@ -134,11 +134,11 @@ def build_jobs(
         dg.define_asset_job(
             MATERIALIZE_ALL,
             # the checks every embedding run carries (recall and latency on small samples)
-            selection=dg.AssetSelection.assets(*sources, *embeddings.values()).without_checks()
+            selection=dg.AssetSelection.assets(*embeddings.values()).without_checks()
             | dg.AssetSelection.checks(*per_run_checks),
             tags=run_tags("manual", tables),
-            description="The source tables, then every embedding partition, in one run, "
-            "with the embedding assets' per-run checks.",
+            description="Every embedding partition of every table in one run, with the "
+            "embedding assets' per-run checks.",
         ),
         dg.define_asset_job(
             RUN_CHECKS,

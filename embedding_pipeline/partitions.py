@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from embedding_pipeline.lib.sync import Window
+from embedding_pipeline.lib.store.domain import Window
 
 PARTITION_KEY_FORMAT = "%Y-%m-%d"
 
@@ -58,7 +58,7 @@ def _clamp(keys: Sequence[str], moment: datetime | None) -> str:
 def partition_mapper(
     partitions_def: dg.TimeWindowPartitionsDefinition,
 ) -> Callable[[datetime | None], str]:
-    """`partition_key_for` bound to `partitions_def` (what `lib/backlog.py` asks for), its
+    """`partition_key_for` bound to `partitions_def` (what `lib/quality/backlog.py` asks for), its
     keys listed once (listing them costs milliseconds, a report maps dozens of months)."""
     keys = partitions_def.get_partition_keys()
     return lambda moment: _clamp(keys, moment)

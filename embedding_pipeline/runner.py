@@ -22,7 +22,7 @@ from embedding_pipeline.checks import (
 )
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.jobs import MATERIALIZE_ALL, RUN_CHECKS, range_tags, run_tags
-from embedding_pipeline.lib import db
+from embedding_pipeline.lib.store import db
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.sensors.backlog import read_tables
@@ -140,10 +140,11 @@ def materialize_all(
     trigger: str = "cli",
     defs: dg.Definitions | None = None,
 ) -> Materialized:
-    """One run of the `materialize_all` job: the source tables, every month of their
-    embedding assets that has work (`months_to_run`: a table with nothing due is not
-    materialized, so a run with nothing to do records no month), and the checks of every
-    embedding asset of the tables."""
+    """One run of the `materialize_all` job: every month of the tables' embedding assets
+    that has work (`months_to_run`: a table with nothing due is not materialized, so a run
+    with nothing to do records no month), and the checks of every embedding asset of the
+    tables. Each embedding step sets up the schema first (`ensure_schema`); the source
+    tables are external assets, which no run materializes."""
     defs = defs or build_definitions(settings)
     keys = list(only) if only else list(settings.tables)
     instance = instance or dg.DagsterInstance.get()
@@ -153,9 +154,7 @@ def materialize_all(
     due = [key for key in keys if months[key]]
     every_month = sorted({m for key in due for m in months[key]})
     embedding_keys = [dg.AssetKey(settings.tables[key].asset_name) for key in keys]
-    selection = [dg.AssetKey(key) for key in keys] + [
-        dg.AssetKey(settings.tables[key].asset_name) for key in due
-    ]
+    selection = [dg.AssetKey(settings.tables[key].asset_name) for key in due]
     tags = run_tags(trigger, keys, every_month)
     if every_month:
         tags.update(range_tags(every_month[0], every_month[-1]))

@@ -16,13 +16,14 @@ import pytest
 from psycopg import sql
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID, LocalEmbedder
-from embedding_pipeline.lib.ingest import ingest
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
-from embedding_pipeline.lib.schema import ensure_schema
-from embedding_pipeline.lib.sync import Window, sync_embeddings
-from embedding_pipeline.lib.telegram import ChatExport, load_export, load_extraction
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.sources.ingest import ingest
+from embedding_pipeline.lib.sources.telegram import ChatExport, load_export, load_extraction
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.fault_server import Faults, FaultServer

@@ -11,9 +11,9 @@ import dagster as dg
 import numpy as np
 
 from embedding_pipeline.assets import build_embedding_asset
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
-from embedding_pipeline.lib.schema import ensure_schema
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import EngineSettings, Settings

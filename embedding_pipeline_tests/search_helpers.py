@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LocalEmbedder
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.search.evaluation import load_sample
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database

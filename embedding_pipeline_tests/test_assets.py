@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 from psycopg import sql
 
-from embedding_pipeline.lib.backlog import window_backlog
-from embedding_pipeline.lib.db import hash_expr, text_expr
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, LocalEmbedder
 from embedding_pipeline.lib.embedders.local import LOCAL_MODEL_ID
-from embedding_pipeline.lib.sync import Window
-from embedding_pipeline.lib.text import compose_text, content_hash
+from embedding_pipeline.lib.quality.backlog import window_backlog
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.expressions import (
+    compose_text,
+    content_hash,
+    hash_expr,
+    text_expr,
+)
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline_tests.incremental_helpers import figures
@@ -36,17 +40,6 @@ def _metadata(result, name):
     ]
     assert events, f"no materialization of {name}"
     return figures(events[0].step_materialization_data.materialization.metadata)
-
-
-def test_source_assets_report_counts_and_changes(small_data, defs, instance):
-    result = _materialize(defs, ["messages", "topics", "atoms"], instance)
-    assert result.success
-    assert _metadata(result, "messages")["dagster/row_count"] == 4
-    assert _metadata(result, "topics")["dagster/row_count"] == 2
-    assert _metadata(result, "atoms")["new_rows"] == 3
-    again = _materialize(defs, ["messages"], instance)
-    assert _metadata(again, "messages")["new_rows"] == 0
-    assert _metadata(again, "messages")["changed_rows"] == 0
 
 
 def test_partition_run_embeds_only_its_month(small_data, defs, instance, conn):

@@ -54,10 +54,11 @@ def requests(result: dg.SensorResult) -> dict[str, dg.RunRequest]:
 
 
 def observations(result: dg.SensorResult) -> dict[tuple[str, str | None], dict[str, object]]:
+    """The embedding assets' month observations."""
     return {
         (e.asset_key.to_user_string(), e.partition): {k: v.value for k, v in e.metadata.items()}
         for e in result.asset_events
-        if isinstance(e, dg.AssetObservation)
+        if isinstance(e, dg.AssetObservation) and e.partition is not None
     }
 
 
@@ -70,10 +71,12 @@ def lag_reports(result: dg.SensorResult) -> dict[str, dg.AssetCheckEvaluation]:
 
 
 def source_reports(result: dg.SensorResult) -> dict[str, dict[str, object]]:
+    """The observations of the source tables (external assets: never materialized)."""
+    assert not [e for e in result.asset_events if isinstance(e, dg.AssetMaterialization)]
     return {
         e.asset_key.to_user_string(): {k: v.value for k, v in e.metadata.items()}
         for e in result.asset_events
-        if isinstance(e, dg.AssetMaterialization)
+        if isinstance(e, dg.AssetObservation) and e.partition is None
     }
 
 

@@ -25,11 +25,12 @@ from psycopg import sql
 
 from embedding_pipeline import cli
 from embedding_pipeline.definitions import build_resources
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
 from embedding_pipeline.lib.embedders import PROVIDERS as BUILDABLE_PROVIDERS
-from embedding_pipeline.lib.model_switch import shadow_spec
-from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_name
+from embedding_pipeline.lib.engine.model_switch import shadow_spec
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import PROVIDERS, Settings, load_settings, postgres_names
 
@@ -884,8 +885,9 @@ def test_openai_without_a_key_is_named_before_anything_runs(run_cli, command) ->
 def test_a_failed_materialization_prints_the_reason_in_one_line(
     run_cli, baseline, small_data: Settings
 ) -> None:
-    """A model of another size than the columns: the source assets refuse (SchemaError);
-    the run's log has one line per event and the error names every step once."""
+    """A model of another size than the columns: each embedding step refuses before it
+    claims a row (SchemaError); the run's log has one line per event and the error names
+    every step once."""
     code, err = run_cli(
         "materialize",
         EP_EMBEDDING_PROVIDER="openai",
@@ -895,12 +897,12 @@ def test_a_failed_materialization_prints_the_reason_in_one_line(
     lines = err.splitlines()
     assert code == 2
     assert lines[-1] == (
-        "error: materialize_all failed: atoms, messages, topics: SchemaError: "
+        "error: materialize_all failed: atom_embeddings, message_embeddings, topic_embeddings: "
         "messages.embedding holds vector(384) but the configured model produces 256 "
         "dimensions; switch models with `embedding-pipeline model switch` instead of editing "
         "the column"
     )
-    # one run: the sources fail, the embedding steps and checks after them are not executed
+    # one run: the embedding steps fail, the checks after them are not executed
     events = (" - STEP_FAILURE - ", "RUN_FAILURE", "were not executed", "Not executing")
     assert all(any(e in line for e in events) for line in lines[:-1])
     assert "Traceback" not in err and "Stack Trace" not in err

@@ -14,10 +14,14 @@ from pgvector.psycopg import register_vector
 
 from embedding_pipeline import checks, runner
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db, quality
+from embedding_pipeline.lib import quality
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
-from embedding_pipeline.lib.schema import bulk_load_lock_key
-from embedding_pipeline.lib.sync import CLAIM_SESSION_NAME, Window, lock_namespace
+from embedding_pipeline.lib.engine.claims import CLAIM_SESSION_NAME, lock_namespace
+from embedding_pipeline.lib.quality.index import _index_options
+from embedding_pipeline.lib.quality.search import _percentile
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.hnsw import bulk_load_lock_key
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
 from embedding_pipeline_tests.conftest import embed_months
 
@@ -736,7 +740,7 @@ def test_plan_parsing_finds_index_scans_at_any_depth(plan, scans, outline):
     ],
 )
 def test_index_options_fall_back_to_pgvector_defaults(reloptions, expected):
-    assert quality._index_options(reloptions) == expected
+    assert _index_options(reloptions) == expected
 
 
 @pytest.mark.parametrize(
@@ -744,8 +748,8 @@ def test_index_options_fall_back_to_pgvector_defaults(reloptions, expected):
     [([1.0], 0.95, 1.0), ([1.0, 2.0], 0.5, 1.5), (list(map(float, range(1, 101))), 0.95, 95.05)],
 )
 def test_percentile_interpolates_like_numpy(values, q, expected):
-    assert quality._percentile(values, q) == pytest.approx(expected)
-    assert quality._percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
+    assert _percentile(values, q) == pytest.approx(expected)
+    assert _percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
 
 
 def test_check_settings_come_from_the_environment():

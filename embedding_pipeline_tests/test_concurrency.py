@@ -19,9 +19,11 @@ import numpy as np
 import psycopg
 import pytest
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.sync import EngineOptions, Window, sync_embeddings
-from embedding_pipeline.lib.text import content_hash
+from embedding_pipeline.lib.engine.options import EngineOptions
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.expressions import content_hash
 from embedding_pipeline_tests.incremental_helpers import (
     HashEmbedder,
     insert_messages,

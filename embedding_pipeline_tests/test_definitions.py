@@ -10,9 +10,9 @@ import dagster as dg
 import psycopg
 import pytest
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.db import redact_url
-from embedding_pipeline.lib.pgserver import SERVICE_USER, EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.db import redact_url
+from embedding_pipeline.lib.store.pgserver import SERVICE_USER, EmbeddedPostgres, free_port
 from embedding_pipeline.settings import load_settings
 
 ROOT = Path(__file__).parent.parent
@@ -40,15 +40,53 @@ def test_definitions_module_loads_every_asset_and_resource():
 @pytest.mark.parametrize("provider", ["local", "openai", "ollama"])
 def test_embedding_assets_are_in_their_providers_concurrency_pool(provider: str) -> None:
     """The instance's `concurrency: pools:` limit caps the runs calling one provider; the
-    source assets and the checks take no slot."""
+    checks take no slot (the source tables are external: nothing runs for them)."""
     from embedding_pipeline.definitions import build_definitions
 
     settings = load_settings({"EP_EMBEDDING_PROVIDER": provider, "EP_EMBEDDING_DIMENSIONS": "384"})
     defs = build_definitions(settings)
     for spec in settings.tables.values():
         assert defs.get_assets_def(spec.asset_name).op.pool == f"embeddings_{provider}"
-        assert defs.get_assets_def(spec.source_asset_name).op.pool is None
     assert all(c.node_def.pool is None for c in defs.asset_checks or [])
+
+
+def test_source_tables_are_external_assets_upstream_of_their_embeddings():
+    """The application's tables are `AssetSpec`s (nothing materializes them) with their
+    table name and column schema; the lineage still runs table -> embeddings."""
+    from embedding_pipeline.definitions import build_definitions
+
+    settings = load_settings({"EP_MESSAGES_TABLE": "chat_messages"})
+    graph = build_definitions(settings).resolve_asset_graph()
+    for key, spec in settings.tables.items():
+        source = graph.get(dg.AssetKey(key))
+        assert not source.is_materializable and not source.is_executable
+        assert source.kinds == {"postgres"} and source.owners == ["team:embedding-pipeline"]
+        assert source.metadata["dagster/table_name"] == spec.table
+        schema = source.metadata["dagster/column_schema"]
+        assert isinstance(schema, dg.TableSchema)
+        columns = {c.name for c in schema.columns}
+        assert {spec.id_column, *spec.text_columns, spec.embedding_column} <= columns
+        embeddings = graph.get(dg.AssetKey(spec.asset_name))
+        assert embeddings.parent_keys == {dg.AssetKey(key)}
+        assert embeddings.owners == ["team:embedding-pipeline"]
+        assert embeddings.code_version is not None
+        assert embeddings.tags["embedding_pipeline/table"] == key
+    assert graph.get(dg.AssetKey("messages")).metadata["dagster/table_name"] == "chat_messages"
+
+
+@pytest.mark.parametrize("per_run", [None, "2"])
+def test_loading_the_definitions_warns_of_nothing_beta(per_run):
+    """The beta `backfill_policy` warning is silenced for its one call, not process-wide:
+    with every warning shown, building the definitions lets no BetaWarning through."""
+    import warnings
+
+    from embedding_pipeline.definitions import build_definitions
+
+    env = {"EP_BACKFILL_PARTITIONS_PER_RUN": per_run} if per_run else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_definitions(load_settings(env))
+    assert [w for w in caught if issubclass(w.category, dg.BetaWarning)] == []
 
 
 def test_openai_key_is_wired_as_an_environment_reference():

@@ -35,7 +35,7 @@ from embedding_pipeline import cli, definitions, settings
 from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG, write_local_instance_config
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import PROVIDERS
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.settings import api_keys, load_settings
 from embedding_pipeline_tests.conftest import create_database
 
@@ -109,13 +109,14 @@ class _RecordingEnv(Mapping[str, str]):
 
 
 def _variables_the_code_reads() -> set[str]:
-    """Names `load_settings()` asks for, plus every upper-case string literal of settings.py
-    and definitions.py (env reads outside the mapping, `dg.EnvVar("...")`)."""
+    """Names `load_settings()` asks for, plus every upper-case string literal of the
+    settings package and definitions.py (env reads outside the mapping, `dg.EnvVar("...")`)."""
     recorder = _RecordingEnv()
     load_settings(recorder)
     names = set(recorder.names)
-    for module in (settings, definitions):
-        tree = ast.parse(Path(module.__file__ or "").read_text())
+    sources = [*Path(settings.__file__ or "").parent.glob("*.py"), Path(definitions.__file__ or "")]
+    for source in sources:
+        tree = ast.parse(source.read_text())
         names |= {
             node.value
             for node in ast.walk(tree)

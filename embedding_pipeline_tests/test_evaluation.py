@@ -16,9 +16,9 @@ import pytest
 from embedding_pipeline import cli
 from embedding_pipeline.checks import EVAL, PER_RUN_CHECKS
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.model_switch import load_candidate, shadow_spec
-from embedding_pipeline.lib.schema import vector_column_dimension
+from embedding_pipeline.lib.engine.model_switch import load_candidate, shadow_spec
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import vector_column_dimension
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.search.evaluation import Figures, score
 from embedding_pipeline.settings import CheckSettings, Settings

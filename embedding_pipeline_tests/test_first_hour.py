@@ -22,10 +22,10 @@ import pytest
 from embedding_pipeline import cli
 from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
-from embedding_pipeline.lib.ingest import ingest
-from embedding_pipeline.lib.pgserver import free_port
-from embedding_pipeline.lib.schema import ensure_schema
-from embedding_pipeline.lib.telegram import load_export, load_extraction
+from embedding_pipeline.lib.sources.ingest import ingest
+from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
+from embedding_pipeline.lib.store.pgserver import free_port
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.search_helpers import sample_settings, serve_env
 

@@ -9,15 +9,12 @@ from dataclasses import replace
 import pytest
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LocalEmbedder
-from embedding_pipeline.lib.model_switch import switch_models
-from embedding_pipeline.lib.schema import (
-    SchemaError,
-    ensure_schema,
-    hnsw_index_name,
-    vector_column_type,
-)
+from embedding_pipeline.lib.engine.model_switch import switch_models
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import vector_column_type
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
+from embedding_pipeline.lib.store.schema import SchemaError, ensure_schema
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.runner import run_embedding_checks
 from embedding_pipeline.search import Searcher, engine_for

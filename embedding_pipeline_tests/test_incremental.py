@@ -23,17 +23,19 @@ import psycopg
 import pytest
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.backlog import backlog, partition_range
-from embedding_pipeline.lib.ingest import ingest
-from embedding_pipeline.lib.schema import (
-    bulk_load_lock_key,
-    ensure_schema,
-    hnsw_index_name,
-    index_state,
+from embedding_pipeline.lib.engine.index_lifecycle import bulk_load_wanted
+from embedding_pipeline.lib.quality.backlog import (
+    backlog,
+    partition_range,
+    render_markdown,
+    table_pending,
 )
-from embedding_pipeline.lib.sync import bulk_load_wanted
-from embedding_pipeline.lib.telegram import load_extraction
+from embedding_pipeline.lib.sources.ingest import ingest
+from embedding_pipeline.lib.sources.telegram import load_extraction
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import index_state
+from embedding_pipeline.lib.store.hnsw import bulk_load_lock_key, hnsw_index_name
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions, partition_key_for
 from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.search import Searcher
@@ -231,13 +233,17 @@ def test_backlog_counts_missing_and_stale_rows_per_partition(
     }
     assert partition_range(rows) == ("2024-02-01", "2025-09-01")
 
-    source = dg.materialize(
-        [hash_defs.get_assets_def("messages")], resources=hash_resources, instance=instance
+    # what the backlog sensor observes of `messages`: the pending rows alone, read through
+    # the pending index (no month row count)
+    source = table_pending(
+        conn,
+        settings.tables["messages"],
+        "test:hash",
+        lambda m: partition_key_for(partitions_def, m),
     )
-    meta = materialization_metadata(source)["messages"]
-    assert meta["rows_needing_embedding"] == 6
-    # the pending rows alone, read through the pending index (no month row count)
-    assert "| messages | 2024-02-01 |  | 3 | 0 |" in str(meta["backlog"])
+    conn.rollback()
+    assert sum(r.needs_embedding for r in source) == 6
+    assert "| messages | 2024-02-01 |  | 3 | 0 |" in render_markdown(source)
 
     from embedding_pipeline import cli
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.ingest import ingest
-from embedding_pipeline.lib.telegram import InputFileError, load_export, load_extraction
+from embedding_pipeline.lib.sources.ingest import ingest
+from embedding_pipeline.lib.sources.telegram import InputFileError, load_export, load_extraction
+from embedding_pipeline.lib.store import db
 from embedding_pipeline.settings import Settings
 
 from .conftest import DATA, SAMPLE

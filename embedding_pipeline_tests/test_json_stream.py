@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedding_pipeline.lib.json_stream import (
+from embedding_pipeline.lib.sources.json_stream import (
     STREAMED,
     JsonReadError,
     Member,
     StreamedObject,
 )
-from embedding_pipeline.lib.telegram import InputFileError, load_export
+from embedding_pipeline.lib.sources.telegram import InputFileError, load_export
 
 BOM = b"\xef\xbb\xbf"
 

@@ -14,9 +14,8 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import EmbeddingError, LocalEmbedder, build_embedder
-from embedding_pipeline.lib.model_switch import (
+from embedding_pipeline.lib.engine.model_switch import (
     abort_switch,
     fill_shadow,
     model_status,
@@ -24,13 +23,11 @@ from embedding_pipeline.lib.model_switch import (
     shadow_spec,
     switch_models,
 )
-from embedding_pipeline.lib.quality import index_scans
-from embedding_pipeline.lib.schema import (
-    SchemaError,
-    hnsw_index_name,
-    index_state,
-    vector_column_dimension,
-)
+from embedding_pipeline.lib.quality.index import index_scans
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import index_state, vector_column_dimension
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
+from embedding_pipeline.lib.store.schema import SchemaError
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for

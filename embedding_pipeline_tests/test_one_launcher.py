@@ -13,7 +13,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from embedding_pipeline.lib.extractions import ExtractionCursor
+from embedding_pipeline.lib.sources.extractions import ExtractionCursor
 from embedding_pipeline.sensors import BACKLOG_SENSOR, SENSOR_NAME
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import embed_months

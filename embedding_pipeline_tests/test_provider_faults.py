@@ -19,11 +19,11 @@ import pytest
 from embedding_pipeline import cli
 from embedding_pipeline.checks import LAG, NO_FAILED
 from embedding_pipeline.definitions import build_definitions
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, build_embedder
-from embedding_pipeline.lib.engine import errors as row_errors
-from embedding_pipeline.lib.engine.retry import RetryPolicy
-from embedding_pipeline.lib.status import table_status
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
+from embedding_pipeline.lib.engine import row_errors
+from embedding_pipeline.lib.quality.status import table_status
+from embedding_pipeline.lib.store import db
 from embedding_pipeline.resources import PostgresResource
 from embedding_pipeline.runner import run_embedding_checks
 from embedding_pipeline.search import Searcher

@@ -22,9 +22,9 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from embedding_pipeline.assets import build_embedding_asset
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, build_embedder
-from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
+from embedding_pipeline.lib.store import db
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings

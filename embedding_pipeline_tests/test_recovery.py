@@ -1,5 +1,5 @@
 """Runs recover: the database stopped and started mid-run (on a server of this module's
-own, started with the project's `lib/pgserver.py`), with the HNSW index in place or dropped
+own, started with the project's `lib/store/pgserver.py`), with the HNSW index in place or dropped
 for a bulk load; a run that cannot get its database back; and a run that cannot reach its
 provider, which must leave the index alone."""
 
@@ -13,12 +13,16 @@ import dagster as dg
 import psycopg
 import pytest
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres, temporary_server
-from embedding_pipeline.lib.quality import index_builds
-from embedding_pipeline.lib.schema import ensure_schema, hnsw_index_name, index_state
-from embedding_pipeline.lib.sync import EngineOptions, Window, sync_embeddings
+from embedding_pipeline.lib.engine.options import EngineOptions
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.quality.index import index_builds
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import index_state
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, temporary_server
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import HnswSettings, Settings
 from embedding_pipeline_tests.conftest import create_database
 from embedding_pipeline_tests.fault_helpers import (

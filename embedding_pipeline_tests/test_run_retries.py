@@ -14,9 +14,9 @@ import dagster as dg
 import pytest
 from dagster._core.scheduler.instigation import InstigatorType
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres
-from embedding_pipeline.lib.sync import lock_namespace
+from embedding_pipeline.lib.engine.claims import lock_namespace
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database

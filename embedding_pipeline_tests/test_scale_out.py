@@ -17,8 +17,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.pgserver import EmbeddedPostgres
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database
 from embedding_pipeline_tests.daemon_helpers import (

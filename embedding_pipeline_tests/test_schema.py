@@ -5,8 +5,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.schema import SchemaError, ensure_schema, vector_column_dimension
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.catalog import vector_column_dimension
+from embedding_pipeline.lib.store.schema import SchemaError, ensure_schema
 from embedding_pipeline.settings import HnswSettings, Settings, TableSpec, default_tables
 
 EXPECTED_COLUMNS = {

@@ -23,17 +23,14 @@ from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LocalEmbedder
-from embedding_pipeline.lib.model_switch import switch_models
-from embedding_pipeline.lib.quality import index_scans
-from embedding_pipeline.lib.schema import (
-    SchemaError,
-    build_hnsw_index_concurrently,
-    ensure_schema,
-    hnsw_index_name,
-)
-from embedding_pipeline.lib.sync import Window, sync_embeddings
+from embedding_pipeline.lib.engine.model_switch import switch_models
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.quality.index import index_scans
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
+from embedding_pipeline.lib.store.schema import SchemaError, ensure_schema
 from embedding_pipeline.search import (
     InvalidQuery,
     ModelMismatch,

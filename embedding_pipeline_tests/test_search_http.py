@@ -13,10 +13,10 @@ import httpx
 import pytest
 from pytest_httpserver import HTTPServer
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
-from embedding_pipeline.lib.pgserver import free_port
-from embedding_pipeline.lib.schema import ensure_schema
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.pgserver import free_port
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import create_database
 from embedding_pipeline_tests.search_helpers import sample_settings, serve

@@ -20,16 +20,16 @@ import pytest
 from psycopg import sql
 
 from embedding_pipeline.checks import PER_RUN_CHECKS
-from embedding_pipeline.lib import db
-from embedding_pipeline.lib.extractions import (
+from embedding_pipeline.lib.sources.extractions import (
     ExtractionCursor,
     months_query,
     new_extractions_query,
     read_new_extractions,
 )
-from embedding_pipeline.lib.ingest import ingest
-from embedding_pipeline.lib.schema import ensure_schema
-from embedding_pipeline.lib.telegram import load_export, load_extraction
+from embedding_pipeline.lib.sources.ingest import ingest
+from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.sensors import EXTRACTIONS_TAG, SENSOR_NAME, run_key_for
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.conftest import small_export_with_text

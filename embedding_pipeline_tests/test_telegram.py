@@ -4,7 +4,7 @@ test_bad_input.py, through the CLI)."""
 import json
 from datetime import UTC, datetime
 
-from embedding_pipeline.lib.telegram import load_export, load_extraction
+from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
 
 from .conftest import DATA, SAMPLE
 

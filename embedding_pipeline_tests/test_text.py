@@ -5,7 +5,8 @@ import hashlib
 import pytest
 
 from embedding_pipeline.lib.embedders.base import estimate_tokens
-from embedding_pipeline.lib.text import compose_text, content_hash, plan_requests
+from embedding_pipeline.lib.embedders.batching import plan_requests
+from embedding_pipeline.lib.store.expressions import compose_text, content_hash
 
 
 @pytest.mark.parametrize(

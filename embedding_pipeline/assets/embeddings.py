@@ -2,7 +2,7 @@
 
 Each run owns the rows of its month partition(s), embeds those whose embedding is missing,
 made from other text, or made by another model, and writes them back in committed
-batches (see `lib/sync.py`). Re-running an up-to-date partition calls no provider. Rows
+batches (see `lib/engine/run.py`). Re-running an up-to-date partition calls no provider. Rows
 the provider refuses are recorded in the errors table and the run goes on; it fails only
 when the provider cannot embed at all (unreachable past the retry deadline, key or model
 refused), keeping what it wrote.
@@ -15,6 +15,7 @@ backlog differs from its latest observation, an observation of it, so the partit
 shows each month as it is, not the run's totals (those carry a `run_` prefix).
 """
 
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,13 +23,15 @@ from typing import Any
 import dagster as dg
 import psycopg
 
+from embedding_pipeline.assets.metadata import EMBEDDINGS_CODE_VERSION, OWNERS, embedding_tags
 from embedding_pipeline.jobs import missing_run_tags
-from embedding_pipeline.lib.backlog import BacklogRow, window_backlog
-from embedding_pipeline.lib.db import database_now
 from embedding_pipeline.lib.embedders import EmbeddingError
-from embedding_pipeline.lib.engine.errors import RowErrorPolicy
-from embedding_pipeline.lib.schema import SchemaError, ensure_schema
-from embedding_pipeline.lib.sync import EngineOptions, Progress, SyncResult, sync_embeddings
+from embedding_pipeline.lib.engine.options import EngineOptions, Progress, SyncResult
+from embedding_pipeline.lib.engine.row_errors import RowErrorPolicy
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.quality.backlog import BacklogRow, window_backlog
+from embedding_pipeline.lib.store.db import database_now
+from embedding_pipeline.lib.store.schema import SchemaError, ensure_schema
 from embedding_pipeline.partitions import partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings, TableSpec
@@ -56,7 +59,7 @@ def engine_options(
     return EngineOptions(
         session_label=run_label,
         batch_size=embedder.effective_batch_size,
-        concurrency=embedder.concurrency,
+        concurrency=embedder.settings.concurrency,
         row_errors=RowErrorPolicy(
             max_attempts=e.row_max_attempts, retry_base_seconds=e.row_retry_base_seconds
         ),
@@ -228,16 +231,25 @@ def build_embedding_asset(
     settings: Settings,
     partitions_def: dg.TimeWindowPartitionsDefinition,
 ) -> dg.AssetsDefinition:
-    @dg.asset(
-        name=spec.asset_name,
-        deps=[dg.AssetKey(source)],
-        partitions_def=partitions_def,
-        backfill_policy=backfill_policy(settings),
-        pool=provider_pool(settings),
-        group_name="embeddings",
-        kinds={"postgres", "pgvector"},
-        description=f"Embedding vectors of `{spec.table}`, kept current per month partition.",
-    )
+    with warnings.catch_warnings():
+        # `backfill_policy` is beta in Dagster 1.13 and chosen deliberately (single run by
+        # default, docs/operations.md): silence that warning for this call only
+        warnings.filterwarnings("ignore", message=".*backfill_policy", category=dg.BetaWarning)
+        embeddings_asset = dg.asset(
+            name=spec.asset_name,
+            deps=[dg.AssetKey(source)],
+            partitions_def=partitions_def,
+            backfill_policy=backfill_policy(settings),
+            pool=provider_pool(settings),
+            group_name="embeddings",
+            kinds={"postgres", "pgvector"},
+            owners=OWNERS,
+            tags=embedding_tags(source, settings),
+            code_version=EMBEDDINGS_CODE_VERSION,
+            description=f"Embedding vectors of `{spec.table}`, kept current per month partition.",
+        )
+
+    @embeddings_asset
     def _embeddings(
         context: dg.AssetExecutionContext, postgres: PostgresResource, embedder: EmbedderResource
     ) -> dg.MaterializeResult:

@@ -1,107 +1,40 @@
-"""`messages`, `topics` and `atoms`: the application's tables, as assets.
+"""`messages`, `topics` and `atoms`: the application's tables, as external assets.
 
-The application (or `embedding-pipeline ingest`) writes these tables; materializing the
-asset makes sure the pipeline's columns and indexes exist and records what the table
-holds, what changed since the previous materialization, and the embedding backlog per
-month partition (the dry run of a backfill, see `lib/backlog.py`). Between
-materializations the backlog sensor reports the table's current backlog as
-materializations without a run (the application changed the table), so the asset page
-never shows an old backlog.
+The application (or `embedding-pipeline ingest`) writes these tables, not Dagster, so each
+is an `AssetSpec`: it stands in the lineage graph upstream of its `*_embeddings` asset,
+with its table name and the columns the pipeline reads and writes, but has no
+materialization of its own. The backlog sensor observes it (`AssetObservation`: rows
+needing embedding and the backlog per month, reported when they change).
+
+Schema setup is a step of its own, not a side effect of an asset: `embedding-pipeline
+schema` (the demo and `ingest` call it), and every embedding run calls `ensure_schema`
+before its first claim.
 """
 
 import dagster as dg
-from psycopg import sql
 
-from embedding_pipeline.lib.backlog import render_markdown, table_pending
-from embedding_pipeline.lib.schema import ensure_schema
-from embedding_pipeline.partitions import monthly_partitions, partition_mapper
-from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.assets.metadata import OWNERS, source_columns
 from embedding_pipeline.settings import Settings, TableSpec
 
-#: Figures a run records and the next one compares with.
-_COMPARED = ("max_id", "latest_extraction_id")
+SOURCES_GROUP = "sources"
 
 
-def _previous_values(context: dg.AssetExecutionContext) -> dict[str, int | None]:
-    """`max_id` and `latest_extraction_id` of the latest materialization that has them, in
-    one read of the newest materializations (the backlog sensor reports the table's backlog
-    as materializations of its own, without these figures)."""
-    found: dict[str, int | None] = {}
-    cursor = None
-    for _ in range(20):
-        page = context.instance.fetch_materializations(context.asset_key, limit=50, cursor=cursor)
-        for record in page.records:
-            materialization = record.asset_materialization
-            if materialization is None or _COMPARED[0] not in materialization.metadata:
-                continue
-            for key in _COMPARED:
-                value = getattr(materialization.metadata.get(key), "value", None)
-                found[key] = int(value) if isinstance(value, int | float) else None
-            return found
-        if not page.has_more:
-            break
-        cursor = page.cursor
-    return dict.fromkeys(_COMPARED)
-
-
-def build_source_asset(name: str, spec: TableSpec, settings: Settings) -> dg.AssetsDefinition:
-    partitions_def = monthly_partitions(settings.partition_start)
-
-    @dg.asset(
-        name=name,
-        group_name="sources",
+def build_source_spec(key: str, spec: TableSpec, settings: Settings) -> dg.AssetSpec:
+    """The external asset of the application's table `spec.table`, keyed `key`."""
+    return dg.AssetSpec(
+        key=key,
+        group_name=SOURCES_GROUP,
         kinds={"postgres"},
-        description=f"The application's `{spec.table}` table ({spec.entity} rows and their text).",
+        owners=OWNERS,
+        description=(
+            f"The application's `{spec.table}` table ({spec.entity} rows and their text), "
+            "written by the application or `embedding-pipeline ingest`; observed by the "
+            "backlog sensor."
+        ),
+        # Dagster's table metadata keys (`TableMetadataSet`'s, a class Dagster 1.13 does not
+        # export): the UI shows the table name and the columns on the asset's page
+        metadata={
+            "dagster/table_name": spec.table,
+            "dagster/column_schema": source_columns(spec, settings),
+        },
     )
-    def _source(
-        context: dg.AssetExecutionContext, postgres: PostgresResource, embedder: EmbedderResource
-    ) -> dg.MaterializeResult:
-        previous = _previous_values(context)
-        previous_max_id, previous_extraction = previous["max_id"], previous["latest_extraction_id"]
-        with postgres.connection(vector=False) as conn:
-            report = ensure_schema(conn, settings, embedder.dimension, embedder.model_id)
-            table = sql.Identifier(spec.table)
-            id_col = sql.Identifier(spec.id_column)
-            extraction_col = sql.Identifier(spec.extraction_column)
-            row = conn.execute(
-                sql.SQL("SELECT count(*), max({id}), max({ext}) FROM {t}").format(
-                    id=id_col, ext=extraction_col, t=table
-                )
-            ).fetchone()
-            assert row is not None
-            count, max_id, latest_extraction = int(row[0]), row[1], row[2]
-            changed = conn.execute(
-                sql.SQL(
-                    "SELECT count(*) FILTER (WHERE {id} > %(max_id)s), "
-                    "count(*) FILTER (WHERE {id} <= %(max_id)s) FROM {t} "
-                    "WHERE {id} > %(max_id)s OR {ext} > %(ext)s"
-                ).format(id=id_col, ext=extraction_col, t=table),
-                {
-                    "max_id": previous_max_id if previous_max_id is not None else -1,
-                    "ext": previous_extraction if previous_extraction is not None else -1,
-                },
-            ).fetchone()
-            assert changed is not None
-            # the pending rows alone, as the backlog sensor reports them: an index read
-            backlog = table_pending(conn, spec, embedder.model_id, partition_mapper(partitions_def))
-        context.log.info(f"{spec.table}: {count} rows, {changed[0]} new, {changed[1]} changed")
-        return dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": count,
-                "new_rows": int(changed[0]),
-                "changed_rows": int(changed[1]),
-                "max_id": int(max_id) if max_id is not None else 0,
-                "latest_extraction_id": int(latest_extraction)
-                if latest_extraction is not None
-                else 0,
-                "table": spec.table,
-                "rows_needing_embedding": sum(r.needs_embedding for r in backlog),
-                "backlog": dg.MetadataValue.md(render_markdown(backlog)),
-                "backlog_by_partition": dg.MetadataValue.json(
-                    [r.as_dict() for r in backlog if r.needs_embedding]
-                ),
-                "schema_changes": ", ".join(report.changes) or "none",
-            }
-        )
-
-    return _source

@@ -1,6 +1,13 @@
 """The embedding provider, chosen by configuration (local by default)."""
 
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
 import dagster as dg
+import pydantic
 from pydantic import Field
 
 from embedding_pipeline.lib.embedders import (
@@ -9,71 +16,99 @@ from embedding_pipeline.lib.embedders import (
     expected_dimension,
     expected_model_id,
 )
-from embedding_pipeline.lib.engine.ratelimit import RateLimits
-from embedding_pipeline.lib.engine.retry import RetryPolicy
-from embedding_pipeline.settings import DEFAULT_BATCH_SIZES
+from embedding_pipeline.lib.embedders.ratelimit import RateLimits
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
+from embedding_pipeline.settings import EmbedderSettings
+
+#: Config fields named otherwise than their `EmbedderSettings` field (pydantic keeps the
+#: `model_` prefix for itself).
+_CONFIG_NAMES = {"model": "model_name"}
+
+R = TypeVar("R", bound=type)
 
 
+def _config_name(field_name: str) -> str:
+    return _CONFIG_NAMES.get(field_name, field_name)
+
+
+def _with_settings_fields(cls: R) -> R:
+    """`cls` with one config field per `EmbedderSettings` field (its type, default and
+    description), so that the embedder's fields are defined once, in the settings."""
+    hints = typing.get_type_hints(EmbedderSettings)
+    fields: dict[str, Any] = {
+        _config_name(f.name): (
+            hints[f.name],
+            Field(default=f.default, description=f.metadata.get("description")),
+        )
+        for f in dataclasses.fields(EmbedderSettings)
+    }
+    built: type = pydantic.create_model(
+        cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **fields
+    )
+    return typing.cast(R, built)
+
+
+@_with_settings_fields
 class EmbedderResource(dg.ConfigurableResource):
     """Which model embeds: `local` (offline, default), `openai` or `ollama`, and how hard a
-    run may push it (requests in flight, retries, rate limits)."""
+    run may push it (requests in flight, retries, rate limits). Its fields are those of
+    `EmbedderSettings` (`model` is `model_name` here), plus the API key."""
 
-    provider: str = Field(default="local", description="local, openai or ollama")
-    model_name: str | None = Field(default=None, description="provider model; None: default")
-    dimensions: int | None = Field(default=None, description="vector size if not the model's")
-    batch_size: int | None = Field(
-        default=None, description="rows per provider request; None: the provider's default"
-    )
-    concurrency: int | None = Field(
-        default=None, description="provider requests in flight per run; None: provider default"
-    )
     openai_api_key: str | None = Field(default=None, description="from OPENAI_API_KEY")
-    openai_base_url: str | None = None
-    ollama_host: str = "http://127.0.0.1:11434"
-    ollama_max_input_tokens: int | None = None
-    timeout_seconds: float = Field(default=60.0, description="one request's time limit")
-    retry_deadline_seconds: float = Field(
-        default=300.0, description="how long one request keeps retrying transient failures"
-    )
-    requests_per_minute: float | None = Field(default=None, description="client-side limit")
-    tokens_per_minute: float | None = Field(default=None, description="client-side limit")
-    query_prefix: str | None = Field(
-        default=None, description="text before every search query; None: the model's own"
-    )
-    document_prefix: str | None = Field(
-        default=None, description="text before every document; None: the model's own"
-    )
+
+    @classmethod
+    def from_settings(
+        cls, settings: EmbedderSettings, *, openai_api_key: str | dg.EnvVar | None = None
+    ) -> EmbedderResource:
+        """The resource configured as `settings` say; the key stays an `EnvVar` reference."""
+        values = {
+            _config_name(f.name): getattr(settings, f.name) for f in dataclasses.fields(settings)
+        }
+        return cls(openai_api_key=openai_api_key, **values)
+
+    @property
+    def settings(self) -> EmbedderSettings:
+        """This configuration as `EmbedderSettings`."""
+        return EmbedderSettings(
+            **{
+                f.name: getattr(self, _config_name(f.name))
+                for f in dataclasses.fields(EmbedderSettings)
+            }
+        )
 
     def build(self) -> Embedder:
         """A new embedder (its SDK client is created here, in the run, not at import)."""
+        s = self.settings
         return build_embedder(
-            self.provider,
-            model=self.model_name,
-            dimensions=self.dimensions,
+            s.provider,
+            model=s.model,
+            dimensions=s.dimensions,
             openai_api_key=self.openai_api_key,
-            openai_base_url=self.openai_base_url,
-            ollama_host=self.ollama_host,
-            ollama_max_input_tokens=self.ollama_max_input_tokens,
-            timeout=self.timeout_seconds,
-            retry=RetryPolicy(deadline_seconds=self.retry_deadline_seconds),
+            openai_base_url=s.openai_base_url,
+            ollama_host=s.ollama_host,
+            ollama_max_input_tokens=s.ollama_max_input_tokens,
+            timeout=s.timeout_seconds,
+            retry=RetryPolicy(deadline_seconds=s.retry_deadline_seconds),
             rate_limits=RateLimits(
-                requests_per_minute=self.requests_per_minute,
-                tokens_per_minute=self.tokens_per_minute,
+                requests_per_minute=s.requests_per_minute,
+                tokens_per_minute=s.tokens_per_minute,
             ),
-            query_prefix=self.query_prefix,
-            document_prefix=self.document_prefix,
+            query_prefix=s.query_prefix,
+            document_prefix=s.document_prefix,
         )
 
     @property
     def dimension(self) -> int:
-        return expected_dimension(self.provider, self.model_name, self.dimensions)
+        s = self.settings
+        return expected_dimension(s.provider, s.model, s.dimensions)
 
     @property
     def model_id(self) -> str:
+        s = self.settings
         return expected_model_id(
-            self.provider, self.model_name, self.dimensions, self.query_prefix, self.document_prefix
+            s.provider, s.model, s.dimensions, s.query_prefix, s.document_prefix
         )
 
     @property
     def effective_batch_size(self) -> int:
-        return self.batch_size or DEFAULT_BATCH_SIZES.get(self.provider, 64)
+        return self.settings.effective_batch_size

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import dagster as dg
 import psycopg
 
-from embedding_pipeline.lib import db
+from embedding_pipeline.lib.store import db
 
 
 class PostgresResource(dg.ConfigurableResource):

@@ -41,10 +41,10 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import Embedder, build_embedder
-from embedding_pipeline.lib.engine.ratelimit import RateLimits
-from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.lib.embedders.ratelimit import RateLimits
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
+from embedding_pipeline.lib.store import db
 from embedding_pipeline.search.errors import InvalidQuery, ModelMismatch, NotFound
 from embedding_pipeline.search.filters import (
     Filters,

@@ -31,12 +31,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import Embedder
-from embedding_pipeline.lib.ingest import ingest
-from embedding_pipeline.lib.schema import ensure_schema
-from embedding_pipeline.lib.sync import Window, sync_embeddings
-from embedding_pipeline.lib.telegram import (
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.sources.ingest import ingest
+from embedding_pipeline.lib.sources.telegram import (
     InputFileError,
     _as_id,
     _as_list,
@@ -47,6 +45,9 @@ from embedding_pipeline.lib.telegram import (
     load_export,
     load_extraction,
 )
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.domain import Window
+from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.search.api import MODES, Searcher
 from embedding_pipeline.search.tables import TABLE_KEYS
 from embedding_pipeline.settings import Settings

@@ -34,9 +34,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from embedding_pipeline.lib import db
 from embedding_pipeline.lib.embedders import EmbeddingError
-from embedding_pipeline.lib.embedders.base import InputRejectedError, TransientEmbeddingError
+from embedding_pipeline.lib.embedders.errors import InputRejectedError, TransientEmbeddingError
+from embedding_pipeline.lib.store import db
 from embedding_pipeline.search.api import MAX_LIMIT, Hit, Mode, Searcher, engine_for
 from embedding_pipeline.search.auth import (
     UNAUTHORIZED,

@@ -1,7 +1,7 @@
 """SQLAlchemy Core views of the tables search reads, built from the configured `TableSpec`s.
 
 Only the columns search needs are declared (nothing here creates or alters a table: that
-is `lib/schema.py`'s job). The embedding column has no declared size, so one definition
+is `lib/store/schema.py`'s job). The embedding column has no declared size, so one definition
 serves any model's vectors.
 """
 
@@ -15,14 +15,14 @@ import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector
 from sqlalchemy.dialects.postgresql import TSVECTOR
 
-from embedding_pipeline.lib.schema import MODEL_REGISTRY_TABLE
+from embedding_pipeline.lib.store.schema import MODEL_REGISTRY_TABLE
 from embedding_pipeline.settings import TableSpec
 
 #: The tables search serves, by the key used in the API, the CLI and HTTP paths.
 TABLE_KEYS = ("messages", "topics", "atoms")
 
 #: Row fields a hit carries besides its text, per table: hit field -> column. These are
-#: columns of the pipeline's own schema (`lib/schema.py`).
+#: columns of the pipeline's own schema (`lib/store/schema.py`).
 FIELD_COLUMNS: dict[str, dict[str, str]] = {
     "messages": {"author": "author", "author_id": "author_id", "topic_id": "topic_id"},
     "topics": {"title": "name", "key": "key"},
@@ -65,7 +65,7 @@ class SearchTables:
             for key in TABLE_KEYS
         }
         links = sa.Table(
-            f"{specs['atoms'].table}_messages",  # named as lib/schema.py creates it
+            f"{specs['atoms'].table}_messages",  # named as lib/store/schema.py creates it
             metadata,
             sa.Column("atom_id", sa.BigInteger()),
             sa.Column("message_id", sa.BigInteger()),

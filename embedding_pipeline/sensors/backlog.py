@@ -21,8 +21,8 @@ model, rows whose earlier failure is due for another try (the errors table). Eac
      materialization in the asset's Partitions tab; a month back to 0 is reported once);
    - per embedding asset, an evaluation of the `embedding_lag` check (pending rows per
      month, age of the oldest), which the catalog and the lineage graph show;
-   - per source asset (`messages`, ...), a materialization reported without a run (the
-     application changed the table) carrying the per-month backlog table.
+   - per source table (`messages`, ..., external assets: the application writes them), an
+     `AssetObservation` carrying the rows needing embedding and the per-month backlog.
 
 Rows recorded as failed and not due yet (`backlog_failed`) launch nothing: the errors
 table decides when they are tried again (`embedding-pipeline errors`).
@@ -42,9 +42,10 @@ import psycopg
 
 from embedding_pipeline.assets.embeddings import backlog_metadata
 from embedding_pipeline.checks import LAG, lag_outcome
-from embedding_pipeline.lib.backlog import BacklogRow, render_markdown, table_pending
-from embedding_pipeline.lib.db import database_now
-from embedding_pipeline.lib.schema import hnsw_index_name, index_state, relation_exists
+from embedding_pipeline.lib.quality.backlog import BacklogRow, render_markdown, table_pending
+from embedding_pipeline.lib.store.catalog import index_state, relation_exists
+from embedding_pipeline.lib.store.db import database_now
+from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.partitions import partition_mapper
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors.planning import busy_with, failed_lately, in_flight, table_run
@@ -190,15 +191,15 @@ def _lag_event(
 
 def _source_event(
     state: TableState, previous: str | None
-) -> tuple[dg.AssetMaterialization | None, str]:
+) -> tuple[dg.AssetObservation | None, str]:
     work = [r.as_dict() for r in state.rows if r.needs_embedding or r.failed]
     fingerprint = _fingerprint(
         [(r["partition"], r["missing"], r["stale"], r["failed"]) for r in work]
     )
     if fingerprint == previous:
         return None, fingerprint
-    event = dg.AssetMaterialization(
-        asset_key=state.spec.source_asset_name,
+    event = dg.AssetObservation(
+        asset_key=state.key,
         description=f"`{state.spec.table}` as the backlog sensor found it",
         metadata={
             "table": state.spec.table,
@@ -206,7 +207,7 @@ def _source_event(
             "rows_failed_waiting": sum(r.failed for r in state.rows),
             "backlog": dg.MetadataValue.md(render_markdown(state.rows)),
             "backlog_by_partition": dg.MetadataValue.json(work),
-            "reported_by": BACKLOG_SENSOR,
+            "observed_by": BACKLOG_SENSOR,
         },
     )
     return event, fingerprint
@@ -270,7 +271,7 @@ def build_backlog_sensor(
         now_s = time.time()
         requests: list[dg.RunRequest] = []
         waiting: list[str] = []
-        events: list[dg.AssetObservation | dg.AssetCheckEvaluation | dg.AssetMaterialization] = []
+        events: list[dg.AssetObservation | dg.AssetCheckEvaluation] = []
         next_cursor = BacklogCursor(tick=cursor.tick + 1)
         for state in states:
             months = state.months_to_run(last_partition)

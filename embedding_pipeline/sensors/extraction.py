@@ -36,14 +36,14 @@ import dagster as dg
 import psycopg
 
 from embedding_pipeline.jobs import PARTITIONS_TAG
-from embedding_pipeline.lib.backlog import BacklogRow, table_pending
-from embedding_pipeline.lib.extractions import (
+from embedding_pipeline.lib.quality.backlog import BacklogRow, table_pending
+from embedding_pipeline.lib.sources.extractions import (
     ExtractionCursor,
     initial_cursor,
     read_new_extractions,
     touched_months,
 )
-from embedding_pipeline.lib.schema import relation_exists
+from embedding_pipeline.lib.store.catalog import relation_exists
 from embedding_pipeline.partitions import partition_key_for, partition_mapper, window_for
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.sensors.planning import busy_with, in_flight, table_run

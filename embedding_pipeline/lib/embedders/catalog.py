@@ -2,7 +2,7 @@
 adapters for, the query and document prompts that well-known models expect, and how those
 prompts become part of the model id stored with every vector.
 
-Pure and light (no numpy, no SDK): `settings.py` checks a configuration against it when
+Pure and light (no numpy, no SDK): `settings/validation.py` checks a configuration against it when
 the settings load.
 """
 
@@ -135,3 +135,12 @@ def prompted_model_id(base: str, prompts: Prompts) -> str:
         return base
     digest = hashlib.sha256(f"{prompts.query}\x00{prompts.document}".encode()).hexdigest()
     return f"{base}+prompts:{digest[:8]}"
+
+
+#: The embedding providers `EP_EMBEDDING_PROVIDER` may name (`build_embedder` builds them).
+PROVIDERS = ("local", "openai", "ollama")
+
+#: Rows per provider request when EP_BATCH_SIZE is not set: the local model pads each
+#: request to its longest text, OpenAI's fixed cost per request rewards large ones, and
+#: Ollama embeds a request's inputs one after another.
+DEFAULT_BATCH_SIZES = {"local": 64, "openai": 256, "ollama": 32}

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from embedding_pipeline.lib.embedders.base import Embedder, EmbeddingError
+from embedding_pipeline.lib.embedders.base import Embedder
+from embedding_pipeline.lib.embedders.errors import EmbeddingError
 
 LOCAL_MODEL_ID = "local:all-MiniLM-L6-v2-int8"
 LOCAL_DIMENSION = 384

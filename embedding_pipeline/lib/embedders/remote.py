@@ -21,22 +21,20 @@ import binascii
 import json
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from embedding_pipeline.lib.embedders.base import (
-    Embedder,
+from embedding_pipeline.lib.embedders.base import Embedder
+from embedding_pipeline.lib.embedders.catalog import INPUT_TYPE_MODELS, provider_problem
+from embedding_pipeline.lib.embedders.errors import (
     EmbeddingError,
     InputRejectedError,
     TransientEmbeddingError,
 )
-from embedding_pipeline.lib.embedders.catalog import INPUT_TYPE_MODELS, provider_problem
-
-if TYPE_CHECKING:
-    from embedding_pipeline.lib.engine.ratelimit import RateLimiter
-    from embedding_pipeline.lib.engine.retry import RetryPolicy
+from embedding_pipeline.lib.embedders.ratelimit import RateLimiter, parse_reset
+from embedding_pipeline.lib.embedders.retry import RetryPolicy
 
 #: Native output dimension of well-known models; anything else needs explicit dimensions.
 KNOWN_DIMENSIONS: dict[str, dict[str, int]] = {
@@ -82,8 +80,6 @@ def classify_status(
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """The wait a provider asked for: `retry-after-ms`, `Retry-After` in seconds, or
     failing both the later of OpenAI's rate-limit resets."""
-    from embedding_pipeline.lib.engine.ratelimit import parse_reset
-
     lowered = {k.lower(): v for k, v in headers.items()}
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         raw = lowered.get(name)

@@ -1,1 +1,3 @@
-"""The batch engine's parts with no Dagster import: retries, rate limits, the errors table."""
+"""The batch engine: a run's claims, its sessions and writers, the claim -> embed -> write
+loop, the run entry point (`run.sync_embeddings`), the HNSW index around a load, the errors
+table and the model switch. No Dagster import."""

@@ -1,6 +1,6 @@
 """PostgreSQL connection strings: checked before use, and shown without their password.
 
-No import of the rest of the project, so `settings.py` can check `DATABASE_URL` when it
+No import of the rest of the project, so the settings can check `DATABASE_URL` when it
 loads without an import circle.
 """
 

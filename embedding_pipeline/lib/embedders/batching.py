@@ -1,21 +1,6 @@
-"""Pure text helpers: how requests are split, and the Python twins of the text and hash
-the database computes (`db.text_expr`, `db.hash_expr`) for tools and tests."""
+"""How a claim's rows are split into provider requests: by item count and token budget."""
 
 from __future__ import annotations
-
-import hashlib
-from collections.abc import Iterable
-
-
-def compose_text(parts: Iterable[str | None]) -> str:
-    """The text a row is embedded from: non-NULL parts joined by newlines (as SQL
-    `concat_ws(E'\\n', ...)` does)."""
-    return "\n".join(p for p in parts if p is not None)
-
-
-def content_hash(text: str) -> str:
-    """SHA-256 hex digest of the UTF-8 text; equal to the database's `hash_expr`."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def plan_requests(

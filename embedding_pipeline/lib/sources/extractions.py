@@ -20,7 +20,7 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.settings import TableSpec
+from embedding_pipeline.lib.store.domain import TableSpec
 
 #: Most gap ids a cursor keeps; beyond that the oldest are dropped (a backfill covers them).
 MAX_GAPS = 1000

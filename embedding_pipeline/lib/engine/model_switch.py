@@ -11,7 +11,7 @@ moment search keeps using the old vectors and index; after it, only new-model ve
 exist (rows that arrived since the last pass are NULL and embedded by the next run).
 
 Runs configured for another model than the registered one refuse to write
-(`sync.check_model`), so a forgotten configuration change fails loudly instead of
+(`preflight.check_model`), so a forgotten configuration change fails loudly instead of
 re-embedding the column back to the old model.
 """
 
@@ -25,25 +25,27 @@ from dataclasses import asdict, dataclass, replace
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import connect
 from embedding_pipeline.lib.embedders.base import Embedder
-from embedding_pipeline.lib.schema import (
+from embedding_pipeline.lib.engine.options import Progress, SyncResult
+from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.store.catalog import (
+    column_type_sql,
+    index_state,
+    relation_exists,
+    vector_column_dimension,
+    vector_column_type,
+)
+from embedding_pipeline.lib.store.db import connect
+from embedding_pipeline.lib.store.domain import SHADOW_SUFFIX, HnswSettings, TableSpec, Window
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
+from embedding_pipeline.lib.store.schema import (
     MODEL_REGISTRY_TABLE,
     SCHEMA_LOCK_KEY,
     STATE_TABLE,
     SchemaError,
-    build_hnsw_index_concurrently,
-    column_type_sql,
-    hnsw_index_name,
-    index_state,
     registered_model,
-    relation_exists,
     set_state,
-    vector_column_dimension,
-    vector_column_type,
 )
-from embedding_pipeline.lib.sync import Progress, SyncResult, Window, sync_embeddings
-from embedding_pipeline.settings import SHADOW_SUFFIX, HnswSettings, TableSpec
 
 #: How long the swap waits for its table lock before giving up (the command then says to
 #: run it again; the filled shadow columns are kept).

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import needs_embedding_expr
-from embedding_pipeline.lib.engine.errors import recorded_expr
-from embedding_pipeline.settings import TableSpec
+from embedding_pipeline.lib.engine.row_errors import recorded_expr
+from embedding_pipeline.lib.store.domain import TableSpec
+from embedding_pipeline.lib.store.expressions import needs_embedding_expr
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from embedding_pipeline.lib.json_stream import (
+from embedding_pipeline.lib.sources.json_stream import (
     STREAMED,
     Element,
     JsonReadError,

@@ -27,8 +27,8 @@ from typing import Literal
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.schema import ERRORS_TABLE
-from embedding_pipeline.settings import TableSpec
+from embedding_pipeline.lib.store.domain import TableSpec
+from embedding_pipeline.lib.store.schema import ERRORS_TABLE
 
 #: The class of rows whose text is empty: nothing to embed (not an error).
 EMPTY_TEXT = "empty_text"

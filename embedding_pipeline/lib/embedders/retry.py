@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from embedding_pipeline.lib.embedders.base import EmbeddingError, TransientEmbeddingError
+from embedding_pipeline.lib.embedders.errors import EmbeddingError, TransientEmbeddingError
 
 T = TypeVar("T")
 

@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.telegram import (
+from embedding_pipeline.lib.sources.telegram import (
     AtomRecord,
     ChatExport,
     ExtractionFile,
     InputFileError,
     TopicRecord,
 )
-from embedding_pipeline.settings import Settings
+from embedding_pipeline.lib.store.domain import StoreSettings
 
 
 @dataclass
@@ -61,7 +61,7 @@ class IngestReport:
 
 def ingest(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     export: ChatExport,
     extraction: ExtractionFile | None = None,
 ) -> IngestReport:
@@ -110,7 +110,7 @@ class _ExtractionRow:
     def __init__(
         self,
         conn: psycopg.Connection,
-        settings: Settings,
+        settings: StoreSettings,
         export: ChatExport,
         extraction: ExtractionFile | None,
     ) -> None:
@@ -156,7 +156,10 @@ def _stage_messages(conn: psycopg.Connection, export: ChatExport) -> None:
 
 
 def _check_references(
-    conn: psycopg.Connection, settings: Settings, export: ChatExport, extraction: ExtractionFile
+    conn: psycopg.Connection,
+    settings: StoreSettings,
+    export: ChatExport,
+    extraction: ExtractionFile,
 ) -> None:
     """Refuse, before anything is written, an extraction naming a message or a topic that
     is neither in these files nor in the database."""
@@ -200,7 +203,7 @@ def _check_references(
 
 def _upsert_messages(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     export: ChatExport,
     extraction: _ExtractionRow,
     report: IngestReport,
@@ -268,7 +271,7 @@ def _upsert_messages(
 
 
 def _message_row_ids(
-    conn: psycopg.Connection, settings: Settings, chat_id: int, extraction: ExtractionFile
+    conn: psycopg.Connection, settings: StoreSettings, chat_id: int, extraction: ExtractionFile
 ) -> dict[int, int]:
     """Telegram id -> row id of the messages the extraction names."""
     spec = settings.tables["messages"]
@@ -290,7 +293,7 @@ def _referenced_messages(extraction: ExtractionFile) -> list[int]:
 
 def _upsert_topics(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     extraction: ExtractionFile,
     new_extraction: _ExtractionRow,
     report: IngestReport,
@@ -362,7 +365,7 @@ def _upsert_topics(
 
 def _assign_topics(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     extraction: ExtractionFile,
     message_ids: dict[int, int],
     topic_ids: dict[str, int],
@@ -387,7 +390,7 @@ _ATOM_FIELDS = ("kind", "title", "content", "topic_id")
 
 def _upsert_atoms(
     conn: psycopg.Connection,
-    settings: Settings,
+    settings: StoreSettings,
     extraction: ExtractionFile,
     new_extraction: _ExtractionRow,
     message_ids: dict[int, int],

@@ -6,7 +6,7 @@ metadata. Nothing is embedded or written.
 
 Two readings: `table_backlog` counts every row of every month (one grouped scan of the
 table: for reports), `table_pending` visits only the rows that need embedding, through the
-partial pending index (`schema.ensure_pending_index`), so its cost follows the backlog,
+partial pending index (`tracking.ensure_pending_index`), so its cost follows the backlog,
 not the table (for the backlog sensor's every tick).
 """
 
@@ -19,10 +19,9 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.db import needs_embedding_expr
-from embedding_pipeline.lib.engine.errors import blocked_expr, recorded_expr
-from embedding_pipeline.lib.sync import Window
-from embedding_pipeline.settings import TableSpec
+from embedding_pipeline.lib.engine.row_errors import blocked_expr, recorded_expr
+from embedding_pipeline.lib.store.domain import TableSpec, Window
+from embedding_pipeline.lib.store.expressions import needs_embedding_expr
 
 
 @dataclass(frozen=True)

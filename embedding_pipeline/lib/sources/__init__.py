@@ -1,0 +1,1 @@
+"""Where rows come from: the Telegram export reader, ingest, extraction queries."""
