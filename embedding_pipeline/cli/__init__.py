@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from embedding_pipeline.search import Hit, Searcher
     from embedding_pipeline.search.evaluation import Evaluation, Question
 
-SAMPLE_DIR = Path(__file__).parent / "sample_data"
+SAMPLE_DIR = Path(__file__).parent.parent / "sample_data"
 DEMO_QUESTION = "Why did the deployment fail on Friday?"
 #: The project-local Dagster instance (SQLite in DAGSTER_HOME); production uses deploy/.
 #: No telemetry, and no first-visit "Join the community" pop-up (`nux`) in the UI.
@@ -1313,7 +1313,3 @@ def _error(message: str, code: int = 2) -> int:
         message = message.replace(key, "***")
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
