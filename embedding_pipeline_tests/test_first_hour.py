@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from embedding_pipeline import cli
+from embedding_pipeline.cli import runs
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
 from embedding_pipeline.lib.sources.ingest import ingest
 from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
@@ -147,13 +148,13 @@ def test_the_backlog_prints_dagster_asset_materialize_where_dg_is_not_installed(
     """A runtime-only install has no `dg` (it comes with the dev extra)."""
     monkeypatch.setenv("DAGSTER_HOME", "/srv/dagster home")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-    assert cli._backfill_command("message_embeddings", "2025-01-01", "2025-03-01") == (
+    assert runs.backfill_command("message_embeddings", "2025-01-01", "2025-03-01") == (
         f"DAGSTER_HOME='/srv/dagster home' {tmp_path}/dagster asset materialize -m "
         "embedding_pipeline.definitions --select message_embeddings --partition-range "
         "2025-01-01...2025-03-01"
     )
     (tmp_path / "dg").touch()
-    assert cli._backfill_command("atom_embeddings", "2025-01-01", "2025-03-01") == (
+    assert runs.backfill_command("atom_embeddings", "2025-01-01", "2025-03-01") == (
         f"DAGSTER_HOME='/srv/dagster home' {tmp_path}/dg launch --assets atom_embeddings "
         "--partition-range 2025-01-01...2025-03-01"
     )
