@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from embedding_pipeline.cli.bench import cmd_bench
 from embedding_pipeline.cli.database import cmd_db, cmd_dev, cmd_schema
 from embedding_pipeline.cli.demo import DEMO_QUESTION, cmd_demo
 from embedding_pipeline.cli.errors import cmd_errors
@@ -283,4 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=DEMO_QUESTION, help="the question searched for")
     p.set_defaults(func=cmd_demo)
 
+    p = _command(
+        sub,
+        "bench",
+        "list the benchmarks, or run one: bench NAME [ARGS...]",
+        "Without NAME, the scripts of the checkout's benchmarks/ folder with the first line "
+        "of each one's description; with NAME, benchmarks/NAME.py run by this Python with "
+        "ARGS, and its exit code (docs/benchmarks.md). `bench NAME --help` shows its options.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="the benchmark to run")
+    p.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        metavar="ARGS",
+        help="everything after NAME goes to the benchmark, e.g. --rows 1000",
+    )
+    p.set_defaults(func=cmd_bench)
     return parser
