@@ -34,7 +34,7 @@ def search_tables(
     """Hits per table through the search API (`embedding_pipeline.search`). Without
     `tables`, every table the filters apply to."""
     from embedding_pipeline.search import Searcher
-    from embedding_pipeline.search.api import engine_for
+    from embedding_pipeline.search.execution import engine_for
     from embedding_pipeline.search.filters import APPLICABLE
 
     searcher = Searcher(settings)
@@ -120,8 +120,8 @@ def evaluations(
     """The evaluation of the configured model (and with `compare`, of the candidate in the
     shadow columns) on `questions`, through the search API."""
     from embedding_pipeline.search import Searcher
-    from embedding_pipeline.search.api import engine_for
     from embedding_pipeline.search.evaluation import MissingRows, evaluate
+    from embedding_pipeline.search.execution import engine_for
 
     searchers = [Searcher(settings)]
     if compare:
