@@ -2,9 +2,10 @@
 
 One module a family of commands: `database.py` (db, dev, schema), `ingest.py`, `runs.py`
 (materialize, check, status, backlog), `search.py` (search, eval, serve), `models.py`
-(model status, model switch, with `candidate.py`), `errors.py`, `demo.py`; `common.py`
-holds what they share, `parser.py` the argument parser, `instance.py` the local Dagster
-instance's settings. This module runs the command and turns its errors into one line.
+(model status, model switch, with `candidate.py`), `errors.py`, `demo.py`, `bench.py`;
+`common.py` holds what they share, `parser.py` the argument parser, `instance.py` the
+local Dagster instance's settings. This module runs the command and turns its errors into
+one line.
 """
 
 from __future__ import annotations
