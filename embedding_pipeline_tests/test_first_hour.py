@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from embedding_pipeline import cli
+from embedding_pipeline.cli import bench, runs
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
 from embedding_pipeline.lib.sources.ingest import ingest
 from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
@@ -147,16 +148,66 @@ def test_the_backlog_prints_dagster_asset_materialize_where_dg_is_not_installed(
     """A runtime-only install has no `dg` (it comes with the dev extra)."""
     monkeypatch.setenv("DAGSTER_HOME", "/srv/dagster home")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-    assert cli._backfill_command("message_embeddings", "2025-01-01", "2025-03-01") == (
+    assert runs.backfill_command("message_embeddings", "2025-01-01", "2025-03-01") == (
         f"DAGSTER_HOME='/srv/dagster home' {tmp_path}/dagster asset materialize -m "
         "embedding_pipeline.definitions --select message_embeddings --partition-range "
         "2025-01-01...2025-03-01"
     )
     (tmp_path / "dg").touch()
-    assert cli._backfill_command("atom_embeddings", "2025-01-01", "2025-03-01") == (
+    assert runs.backfill_command("atom_embeddings", "2025-01-01", "2025-03-01") == (
         f"DAGSTER_HOME='/srv/dagster home' {tmp_path}/dg launch --assets atom_embeddings "
         "--partition-range 2025-01-01...2025-03-01"
     )
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CLI), "bench", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+def test_bench_lists_the_benchmarks_and_refuses_an_unknown_name() -> None:
+    listed = _bench()
+    assert listed.returncode == 0, listed.stderr
+    lines = dict(line.split(maxsplit=1) for line in listed.stdout.splitlines())
+    scripts = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+    assert sorted(lines) == scripts
+    assert lines["throughput"] == (
+        "Throughput, side by side in one run: the pipeline against the provider called directly."
+    )
+
+    unknown = _bench("no_such_benchmark")
+    assert unknown.returncode == 2
+    assert unknown.stdout == ""
+    assert unknown.stderr.count("\n") == 1
+    assert unknown.stderr.startswith("error: no benchmark 'no_such_benchmark'; one of ")
+    assert all(name in unknown.stderr for name in scripts)
+
+
+def test_bench_runs_a_benchmark_with_its_arguments_and_returns_its_exit_code() -> None:
+    run = _bench("ingest_memory", "--megabytes", "0.05")
+    assert run.returncode == 0, run.stderr
+    # the command's rows: the floor, the first ingest and the same file again
+    rows = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
+    assert {"floor", "first", "again"} <= rows, run.stdout
+
+    usage = _bench("halfvec", "--help")
+    assert usage.returncode == 0
+    assert usage.stdout.startswith("usage: halfvec.py")
+    refused = _bench("halfvec", "--rows", "many")
+    assert refused.returncode == 2
+    assert "--rows: invalid int value: 'many'" in refused.stderr
+
+
+def test_bench_outside_a_checkout_says_there_are_no_benchmarks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(bench, "BENCHMARKS_DIR", tmp_path / "site-packages" / "benchmarks")
+    assert cli.main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: no benchmarks folder at {tmp_path}/site-packages/benchmarks")
 
 
 def _contents(conn: psycopg.Connection) -> dict[int, str]:

@@ -123,7 +123,7 @@ def test_the_walk_sees_the_whole_package():
     graph = import_graph()
     assert {"embedding_pipeline.definitions", "embedding_pipeline.lib.engine.run"} <= set(graph)
     # an import inside a function (the CLI imports the runner when a command needs it)
-    assert "embedding_pipeline.runner" in graph["embedding_pipeline.cli"]
+    assert "embedding_pipeline.runner" in graph["embedding_pipeline.cli.runs"]
 
 
 def test_no_import_circles():
@@ -185,3 +185,21 @@ def test_lib_packages_import_only_the_layers_below():
     assert {
         p.name for p in (ROOT / "lib").iterdir() if p.is_dir() and p.name != "__pycache__"
     } == set(LIB_LAYERS)
+
+
+#: One module a family of checks (docs/architecture.md): each imports the shared
+#: `checks.base` and no other family; `checks.builder` lists them all.
+CHECK_FAMILIES = ("completeness", "shape", "index", "search")
+
+
+def test_check_families_import_only_the_shared_base():
+    graph = import_graph()
+    families = [f"{PACKAGE}.checks.{family}" for family in CHECK_FAMILIES]
+    assert set(families) <= set(graph)
+    offenders = sorted(
+        f"{name} imports {imp}"
+        for name in families
+        for imp in graph[name]
+        if imp.startswith(f"{PACKAGE}.checks") and imp != f"{PACKAGE}.checks.base"
+    )
+    assert offenders == []

@@ -246,10 +246,11 @@ def test_backlog_counts_missing_and_stale_rows_per_partition(
     assert "| messages | 2024-02-01 |  | 3 | 0 |" in render_markdown(source)
 
     from embedding_pipeline import cli
+    from embedding_pipeline.cli import runs
 
     monkeypatch.setenv("DATABASE_URL", settings.effective_database_url)
     monkeypatch.setenv("DAGSTER_HOME", str(Path(instance.root_directory)))
-    monkeypatch.setattr(cli, "_embedder", lambda s: helpers.HashEmbedder())
+    monkeypatch.setattr(runs, "build_embedder", lambda s: helpers.HashEmbedder())
     capsys.readouterr()
     assert cli.main(["backlog", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

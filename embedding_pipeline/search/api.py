@@ -28,8 +28,7 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import cache, update_wrapper
@@ -37,15 +36,19 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar,
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import Session
-from sqlalchemy.sql.compiler import SQLCompiler
 
 from embedding_pipeline.lib.embedders import Embedder, build_embedder
 from embedding_pipeline.lib.embedders.ratelimit import RateLimits
 from embedding_pipeline.lib.embedders.retry import RetryPolicy
-from embedding_pipeline.lib.store import db
 from embedding_pipeline.search.errors import InvalidQuery, ModelMismatch, NotFound
+from embedding_pipeline.search.execution import (
+    Explain,
+    Steps,
+    SyncConnection,
+    explain_plan,
+    run_steps,
+)
+from embedding_pipeline.search.execution import engine_for as engine_for  # re-exported
 from embedding_pipeline.search.filters import (
     Filters,
     check_applicable,
@@ -75,15 +78,8 @@ MODES: tuple[str, ...] = get_args(Mode)
 #: The most results one call returns.
 MAX_LIMIT = 100
 
-T = TypeVar("T")
 R = TypeVar("R")
 P = ParamSpec("P")
-#: A query as a generator: it yields statements with their parameters, receives their
-#: rows, and returns its result. The same steps run on a sync connection and, through
-#: `run_sync`, on an async one.
-Step = tuple[sa.Executable, dict[str, Any]]
-Steps = Generator[Step, Sequence[sa.RowMapping], T]
-SyncConnection = sa.Connection | Session
 
 
 @dataclass(frozen=True)
@@ -156,53 +152,8 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-@contextmanager
-def _scope(conn: SyncConnection) -> Iterator[None]:
-    """A savepoint inside the caller's transaction, or a transaction of our own; always
-    rolled back (search writes nothing), which also ends every transaction-local setting."""
-    transaction = conn.begin_nested() if conn.in_transaction() else conn.begin()
-    try:
-        yield
-    finally:
-        with suppress(sa.exc.DBAPIError):
-            transaction.rollback()
-
-
-def _run(conn: SyncConnection, steps: Steps[T]) -> T:
-    with _scope(conn):
-        statement, params = next(steps)
-        while True:
-            rows = conn.execute(statement, params).mappings().all()
-            try:
-                statement, params = steps.send(rows)
-            except StopIteration as done:
-                return done.value
-
-
 #: Which rank a single-ranking mode's position is.
 _OWN_RANK: dict[str, str | None] = {"vector": "vector_rank", "text": "text_rank", "hybrid": None}
-
-
-class _Explain(sa.Executable, sa.ClauseElement):
-    """`EXPLAIN (FORMAT JSON[, ANALYZE]) <statement>` as an executable construct."""
-
-    inherit_cache = False
-
-    def __init__(self, statement: sa.Select[Any], *, analyze: bool) -> None:
-        self.statement = statement
-        self.analyze = analyze
-
-
-def _plan(rows: Sequence[sa.RowMapping]) -> Any:
-    """The JSON plan an `_Explain` answered (its one column, by position: SQLAlchemy names
-    result columns after the explained statement's)."""
-    return next(iter(rows[0].values()))
-
-
-@compiles(_Explain)
-def _compile_explain(element: _Explain, compiler: SQLCompiler, **kw: Any) -> str:
-    options = "ANALYZE, FORMAT JSON" if element.analyze else "FORMAT JSON"
-    return f"EXPLAIN ({options}) {compiler.process(element.statement, **kw)}"
 
 
 class Searcher:
@@ -352,7 +303,7 @@ class Searcher:
     def check_model(self, conn: SyncConnection, table: str) -> None:
         """`ModelMismatch` when `table`'s embedding column holds another model's vectors
         than the one queries are embedded with; run before embedding a query."""
-        _run(conn, self._column_model(check_table(table)))
+        run_steps(conn, self._column_model(check_table(table)))
 
     def run(
         self,
@@ -361,7 +312,7 @@ class Searcher:
         vector: np.ndarray | Sequence[float] | None,
     ) -> list[Hit]:
         """A prepared search with its query vector (None for text mode)."""
-        return _run(conn, self._search_steps(request, self._query_vector(request, vector)))
+        return run_steps(conn, self._search_steps(request, self._query_vector(request, vector)))
 
     def explain(
         self, conn: SyncConnection, query: str, *, analyze: bool = False, **options: Any
@@ -375,7 +326,7 @@ class Searcher:
             self.check_model(conn, request.key)
             vector = self.embed_query(request.text)
         query_vector = self._query_vector(request, vector)
-        return _run(conn, self._explain_steps(request, query_vector, analyze))
+        return run_steps(conn, self._explain_steps(request, query_vector, analyze))
 
     def similar(
         self,
@@ -389,11 +340,11 @@ class Searcher:
         """The `k` rows of `table` nearest to the stored row `id` (itself excluded); no
         query is embedded. Raises `NotFound` when the row is missing or not embedded."""
         key, parsed, row_id = check_table(table), parse_filters(filters), check_id(id)
-        return _run(conn, self._similar_steps(key, row_id, check_limit(k), parsed))
+        return run_steps(conn, self._similar_steps(key, row_id, check_limit(k), parsed))
 
     def atoms_for_message(self, conn: SyncConnection, message_id: int) -> list[Hit]:
         """The atoms extracted from a message, oldest first."""
-        return _run(conn, self._atoms_for_message_steps(check_id(message_id, "message_id")))
+        return run_steps(conn, self._atoms_for_message_steps(check_id(message_id, "message_id")))
 
     def messages_for_topic(
         self,
@@ -408,7 +359,7 @@ class Searcher:
         steps = self._messages_for_topic_steps(
             _topic(topic), check_limit(limit, "limit"), parse_filters(filters)
         )
-        return _run(conn, steps)
+        return run_steps(conn, steps)
 
     # -- public queries (async: the same steps through run_sync) ---------------------------
 
@@ -505,8 +456,8 @@ class Searcher:
         if not filters.used:
             return False
         statement = self.sql.filtered_rows(key, filter_shape(filters))
-        rows = yield _Explain(statement, analyze=False), filter_params(filters)
-        estimate = float(_plan(rows)[0]["Plan"]["Plan Rows"])
+        rows = yield Explain(statement, analyze=False), filter_params(filters)
+        estimate = float(explain_plan(rows)[0]["Plan"]["Plan Rows"])
         return estimate < self.settings.search.exact_below_rows
 
     def _search_step(
@@ -541,8 +492,8 @@ class Searcher:
         self, request: SearchQuery, vector: np.ndarray | None, analyze: bool
     ) -> Steps[Any]:
         statement, params = yield from self._prepared_search(request, vector)
-        rows = yield _Explain(statement, analyze=analyze), params
-        return _plan(rows)
+        rows = yield Explain(statement, analyze=analyze), params
+        return explain_plan(rows)
 
     def _similar_steps(self, key: str, row_id: int, k: int, filters: Filters) -> Steps[list[Hit]]:
         check_applicable(key, filters)
@@ -605,28 +556,6 @@ class Searcher:
                 )
             )
         return hits
-
-
-def engine_for(url: str, *, statement_timeout: float | None = None, **options: Any) -> sa.Engine:
-    """A pooled SQLAlchemy engine (psycopg 3) on `url` (a URL or a libpq keyword string).
-    Connections are opened by `lib.db.connect`, so a failure never shows the password;
-    `pool_pre_ping` replaces connections a database restart broke; `hide_parameters`
-    keeps statement parameters (query text, filter values) out of exception messages;
-    `statement_timeout` (seconds) bounds every statement on its connections."""
-    options = {"pool_pre_ping": True, "hide_parameters": True, **options}
-    engine = sa.create_engine(
-        "postgresql+psycopg://", creator=lambda: db.connect(url, vector=False), **options
-    )
-    if statement_timeout is not None:
-        milliseconds = max(1, round(statement_timeout * 1000))
-
-        @sa.event.listens_for(engine, "connect")
-        def bound_statements(dbapi_connection: Any, _record: Any) -> None:
-            with dbapi_connection.cursor() as cursor:
-                cursor.execute(f"SET statement_timeout = {milliseconds}")
-            dbapi_connection.commit()
-
-    return engine
 
 
 @cache

@@ -1,6 +1,6 @@
 """Measurements behind the asset checks: completeness, freshness, shape, index and search.
 
-Pure SQL over one embedded table, no Dagster: `checks.py` turns these reports into
+Pure SQL over one embedded table, no Dagster: `checks/` turns these reports into
 `dg.AssetCheckResult`s, and the benchmark and tests call them directly. Every measurement
 that could grow with the table reads a bounded sample and says so in its report.
 
