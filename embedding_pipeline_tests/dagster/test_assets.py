@@ -19,7 +19,7 @@ from embedding_pipeline.lib.store.expressions import (
 )
 from embedding_pipeline.partitions import monthly_partitions, partition_mapper
 from embedding_pipeline.resources import EmbedderResource
-from embedding_pipeline_tests.incremental_helpers import figures
+from embedding_pipeline_tests.support.incremental import figures
 
 SEPTEMBER = "2025-09-01"
 OCTOBER = "2025-10-01"

@@ -20,7 +20,7 @@ from embedding_pipeline.jobs import PARTITIONS_TAG, TABLES_TAG, TRIGGER_TAG
 from embedding_pipeline.lib.embedders import LOCAL_MODEL_ID
 from embedding_pipeline.sensors import BACKLOG_SENSOR
 from embedding_pipeline.sensors.backlog import REASON_TAG
-from embedding_pipeline_tests.conftest import embed_months
+from embedding_pipeline_tests.support.runs import embed_months
 
 SEPTEMBER = "2025-09-01"
 OCTOBER = "2025-10-01"

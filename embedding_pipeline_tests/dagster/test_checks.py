@@ -23,7 +23,7 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.hnsw import bulk_load_lock_key
 from embedding_pipeline.settings import CheckSettings, HnswSettings, TableSpec, load_settings
-from embedding_pipeline_tests.conftest import embed_months
+from embedding_pipeline_tests.support.runs import embed_months
 
 MESSAGES = "message_embeddings"
 TOPICS = "topic_embeddings"

@@ -14,8 +14,8 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.db import redact_url
 from embedding_pipeline.lib.store.pgserver import SERVICE_USER, EmbeddedPostgres, free_port
 from embedding_pipeline.settings import load_settings
+from embedding_pipeline_tests.support.paths import ROOT
 
-ROOT = Path(__file__).parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -16,8 +16,8 @@ import pytest
 from embedding_pipeline.lib.sources.extractions import ExtractionCursor
 from embedding_pipeline.sensors import BACKLOG_SENSOR, SENSOR_NAME
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import embed_months
-from embedding_pipeline_tests.incremental_helpers import add_extraction, insert_messages
+from embedding_pipeline_tests.support.incremental import add_extraction, insert_messages
+from embedding_pipeline_tests.support.runs import embed_months
 
 ASSETS = ("message_embeddings", "topic_embeddings", "atom_embeddings")
 

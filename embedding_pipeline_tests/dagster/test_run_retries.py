@@ -19,17 +19,17 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import create_database
-from embedding_pipeline_tests.daemon_helpers import (
+from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline_tests.support.daemon import (
     instance_home,
     project_env,
     running_daemon,
     wait_for,
     workspace,
 )
-from embedding_pipeline_tests.fault_helpers import OPENAI_ID, assert_embedded, schema_for
-from embedding_pipeline_tests.fault_server import FaultServer
-from embedding_pipeline_tests.incremental_helpers import add_extraction, insert_messages
+from embedding_pipeline_tests.support.database import create_database
+from embedding_pipeline_tests.support.faults import OPENAI_ID, assert_embedded, schema_for
+from embedding_pipeline_tests.support.incremental import add_extraction, insert_messages
 
 
 @pytest.fixture

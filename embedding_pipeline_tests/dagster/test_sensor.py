@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import dagster as dg
 import psycopg
@@ -32,11 +31,10 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.sensors import EXTRACTIONS_TAG, SENSOR_NAME, run_key_for
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import small_export_with_text
-from embedding_pipeline_tests.incremental_helpers import add_extraction, insert_messages
+from embedding_pipeline_tests.support.database import small_export_with_text
+from embedding_pipeline_tests.support.incremental import add_extraction, insert_messages
+from embedding_pipeline_tests.support.paths import DATA, ROOT
 
-ROOT = Path(__file__).parent.parent
-DATA = Path(__file__).parent / "data"
 SAMPLE = ROOT / "embedding_pipeline" / "sample_data"
 
 

@@ -33,8 +33,7 @@ from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import PROVIDERS, Settings, load_settings, postgres_names
-
-from .conftest import DATA
+from embedding_pipeline_tests.support.paths import DATA
 
 CLI = Path(sys.executable).parent / "embedding-pipeline"
 GOOD_EXPORT = DATA / "small_export.json"

@@ -37,9 +37,9 @@ from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import PROVIDERS
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.settings import api_keys, load_settings
-from embedding_pipeline_tests.conftest import create_database
+from embedding_pipeline_tests.support.database import create_database
+from embedding_pipeline_tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DEPLOY = ROOT / "deploy"

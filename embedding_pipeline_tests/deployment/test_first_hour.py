@@ -27,11 +27,9 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import free_port
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.search_helpers import sample_settings, serve_env
+from embedding_pipeline_tests.support.paths import ROOT, SAMPLE
+from embedding_pipeline_tests.support.search import sample_settings, serve_env
 
-from .conftest import SAMPLE
-
-ROOT = Path(__file__).parent.parent
 VENV_BIN = Path(sys.executable).parent
 CLI = VENV_BIN / "embedding-pipeline"
 

@@ -24,13 +24,13 @@ from embedding_pipeline.lib.engine.run import sync_embeddings
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.expressions import content_hash
-from embedding_pipeline_tests.incremental_helpers import (
+from embedding_pipeline_tests.support.incremental import (
     HashEmbedder,
     insert_messages,
     logged_texts,
 )
+from embedding_pipeline_tests.support.paths import ROOT
 
-ROOT = Path(__file__).parent.parent
 MONTHS = [datetime(2024, m, 10, tzinfo=UTC) for m in (3, 4, 5, 6)]
 
 
@@ -39,7 +39,7 @@ def worker(url: str, start: str, end: str, log: Path, go: Path) -> subprocess.Po
         [
             sys.executable,
             "-m",
-            "embedding_pipeline_tests.incremental_helpers",
+            "embedding_pipeline_tests.support.incremental",
             "materialize",
             "--database-url",
             url,

@@ -19,7 +19,7 @@ from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.runner import run_embedding_checks
 from embedding_pipeline.search import Searcher, engine_for
 from embedding_pipeline.settings import EmbedderSettings, Settings, SettingsError, load_settings
-from embedding_pipeline_tests.conftest import embed_small_chat
+from embedding_pipeline_tests.support.database import embed_small_chat
 
 HALFVEC = EmbedderSettings(vector_type="halfvec")
 LARGE = {"EP_EMBEDDING_PROVIDER": "openai", "EP_EMBEDDING_MODEL": "text-embedding-3-large"}

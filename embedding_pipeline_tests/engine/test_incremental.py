@@ -42,9 +42,9 @@ from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import HnswSettings, Settings
-from embedding_pipeline_tests import incremental_helpers as helpers
-from embedding_pipeline_tests.conftest import ingest_small_chat, small_export_with_text
-from embedding_pipeline_tests.incremental_helpers import (
+from embedding_pipeline_tests.support import incremental as helpers
+from embedding_pipeline_tests.support.database import ingest_small_chat, small_export_with_text
+from embedding_pipeline_tests.support.incremental import (
     CALLS,
     HashEmbedderResource,
     add_extraction,
@@ -52,9 +52,8 @@ from embedding_pipeline_tests.incremental_helpers import (
     insert_messages,
     materialization_metadata,
 )
+from embedding_pipeline_tests.support.paths import DATA, ROOT
 
-ROOT = Path(__file__).parent.parent
-DATA = Path(__file__).parent / "data"
 VENV_BIN = Path(sys.executable).parent
 MESSAGES = "message_embeddings"
 
@@ -317,7 +316,7 @@ def _worker(settings: Settings, log: Path, *options: str) -> subprocess.Popen[by
         [
             sys.executable,
             "-m",
-            "embedding_pipeline_tests.incremental_helpers",
+            "embedding_pipeline_tests.support.incremental",
             "materialize",
             "--database-url",
             settings.effective_database_url,

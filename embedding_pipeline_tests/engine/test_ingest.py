@@ -11,8 +11,7 @@ from embedding_pipeline.lib.sources.ingest import ingest
 from embedding_pipeline.lib.sources.telegram import InputFileError, load_export, load_extraction
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.settings import Settings
-
-from .conftest import DATA, SAMPLE
+from embedding_pipeline_tests.support.paths import DATA, SAMPLE
 
 
 def _counts(conn: psycopg.Connection) -> dict[str, int]:

@@ -32,8 +32,8 @@ from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import embed_small_chat
-from embedding_pipeline_tests.incremental_helpers import (
+from embedding_pipeline_tests.support.database import embed_small_chat
+from embedding_pipeline_tests.support.incremental import (
     HashEmbedder,
     HashEmbedderResource,
     hash_vector,

@@ -30,7 +30,8 @@ from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.sensors import BACKLOG_SENSOR
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.fault_helpers import (
+from embedding_pipeline_tests.fault_server import FaultServer, fake_vector
+from embedding_pipeline_tests.support.faults import (
     OLLAMA_ID,
     OPENAI_ID,
     SECRET,
@@ -43,8 +44,7 @@ from embedding_pipeline_tests.fault_helpers import (
     schema_for,
     stored,
 )
-from embedding_pipeline_tests.fault_server import FaultServer, fake_vector
-from embedding_pipeline_tests.test_providers import event_log_text
+from embedding_pipeline_tests.support.runs import event_log_text
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,11 @@ from embedding_pipeline.lib.embedders import Embedder, EmbeddingError, build_emb
 from embedding_pipeline.lib.embedders.retry import RetryPolicy
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.partitions import monthly_partitions
-from embedding_pipeline.resources import EmbedderResource, PostgresResource
+from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.fault_server import b64, fake_vector
-from embedding_pipeline_tests.incremental_helpers import figures
+from embedding_pipeline_tests.support.incremental import figures
+from embedding_pipeline_tests.support.runs import event_log_text, materialize
 
 SECRET = "sk-test-SECRET123"
 OPENAI_MODEL = "text-embedding-3-small"
@@ -498,26 +499,6 @@ def ollama_resource(httpserver: HTTPServer, **options: Any) -> EmbedderResource:
     )
 
 
-def materialize(
-    asset: dg.AssetsDefinition,
-    settings: Settings,
-    embedder: EmbedderResource,
-    partition: str,
-    instance: dg.DagsterInstance,
-    raise_on_error: bool = True,
-) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
-        [asset],
-        partition_key=partition,
-        instance=instance,
-        raise_on_error=raise_on_error,
-        resources={
-            "postgres": PostgresResource(database_url=settings.effective_database_url),
-            "embedder": embedder,
-        },
-    )
-
-
 def messages(conn: psycopg.Connection) -> list[Row]:
     """Every message with its embedding columns, by id."""
     return conn.execute(
@@ -532,14 +513,6 @@ def in_month(row: Row, partition: str) -> bool:
 
 def comparable(rows: list[Row]) -> list[Row]:
     return [(*r[:3], None if r[3] is None else r[3].to_list(), *r[4:]) for r in rows]
-
-
-def event_log_text(instance: dg.DagsterInstance, run_id: str) -> str:
-    """Everything the run recorded: its events (messages, metadata, errors) and its config."""
-    entries = [dg.serialize_value(entry) for entry in instance.all_logs(run_id)]
-    run = instance.get_run_by_id(run_id)
-    assert run is not None and entries
-    return "\n".join([*entries, json.dumps(run.run_config, default=str)])
 
 
 def materialization_metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:

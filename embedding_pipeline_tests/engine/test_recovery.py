@@ -24,8 +24,9 @@ from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, temporary_server
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import HnswSettings, Settings
-from embedding_pipeline_tests.conftest import create_database
-from embedding_pipeline_tests.fault_helpers import (
+from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline_tests.support.database import create_database
+from embedding_pipeline_tests.support.faults import (
     ENGINE,
     OPENAI_ID,
     assert_embedded,
@@ -34,7 +35,6 @@ from embedding_pipeline_tests.fault_helpers import (
     month_rows,
     resource,
 )
-from embedding_pipeline_tests.fault_server import FaultServer
 
 MONTH = "2025-03-01"
 ROWS = 96

@@ -20,8 +20,8 @@ import dagster as dg
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import create_database
-from embedding_pipeline_tests.daemon_helpers import (
+from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline_tests.support.daemon import (
     BIN,
     instance_home,
     project_env,
@@ -29,9 +29,9 @@ from embedding_pipeline_tests.daemon_helpers import (
     wait_for,
     workspace,
 )
-from embedding_pipeline_tests.fault_helpers import OPENAI_ID, assert_embedded, schema_for
-from embedding_pipeline_tests.fault_server import FaultServer
-from embedding_pipeline_tests.incremental_helpers import insert_messages
+from embedding_pipeline_tests.support.database import create_database
+from embedding_pipeline_tests.support.faults import OPENAI_ID, assert_embedded, schema_for
+from embedding_pipeline_tests.support.incremental import insert_messages
 
 MONTHS = ("2025-01-01", "2025-03-01")
 

@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -47,11 +46,12 @@ from embedding_pipeline.search.evaluation import (
     load_questions,
 )
 from embedding_pipeline.settings import SearchSettings, Settings, load_settings
-from embedding_pipeline_tests.conftest import ingest_small_chat
-from embedding_pipeline_tests.incremental_helpers import HashEmbedder
-from embedding_pipeline_tests.search_helpers import sample_settings
+from embedding_pipeline_tests.support.database import ingest_small_chat
+from embedding_pipeline_tests.support.incremental import HashEmbedder
+from embedding_pipeline_tests.support.paths import ROOT
+from embedding_pipeline_tests.support.search import sample_settings
 
-DOCS = Path(__file__).parent.parent / "docs" / "search.md"
+DOCS = ROOT / "docs" / "search.md"
 FRIDAY = "Why did the deployment fail on Friday?"
 
 

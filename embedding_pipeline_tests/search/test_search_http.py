@@ -18,8 +18,8 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import free_port
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import create_database
-from embedding_pipeline_tests.search_helpers import sample_settings, serve
+from embedding_pipeline_tests.support.database import create_database
+from embedding_pipeline_tests.support.search import sample_settings, serve
 
 FRIDAY = "Why did the deployment fail on Friday?"
 SEARCH = "/api/v1/semantic_search/messages"

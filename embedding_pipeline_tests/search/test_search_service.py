@@ -43,7 +43,7 @@ from embedding_pipeline.settings import (
     SettingsError,
     api_keys,
 )
-from embedding_pipeline_tests.search_helpers import VENV_BIN, sample_settings, serve, serve_env
+from embedding_pipeline_tests.support.search import VENV_BIN, sample_settings, serve, serve_env
 
 SEARCH = "/api/v1/semantic_search/messages"
 KEYS = ("k-one-4242", "k-two-4242")

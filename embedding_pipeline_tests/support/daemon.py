@@ -18,10 +18,10 @@ import dagster as dg
 import yaml
 
 from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
-from embedding_pipeline_tests.fault_helpers import SECRET
 from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline_tests.support.faults import SECRET
+from embedding_pipeline_tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
 

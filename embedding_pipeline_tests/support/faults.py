@@ -18,8 +18,8 @@ from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import EngineSettings, Settings
 from embedding_pipeline_tests.fault_server import FaultServer, fake_vector
-from embedding_pipeline_tests.incremental_helpers import insert_messages, materialization_metadata
-from embedding_pipeline_tests.test_providers import materialize as materialize_asset
+from embedding_pipeline_tests.support.incremental import insert_messages, materialization_metadata
+from embedding_pipeline_tests.support.runs import materialize as materialize_asset
 
 SECRET = "sk-test-FAULTS-7f3a9"
 OPENAI_ID = "openai:text-embedding-3-small@384"

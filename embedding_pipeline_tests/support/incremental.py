@@ -3,7 +3,7 @@
 `HashEmbedder` is a deterministic stand-in for a provider: a text always maps to the same
 unit vector, every call is recorded (in memory, and in a file for tests that run the
 pipeline in other processes), and it can be slowed down or made to fail after N calls.
-The module also runs as a worker process: `python -m embedding_pipeline_tests.incremental_helpers
+The module also runs as a worker process: `python -m embedding_pipeline_tests.support.incremental
 materialize ...` materializes embedding partitions with that embedder (used by the
 concurrency and SIGKILL tests).
 """

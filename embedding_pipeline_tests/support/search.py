@@ -16,7 +16,7 @@ from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LocalEmbedder
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.search.evaluation import load_sample
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import create_database
+from embedding_pipeline_tests.support.database import create_database
 
 VENV_BIN = Path(sys.executable).parent
 _SAMPLES: dict[str, Settings] = {}

@@ -40,9 +40,9 @@ from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.sensors import BACKLOG_SENSOR
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.conftest import create_database, ingest_small_chat
+from embedding_pipeline_tests.support.database import create_database, ingest_small_chat
+from embedding_pipeline_tests.support.paths import ROOT
 
-ROOT = Path(__file__).parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--headless",

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from embedding_pipeline_tests.support.paths import ROOT as CHECKOUT
+
 PACKAGE = "embedding_pipeline"
-ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+ROOT = CHECKOUT / PACKAGE
 #: Pure code: no Dagster import anywhere below these.
 NO_DAGSTER = ("embedding_pipeline.lib", "embedding_pipeline.search")
 

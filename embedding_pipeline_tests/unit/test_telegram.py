@@ -5,8 +5,7 @@ import json
 from datetime import UTC, datetime
 
 from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
-
-from .conftest import DATA, SAMPLE
+from embedding_pipeline_tests.support.paths import DATA, SAMPLE
 
 
 def test_small_export_flattens_text_and_skips_service_and_empty():
