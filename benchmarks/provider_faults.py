@@ -2,8 +2,8 @@
 
 What `embedding-pipeline materialize` does (one in-process Dagster run of
 `message_embeddings` over every partition, on a throwaway embedded PostgreSQL 18 /
-pgvector 0.8) with `EP_EMBEDDING_PROVIDER=openai` pointed at the fault-injecting server of
-the test suite (`embedding_pipeline_tests/fault_server.py`), twice in one invocation:
+pgvector 0.8) with `EP_EMBEDDING_PROVIDER=openai` pointed at the fault-injecting server the
+tests use too (`embedding_pipeline/testing/fault_server.py`), twice in one invocation:
 
 - ``no faults``: every request answered;
 - ``storm``: 30% of requests answered 429 with ``Retry-After`` (1 s by default), 10% 500.
@@ -33,16 +33,13 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the fault server lives with the tests
-
-from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG  # noqa: E402
-from embedding_pipeline.lib.store import db  # noqa: E402
-from embedding_pipeline.lib.store.pgserver import temporary_server  # noqa: E402
-from embedding_pipeline.lib.store.schema import ensure_schema  # noqa: E402
-from embedding_pipeline.runner import RunFailed, materialize_all  # noqa: E402
-from embedding_pipeline.settings import Settings, load_settings  # noqa: E402
-from embedding_pipeline_tests.fault_server import Faults, FaultServer  # noqa: E402
+from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.pgserver import temporary_server
+from embedding_pipeline.lib.store.schema import ensure_schema
+from embedding_pipeline.runner import RunFailed, materialize_all
+from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.testing.fault_server import Faults, FaultServer
 
 DIMENSION = 384
 MODEL_ID = f"openai:text-embedding-3-small@{DIMENSION}"

@@ -20,7 +20,7 @@ from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.fault_server import Faults, FaultServer
+from embedding_pipeline.testing.fault_server import Faults, FaultServer
 from embedding_pipeline_tests.support.database import create_database, ingest_small_chat
 
 

@@ -19,7 +19,7 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.sensors import SENSOR_NAME
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline.testing.fault_server import FaultServer
 from embedding_pipeline_tests.support.daemon import (
     instance_home,
     project_env,

@@ -24,7 +24,8 @@ from embedding_pipeline.lib.quality.status import table_status
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.search import Searcher, engine_for
 from embedding_pipeline.settings import EmbedderSettings, SettingsError, load_settings
-from embedding_pipeline_tests.fault_server import FaultServer, b64, fake_vector
+from embedding_pipeline.testing.fault_server import FaultServer
+from embedding_pipeline.testing.vectors import b64, fake_vector
 from embedding_pipeline_tests.support.faults import (
     SECRET,
     materialize,

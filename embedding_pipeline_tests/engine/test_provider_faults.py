@@ -1,7 +1,8 @@
-"""Provider faults against a real local server that injects them (`fault_server.py`), real
-Dagster runs and the real test database: a storm of 429s and 500s, refused connections,
-resets and cut-off answers, a row the provider rejects, a 1 MB text, whole-provider errors,
-rate-limit headers; and the `embedding-pipeline errors` commands."""
+"""Provider faults against a real local server that injects them
+(`embedding_pipeline.testing.FaultServer`), real Dagster runs and the real test database: a
+storm of 429s and 500s, refused connections, resets and cut-off answers, a row the provider
+rejects, a 1 MB text, whole-provider errors, rate-limit headers; and the
+`embedding-pipeline errors` commands."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.sensors import BACKLOG_SENSOR
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.fault_server import FaultServer, fake_vector
+from embedding_pipeline.testing.fault_server import FaultServer
+from embedding_pipeline.testing.vectors import fake_vector
 from embedding_pipeline_tests.support.faults import (
     OLLAMA_ID,
     OPENAI_ID,

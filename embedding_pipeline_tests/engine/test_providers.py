@@ -28,7 +28,7 @@ from embedding_pipeline.lib.store import db
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.fault_server import b64, fake_vector
+from embedding_pipeline.testing.vectors import b64, fake_vector
 from embedding_pipeline_tests.support.incremental import figures
 from embedding_pipeline_tests.support.runs import event_log_text, materialize
 

@@ -24,7 +24,7 @@ from embedding_pipeline.lib.store.hnsw import hnsw_index_name
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, temporary_server
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import HnswSettings, Settings
-from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline.testing.fault_server import FaultServer
 from embedding_pipeline_tests.support.database import create_database
 from embedding_pipeline_tests.support.faults import (
     ENGINE,

@@ -20,7 +20,7 @@ import dagster as dg
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres
 from embedding_pipeline.settings import Settings
-from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline.testing.fault_server import FaultServer
 from embedding_pipeline_tests.support.daemon import (
     BIN,
     instance_home,

@@ -22,7 +22,7 @@ from embedding_pipeline.lib.store.catalog import vector_column_dimension
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.search.evaluation import Figures, score
 from embedding_pipeline.settings import CheckSettings, Settings
-from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline.testing.fault_server import FaultServer
 from embedding_pipeline_tests.support.database import embed_small_chat
 
 LOCAL = "local:all-MiniLM-L6-v2-int8"

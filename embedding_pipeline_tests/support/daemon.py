@@ -18,7 +18,7 @@ import dagster as dg
 import yaml
 
 from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG
-from embedding_pipeline_tests.fault_server import FaultServer
+from embedding_pipeline.testing.fault_server import FaultServer
 from embedding_pipeline_tests.support.faults import SECRET
 from embedding_pipeline_tests.support.paths import ROOT
 

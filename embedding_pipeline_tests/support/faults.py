@@ -17,7 +17,8 @@ from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource
 from embedding_pipeline.settings import EngineSettings, Settings
-from embedding_pipeline_tests.fault_server import FaultServer, fake_vector
+from embedding_pipeline.testing.fault_server import FaultServer
+from embedding_pipeline.testing.vectors import fake_vector
 from embedding_pipeline_tests.support.incremental import insert_messages, materialization_metadata
 from embedding_pipeline_tests.support.runs import materialize as materialize_asset
 

@@ -13,7 +13,7 @@ headers (an optional per-window request budget makes them run low, then 429).
 Used by the fault tests and by `benchmarks/provider_faults.py`; for trying the pipeline by
 hand it also runs on its own:
 
-    .venv/bin/python -m embedding_pipeline_tests.fault_server --port 8089 \\
+    .venv/bin/python -m embedding_pipeline.testing.fault_server --port 8089 \\
         --rate-429 0.3 --rate-500 0.1 --poison POISON
     EP_EMBEDDING_PROVIDER=openai OPENAI_BASE_URL=http://127.0.0.1:8089/v1 ...
 """
@@ -21,9 +21,7 @@ hand it also runs on its own:
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import hashlib
 import json
 import random
 import socket
@@ -39,21 +37,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from embedding_pipeline.testing.vectors import b64, fake_vector
+
 OPENAI_PATH = "/v1/embeddings"
 OLLAMA_PATH = "/api/embed"
 DownMode = Literal["503", "refuse"]
-
-
-def fake_vector(text: str, dim: int = 384) -> np.ndarray:
-    """A unit vector that depends only on `text` (and `dim`)."""
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-    return vector / np.linalg.norm(vector)
-
-
-def b64(vector: np.ndarray) -> str:
-    """OpenAI's base64 encoding: little-endian float32."""
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 @dataclass(frozen=True)
