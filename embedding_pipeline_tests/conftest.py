@@ -1,6 +1,9 @@
 """One real PostgreSQL+pgvector server for the session (started with the project's own
 code), a fresh database per test module, and the settings and resources pointing at it.
-The helpers the tests import are in `support/`; this file holds only fixtures and hooks."""
+The helpers the tests import are in `support/`; this file holds only fixtures and hooks.
+
+Every test is marked with its group, the folder it lives in (`pytest -m search`); the
+markers are registered in pyproject.toml and `--strict-markers` refuses any other."""
 
 from __future__ import annotations
 
@@ -93,6 +96,20 @@ def instance() -> Iterator[dg.DagsterInstance]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+#: The test groups: one folder and one marker each.
+GROUPS = ("unit", "engine", "dagster", "search", "ui", "deployment")
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its group, the folder below this one that holds it."""
+    for item in items:
+        group = item.path.resolve().relative_to(HERE).parts[0]
+        if group not in GROUPS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in one of the folders {GROUPS}")
+        item.add_marker(group)
 
 
 @pytest.fixture
