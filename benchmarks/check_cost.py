@@ -34,7 +34,7 @@ from psycopg import sql
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
 from embedding_pipeline.lib.store.expressions import compose_text, content_hash
-from embedding_pipeline.lib.store.hnsw import ensure_hnsw_index, hnsw_index_name
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.runner import CheckRun, run_embedding_checks
@@ -148,7 +148,7 @@ def load_rows(url: str, settings: Settings, rows: int, seed: int, data: str) -> 
 def build_index(url: str, settings: Settings) -> float:
     started = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
-        ensure_hnsw_index(conn, settings.tables["messages"], settings.hnsw)
+        build_hnsw_index_concurrently(conn, settings.tables["messages"], settings.hnsw)
         conn.execute("VACUUM ANALYZE messages")
     return time.perf_counter() - started
 

@@ -145,9 +145,8 @@ def measure(url: str, rows: int, repeat: int) -> tuple[dict[str, float], str]:
     with db.connection(url, vector=False) as conn:
         ensure_schema(conn, settings, 384)
         after = populate(conn, rows)
-    defs = build_definitions(
-        settings, {"postgres": PostgresResource(database_url=url), "embedder": EmbedderResource()}
-    )
+    resources = {"postgres": PostgresResource(database_url=url), "embedder": EmbedderResource()}
+    defs = build_definitions(settings, resources)
     sensor = defs.resolve_sensor_def(SENSOR_NAME)
     before = ExtractionCursor(last_id=after).serialize()
     caught_up = ExtractionCursor(last_id=after + 1).serialize()
@@ -157,7 +156,7 @@ def measure(url: str, rows: int, repeat: int) -> tuple[dict[str, float], str]:
             with dg.build_sensor_context(
                 instance=instance,
                 cursor=cursor,
-                resources={"postgres": PostgresResource(database_url=url)},
+                resources=resources,
             ) as context:
                 result = sensor(context)
             assert isinstance(result, dg.SensorResult)
