@@ -39,7 +39,7 @@ dev: install  ## the Dagster UI and daemon on the embedded database (http://127.
 	$(BIN)/embedding-pipeline dev --port $(DEV_PORT)
 
 screenshots: install  ## the browser walk-through, keeping its screenshots in docs/ui/
-	EP_UI_SCREENSHOT_DIR=$(CURDIR)/docs/ui $(BIN)/pytest embedding_pipeline_tests/test_ui.py
+	EP_UI_SCREENSHOT_DIR=$(CURDIR)/docs/ui $(BIN)/pytest embedding_pipeline_tests/ui
 
 db-start: install
 	$(BIN)/embedding-pipeline db start

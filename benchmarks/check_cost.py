@@ -19,15 +19,13 @@ which is closer to what the index meets in production.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import dagster as dg
+import harness
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
@@ -36,8 +34,7 @@ from psycopg import sql
 from embedding_pipeline.definitions import build_definitions
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
 from embedding_pipeline.lib.store.expressions import compose_text, content_hash
-from embedding_pipeline.lib.store.hnsw import ensure_hnsw_index, hnsw_index_name
-from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
+from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.runner import CheckRun, run_embedding_checks
@@ -151,7 +148,7 @@ def load_rows(url: str, settings: Settings, rows: int, seed: int, data: str) -> 
 def build_index(url: str, settings: Settings) -> float:
     started = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
-        ensure_hnsw_index(conn, settings.tables["messages"], settings.hnsw)
+        build_hnsw_index_concurrently(conn, settings.tables["messages"], settings.hnsw)
         conn.execute("VACUUM ANALYZE messages")
     return time.perf_counter() - started
 
@@ -169,7 +166,7 @@ def table_sizes(url: str) -> tuple[str, str]:
 def print_table(runs: list[CheckRun]) -> None:
     header = "| check | " + " | ".join(f"pass {i + 1} (s)" for i in range(len(runs)))
     print(header + " | result |")
-    print("|---|" + "---:|" * len(runs) + "---|")
+    print(harness.table_rule("l" + "r" * len(runs) + "l"))
     for i, outcome in enumerate(runs[-1].outcomes):
         seconds = " | ".join(
             f"{run.outcomes[i].metadata.get('check_seconds', 0.0):.3f}" for run in runs
@@ -194,12 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the server and data running")
     args = parser.parse_args(argv)
 
-    base = Path(tempfile.mkdtemp(prefix="ep-check-cost-"))
-    server = EmbeddedPostgres(base / "pg", free_port())
-    server.start()
-    try:
-        server.ensure_database("bench")
-        url = server.url("bench")
+    with harness.bench_database("ep-check-cost-", keep=args.keep) as url:
         settings = Settings(database_url=url)
         if args.ef_search:
             settings = replace(settings, hnsw=replace(settings.hnsw, ef_search=args.ef_search))
@@ -227,12 +219,6 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print_table(runs)
         return 0 if all(o.passed for o in runs[-1].outcomes) else 1
-    finally:
-        if args.keep:
-            print(f"server left running: {server.url('bench')} (data in {base})")
-        else:
-            server.drop_data()
-            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ answer, or with a fixed latency per request.
 `POST /v1/embeddings` answers one unit vector per input (base64 float32, or a list of
 floats when asked), derived from a hash of the text as a real model's answer is a function
 of the text: the same text always gets the same vector, and distinct texts get distinct
-vectors (the test suite's `fault_server.fake_vector`: Gaussian components from a
+vectors (`embedding_pipeline.testing.fake_vector`, the tests' too: Gaussian components from a
 generator seeded by the text's SHA-256, normalised), so an HNSW index built over the
 answers is built over as many distinct vectors as there are texts. Such vectors have no
 neighbourhood structure (the worst case for an HNSW graph; real embeddings of related
@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the vectors of the tests
-
-from embedding_pipeline_tests.fault_server import b64, fake_vector
+from embedding_pipeline.testing.vectors import b64, fake_vector
 
 
 class _State:

@@ -44,6 +44,7 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+import harness
 import psycopg
 
 from embedding_pipeline.cli import write_local_instance_config
@@ -52,9 +53,6 @@ from embedding_pipeline.lib.quality.status import table_status
 from embedding_pipeline.lib.store.pgserver import free_port
 from embedding_pipeline.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-SAMPLE = ROOT / "embedding_pipeline" / "sample_data"
 SENSORS = ("extraction_sensor", "backlog_sensor")
 RUNS_QUERY = """
 query { runsOrError { ... on Runs { results { runId status tags { key value } } } } }
@@ -63,9 +61,9 @@ query { runsOrError { ... on Runs { results { runId status tags { key value } } 
 
 def cli(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
-        [str(BIN / "embedding-pipeline"), *args],
+        [str(harness.BIN / "embedding-pipeline"), *args],
         env=env,
-        cwd=ROOT,
+        cwd=harness.ROOT,
         capture_output=True,
         text=True,
         check=False,
@@ -127,7 +125,7 @@ def wait_for_webserver(port: int, deadline: float) -> None:
 
 def small_export(round_number: int, folder: Path) -> tuple[Path, str]:
     """The update export with one more message and one edited message; its new text."""
-    data = json.loads((SAMPLE / "update_result.json").read_text())
+    data = json.loads((harness.SAMPLE_DIR / "update_result.json").read_text())
     messages = [m for m in data["messages"] if m.get("type") == "message" and m.get("text")]
     last = messages[-1]
     text = f"Round {round_number}: the staging certificate renews on Thursday."
@@ -221,15 +219,6 @@ def idle_cpu_share(roots: set[int], seconds: float) -> float:
     return (_cpu_seconds(pids) - before) / seconds
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="small ingests after the update")
@@ -274,16 +263,16 @@ def main(argv: list[str] | None = None) -> int:
         cli(
             env,
             "ingest",
-            str(SAMPLE / "result.json"),
+            str(harness.SAMPLE_DIR / "result.json"),
             "--extraction",
-            str(SAMPLE / "extraction.json"),
+            str(harness.SAMPLE_DIR / "extraction.json"),
         )
         cli(env, "materialize")
         assert pending_rows(url) == 0
         log = (work / "dagster_dev.log").open("w")
         dev = subprocess.Popen(  # what `make dev` runs
-            [str(BIN / "embedding-pipeline"), "dev", "--port", str(ui_port)],
-            cwd=ROOT,
+            [str(harness.BIN / "embedding-pipeline"), "dev", "--port", str(ui_port)],
+            cwd=harness.ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -315,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                 cli(
                     env,
                     "ingest",
-                    str(SAMPLE / "update_result.json"),
+                    str(harness.SAMPLE_DIR / "update_result.json"),
                     "--extraction",
-                    str(SAMPLE / "update_extraction.json"),
+                    str(harness.SAMPLE_DIR / "update_extraction.json"),
                 )
             elif number % 2:
                 kind = "ingest"
@@ -357,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if small:
             print(
                 f"small ingests ({len(small)}): p50 {statistics.median(small):.1f} s, "
-                f"p95 {percentile(small, 0.95):.1f} s, max {max(small):.1f} s"
+                f"p95 {harness.percentile(small, 0.95):.1f} s, max {max(small):.1f} s"
             )
         for kind in ("ingest", "insert"):
             values = [seconds for k, seconds in rounds[1:] if k == kind]

@@ -25,16 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+import harness
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
-
-from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
 
 TABLE = "bench_index_build"
 
@@ -165,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     vectors = unit_vectors(args.rows, args.dimension, seed=7)
-    server = None
-    url = args.database_url
-    if url is None:
-        server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="ep-bench-")) / "pg", free_port())
-        server.start()
-        url = server.url("postgres")
-    try:
+    with harness.bench_database("ep-bench-", url=args.database_url, name="postgres") as url:
         results = [
             run_strategy(url, s.strip(), vectors, args)
             for s in args.strategies.split(",")
@@ -179,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(TABLE)))
-    finally:
-        if server is not None:
-            server.drop_data()
     for result in results:
         if args.json:
             print(json.dumps(result))

@@ -33,17 +33,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import harness
 import psycopg
 
-from embedding_pipeline.cli import SAMPLE_DIR
 from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline.lib.store.pgserver import temporary_server
 
-CLI = Path(sys.executable).parent / "embedding-pipeline"
+CLI = harness.BIN / "embedding-pipeline"
 #: Sentences of the sample chat, and words to make a fifth of the messages Cyrillic.
 SENTENCES = [
     sentence
-    for message in load_export(SAMPLE_DIR / "result.json").messages
+    for message in load_export(harness.SAMPLE_DIR / "result.json").messages
     for sentence in re.split(r"(?<=[.!?]) ", message.text)
 ]
 CYRILLIC = ["деплой", "откат", "очередь", "бэкап", "диск", "индекс", "поиск", "релиз"]

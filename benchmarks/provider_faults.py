@@ -2,8 +2,8 @@
 
 What `embedding-pipeline materialize` does (one in-process Dagster run of
 `message_embeddings` over every partition, on a throwaway embedded PostgreSQL 18 /
-pgvector 0.8) with `EP_EMBEDDING_PROVIDER=openai` pointed at the fault-injecting server of
-the test suite (`embedding_pipeline_tests/fault_server.py`), twice in one invocation:
+pgvector 0.8) with `EP_EMBEDDING_PROVIDER=openai` pointed at the fault-injecting server the
+tests use too (`embedding_pipeline/testing/fault_server.py`), twice in one invocation:
 
 - ``no faults``: every request answered;
 - ``storm``: 30% of requests answered 429 with ``Retry-After`` (1 s by default), 10% 500.
@@ -31,18 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import harness
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the fault server lives with the tests
-
-from embedding_pipeline.cli import LOCAL_INSTANCE_CONFIG  # noqa: E402
-from embedding_pipeline.lib.store import db  # noqa: E402
-from embedding_pipeline.lib.store.pgserver import temporary_server  # noqa: E402
-from embedding_pipeline.lib.store.schema import ensure_schema  # noqa: E402
-from embedding_pipeline.runner import RunFailed, materialize_all  # noqa: E402
-from embedding_pipeline.settings import Settings, load_settings  # noqa: E402
-from embedding_pipeline_tests.fault_server import Faults, FaultServer  # noqa: E402
+from embedding_pipeline.lib.store import db
+from embedding_pipeline.lib.store.pgserver import temporary_server
+from embedding_pipeline.lib.store.schema import ensure_schema
+from embedding_pipeline.runner import RunFailed, materialize_all
+from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.testing.fault_server import Faults, FaultServer
 
 DIMENSION = 384
 MODEL_ID = f"openai:text-embedding-3-small@{DIMENSION}"
@@ -138,12 +135,6 @@ def run(
     )
 
 
-def _instance(home: Path) -> dg.DagsterInstance:
-    """A Dagster instance in `home` configured as the project-local one."""
-    (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG)
-    return dg.DagsterInstance.from_config(str(home))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
@@ -153,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    harness.print_load_at_start()
     with (
         tempfile.TemporaryDirectory(prefix="ep-faults-dagster-") as home,
         temporary_server("ep-bench-faults-") as pg,
         FaultServer(Faults(max_input_tokens=8192), dimension=DIMENSION, seed=args.seed) as server,
-        _instance(Path(home)) as instance,
+        harness.dagster_instance(Path(home)) as instance,
     ):
         pg.ensure_database("bench")
         url = pg.url("bench")
@@ -190,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         outcomes.append(run(storm, settings, server, instance))
     base = outcomes[0].rows_per_second
     print(
-        f"\n| scenario | completed in one run | rows embedded | rows missing | requests | "
-        f"faults | retries | inputs sent more than once | inputs answered more than once | "
-        f"run seconds | embedding seconds | rows/s | rows/s vs no faults |\n|{'---|' * 13}"
+        "\n| scenario | completed in one run | rows embedded | rows missing | requests | "
+        "faults | retries | inputs sent more than once | inputs answered more than once | "
+        "run seconds | embedding seconds | rows/s | rows/s vs no faults |\n"
+        + harness.table_rule("l" * 13)
     )
     for o in outcomes:
         print(
@@ -205,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if o.reason:
             print(f"  failed: {o.reason}")
-    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    print(f"load average at end: {harness.load_average():.2f}")
     return 0 if all(o.completed and o.missing == 0 for o in outcomes) else 1
 
 

@@ -41,17 +41,16 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
 import numpy as np
 import psycopg
@@ -64,7 +63,7 @@ from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID, Lo
 from embedding_pipeline.lib.quality.index import describe_plan
 from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline.lib.store.hnsw import build_hnsw_index_concurrently, hnsw_index_name
-from embedding_pipeline.lib.store.pgserver import free_port, temporary_server
+from embedding_pipeline.lib.store.pgserver import temporary_server
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.search import Hit, Searcher, engine_for
 from embedding_pipeline.search.evaluation import SAMPLE_DIR
@@ -76,7 +75,6 @@ VOCABULARY = [f"{a}{b}{c}" for a in "bdgklmnprst" for b in "aeiou" for c in ENDI
 WORDS_PER_ROW = 12
 #: HTTP queries: the first words of the sample chat's messages (the length of a question).
 QUERY_WORDS = 10
-VENV_BIN = Path(sys.executable).parent
 SEARCH_PATH = "/api/v1/semantic_search/messages"
 
 
@@ -162,14 +160,7 @@ class Scenario:
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def timed(call: Callable[[], Any]) -> tuple[float, Any]:
-    started = time.perf_counter()
-    result = call()
-    return (time.perf_counter() - started) * 1000.0, result
+    return harness.percentile(values, q, method="nearest")
 
 
 def run_scenario(
@@ -188,7 +179,9 @@ def run_scenario(
         plan = searcher.explain(conn, text, vector=vector, **scenario.options)
         scenario.plan = describe_plan(plan)
         for i, (vector, text) in enumerate(queries[:warmup] + queries):
-            ms, hits = timed(lambda: searcher.search(conn, text, vector=vector, **scenario.options))  # noqa: B023
+            ms, hits = harness.timed_ms(
+                lambda: searcher.search(conn, text, vector=vector, **scenario.options)  # noqa: B023
+            )
             if i >= warmup:
                 scenario.timings_ms.append(ms)
                 answers.append(hits)
@@ -208,35 +201,16 @@ MIX_QUESTIONS = 200
 MODE_SHARES = {"vector": 0.6, "hybrid": 0.3, "text": 0.1}
 
 
-@contextmanager
-def serving(url: str, workdir: Path) -> Iterator[str]:
+def serving(url: str, workdir: Path) -> AbstractContextManager[str]:
     """`embedding-pipeline serve` with an API key on a free port; its base URL once it
     printed its ready line."""
-    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": url,
         "DAGSTER_HOME": str(workdir / "dagster_home"),
         "EP_API_KEYS": API_KEY,
     }
-    log_path = workdir / f"serve-{port}.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [str(VENV_BIN / "embedding-pipeline"), "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while "search API ready" not in log_path.read_text():
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"serve did not start: {log_path.read_text()}")
-                time.sleep(0.1)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    return harness.serve(env, workdir)
 
 
 def client(base: str) -> httpx.Client:
@@ -248,7 +222,7 @@ def http_latency(url: str, texts: list[str], warmup: int, workdir: Path) -> list
     with serving(url, workdir) as base, client(base) as http:
         for i, text in enumerate(texts[:warmup] + texts):
             body = {"query": text, "limit": 10}
-            ms, answer = timed(
+            ms, answer = harness.timed_ms(
                 lambda: http.post("/api/v1/semantic_search/messages", json=body)  # noqa: B023
             )
             answer.raise_for_status()
@@ -373,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.clients.split(",")]
 
     rng = np.random.default_rng(args.seed)
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    harness.print_load_at_start()
     workdir = Path(tempfile.mkdtemp(prefix="ep-serve-"))
     with temporary_server("ep-search-latency-", keep=args.keep) as server:
         server.ensure_database("bench")
@@ -430,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         embedding = (
             []
             if args.http_only
-            else [timed(lambda: embedder.embed([t]))[0] for t in texts[: args.queries]]  # noqa: B023
+            else [harness.timed_ms(lambda: embedder.embed([t]))[0] for t in texts[: args.queries]]  # noqa: B023
         )
         questions = texts[-MIX_QUESTIONS:]
         warm = texts[: args.warmup]
@@ -478,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         verdict = "met" if ratio <= 8 else "missed"
         print(f"\np95 at 16 clients / p95 at 1 client: {ratio:.2f} (target at most 8: {verdict})")
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    print(f"\nload average at the end: {harness.load_average():.2f}")
     return 0
 
 

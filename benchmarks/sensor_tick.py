@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
 import dagster as dg
+import harness
 import psycopg
 from psycopg import sql
 
@@ -52,7 +50,6 @@ from embedding_pipeline.lib.sources.extractions import (
 )
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.hnsw import hnsw_index_name
-from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.partitions import monthly_partitions
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
@@ -120,16 +117,6 @@ def populate(conn: psycopg.Connection, rows: int) -> int:
     return int(new[0]) - 1
 
 
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
-
-
 def plans(conn: psycopg.Connection, settings: Settings, after: int) -> str:
     out = []
     ids = [after + 1]
@@ -158,9 +145,8 @@ def measure(url: str, rows: int, repeat: int) -> tuple[dict[str, float], str]:
     with db.connection(url, vector=False) as conn:
         ensure_schema(conn, settings, 384)
         after = populate(conn, rows)
-    defs = build_definitions(
-        settings, {"postgres": PostgresResource(database_url=url), "embedder": EmbedderResource()}
-    )
+    resources = {"postgres": PostgresResource(database_url=url), "embedder": EmbedderResource()}
+    defs = build_definitions(settings, resources)
     sensor = defs.resolve_sensor_def(SENSOR_NAME)
     before = ExtractionCursor(last_id=after).serialize()
     caught_up = ExtractionCursor(last_id=after + 1).serialize()
@@ -170,7 +156,7 @@ def measure(url: str, rows: int, repeat: int) -> tuple[dict[str, float], str]:
             with dg.build_sensor_context(
                 instance=instance,
                 cursor=cursor,
-                resources={"postgres": PostgresResource(database_url=url)},
+                resources=resources,
             ) as context:
                 result = sensor(context)
             assert isinstance(result, dg.SensorResult)
@@ -178,8 +164,8 @@ def measure(url: str, rows: int, repeat: int) -> tuple[dict[str, float], str]:
 
         requested = tick(before).run_requests or []
         assert requested, "the new extraction requested no run"
-        idle = median_ms(lambda: tick(caught_up), repeat)
-        new = median_ms(lambda: tick(before), repeat)
+        idle = harness.median_ms(lambda: tick(caught_up), repeat)
+        new = harness.median_ms(lambda: tick(before), repeat)
     with db.connection(url, vector=False) as conn:
 
         def statements() -> None:
@@ -194,7 +180,7 @@ def measure(url: str, rows: int, repeat: int) -> tuple[dict[str, float], str]:
             touched_months(conn, settings.tables.items(), found.ids)
             conn.rollback()
 
-        only_sql = median_ms(statements, repeat)
+        only_sql = harness.median_ms(statements, repeat)
         plan = plans(conn, settings, after)
     return {
         "idle_ms": idle,
@@ -262,14 +248,14 @@ def measure_backlog(url: str, repeat: int) -> dict[str, float]:
 
         settled = tick(None).cursor
         assert not tick(settled).run_requests
-        idle = median_ms(lambda: tick(settled), repeat)
+        idle = harness.median_ms(lambda: tick(settled), repeat)
         with db.connection(url, vector=False) as conn:
             drift(conn)
         requested = tick(settled).run_requests or []
         assert len(requested) == 2, [r.job_name for r in requested]
-        busy = median_ms(lambda: tick(settled), repeat)
+        busy = harness.median_ms(lambda: tick(settled), repeat)
     with db.connection(url, vector=False) as conn:
-        only_sql = median_ms(
+        only_sql = harness.median_ms(
             lambda: read_tables(conn, settings.tables.items(), LOCAL_MODEL_ID, partitions_def),
             repeat,
         )
@@ -286,14 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backlog", action="store_true", help="time the extraction sensor only")
     args = parser.parse_args(argv)
     logging.getLogger("dagster").setLevel(logging.WARNING)
-    server = None
-    url = args.database_url
-    if url is None:
-        server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="ep-bench-")) / "pg", free_port())
-        server.start()
-        server.ensure_database("bench")
-        url = server.url("bench")
-    try:
+    with harness.bench_database("ep-bench-", url=args.database_url) as url:
         plan = ""
         backlog_lines = []
         print("extraction_sensor")
@@ -317,9 +296,6 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(backlog_lines))
         print("\nplans at the largest size:\n")
         print(plan)
-    finally:
-        if server is not None:
-            server.drop_data()
     return 0
 
 

@@ -52,13 +52,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import harness
 import httpx
 import numpy as np
 import psycopg
@@ -72,13 +72,11 @@ from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.hnsw import hnsw_index_definition, hnsw_index_name
-from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, free_port, temporary_server
+from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres, temporary_server
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "embedding_pipeline" / "sample_data" / "result.json"
-BIN = Path(sys.executable).parent
+SAMPLE = harness.SAMPLE_DIR / "result.json"
 CASES = ("fixed", "openai", "latency", "local", "first-run", "noop", "write", "rss")
 START = datetime(2024, 1, 1, tzinfo=UTC)
 TWO_YEARS_MINUTES = 2 * 365 * 24 * 60
@@ -181,38 +179,6 @@ def run_pipeline(
 # -- providers -------------------------------------------------------------------------------
 
 
-@contextmanager
-def fake_openai(dimensions: int, latency: float = 0.0) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "fake_openai.py"),
-            "--port",
-            str(port),
-            "--dimensions",
-            str(dimensions),
-            "--latency",
-            str(latency),
-        ],
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(base + "/stats", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield base
-    finally:
-        process.terminate()
-        process.wait()
-
-
 def provider_requests(base: str) -> int:
     return int(httpx.get(base + "/stats").json()["requests"])
 
@@ -275,7 +241,7 @@ def timed_process(
 def cli_process(url: str, env: dict[str, str], home: Path, *args: str) -> Timed:
     """`embedding-pipeline <args>` as a new process."""
     return timed_process(
-        [str(BIN / "embedding-pipeline"), *args],
+        [str(harness.BIN / "embedding-pipeline"), *args],
         {**os.environ, **env, "DATABASE_URL": url, "DAGSTER_HOME": str(home)},
     )
 
@@ -312,7 +278,7 @@ def latest_run_details(home: Path) -> dict:
 def case_openai(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
     contents = texts(args.rows)
     dim = args.dimensions
-    with fake_openai(dim) as base:
+    with harness.fake_openai(dim) as base:
         embedder = openai_embedder(base, dim)
         settings = Settings()
         url = fresh_database(pg, "tp_openai", embedder.dimension, embedder.model_id)
@@ -396,7 +362,7 @@ def case_openai(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line])
 
 def case_latency(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
     contents = texts(args.latency_rows)
-    with fake_openai(args.dimensions, latency=0.2) as base:
+    with harness.fake_openai(args.dimensions, latency=0.2) as base:
         embedder = openai_embedder(base, args.dimensions)
         url = fresh_database(pg, "tp_latency", embedder.dimension, embedder.model_id)
         load_messages(url, contents)
@@ -452,7 +418,7 @@ def case_local(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) 
 
 def case_first_run(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
     contents = texts(args.rows)
-    with fake_openai(args.dimensions) as base:
+    with harness.fake_openai(args.dimensions) as base:
         embedder = openai_embedder(base, args.dimensions)
         rates = []
         for analyzed in (False, True):
@@ -485,7 +451,7 @@ def case_noop(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -
     vectors (two years of months): the run writes the source asset and runs the nine
     checks (recall's ten exact scans grow with the table), and calls no provider."""
     dim = 384
-    with fake_openai(dim) as base:
+    with harness.fake_openai(dim) as base:
         embedder = openai_embedder(base, dim)
         url = fresh_database(pg, "tp_noop", dim, embedder.model_id)
         vectors = np.random.default_rng(1).standard_normal((args.noop_rows, dim))
@@ -661,7 +627,7 @@ def naive_updates(url: str, embedder: Embedder) -> float:
 
 
 def case_rss(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
-    with fake_openai(args.dimensions) as base:
+    with harness.fake_openai(args.dimensions) as base:
         for rows in (20_000, args.rss_rows):
             embedder = openai_embedder(base, args.dimensions)
             url = fresh_database(pg, f"tp_rss_{rows}", embedder.dimension, embedder.model_id)
@@ -730,7 +696,7 @@ def main() -> None:
     parser.add_argument("--rss-rows", type=int, default=100_000)
     parser.add_argument("--dimensions", type=int, default=1536)
     args = parser.parse_args()
-    load = os.getloadavg()[0]
+    load = harness.load_average()
     out: list[Line] = []
     with temporary_server("ep-bench-throughput-") as pg:
         for case in args.cases.split(","):
@@ -739,7 +705,7 @@ def main() -> None:
             print(
                 f"[{case} done in {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True
             )
-    end = os.getloadavg()[0]
+    end = harness.load_average()
     print(f"\nload average at start {load:.2f}, at end {end:.2f}; {os.cpu_count()} cores")
     print("| case | what | figure | note |\n|---|---|---:|---|")
     for line in out:

@@ -2,7 +2,8 @@
 
 Every statement is an index lookup whose cost follows the size of the new extractions,
 never the size of the tables: extractions are read by primary key after a cursor, rows by
-the `<table>_extraction_id_idx` index (`embedding_pipeline_tests/test_sensor.py` checks the plans).
+the `<table>_extraction_id_idx` index (`embedding_pipeline_tests/dagster/test_sensor.py`
+checks the plans).
 
 Extraction ids come from a sequence, so an id can become visible after a larger one (two
 ingests whose transactions overlap) or never (a rolled-back ingest). The cursor therefore
