@@ -156,7 +156,7 @@ def search_eval_check(t: CheckTarget) -> EmbeddingCheck:
         import sqlalchemy as sa
 
         from embedding_pipeline.lib.embedders import EmbeddingError
-        from embedding_pipeline.lib.sources.telegram import InputFileError
+        from embedding_pipeline.lib.sources.values import InputFileError
         from embedding_pipeline.search import Searcher, SearchError, engine_for
         from embedding_pipeline.search.evaluation import MissingRows, evaluate, load_questions
 

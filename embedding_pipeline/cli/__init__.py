@@ -26,7 +26,7 @@ from embedding_pipeline.cli.demo import SAMPLE_DIR
 from embedding_pipeline.cli.instance import LOCAL_INSTANCE_CONFIG, write_local_instance_config
 from embedding_pipeline.cli.parser import build_parser
 from embedding_pipeline.lib.embedders import EmbeddingError
-from embedding_pipeline.lib.sources.telegram import InputFileError
+from embedding_pipeline.lib.sources.values import InputFileError
 from embedding_pipeline.lib.store.conninfo import redact
 from embedding_pipeline.lib.store.pgserver import EmbeddedServerError
 from embedding_pipeline.lib.store.schema import SchemaError

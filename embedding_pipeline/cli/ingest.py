@@ -10,8 +10,9 @@ from embedding_pipeline.settings import Settings
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from embedding_pipeline.lib.sources.extraction_file import load_extraction
     from embedding_pipeline.lib.sources.ingest import ingest
-    from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
+    from embedding_pipeline.lib.sources.telegram import load_export
 
     export = load_export(args.export)
     extraction = load_extraction(args.extraction) if args.extraction else None

@@ -33,17 +33,17 @@ from sqlalchemy.orm import Session
 
 from embedding_pipeline.lib.embedders import Embedder
 from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.sources.extraction_file import load_extraction
 from embedding_pipeline.lib.sources.ingest import ingest
-from embedding_pipeline.lib.sources.telegram import (
+from embedding_pipeline.lib.sources.telegram import load_export
+from embedding_pipeline.lib.sources.values import (
     InputFileError,
-    _as_id,
-    _as_list,
-    _as_object,
-    _describe,
-    _read_json,
-    _required_str,
-    load_export,
-    load_extraction,
+    as_id,
+    as_list,
+    as_object,
+    describe,
+    read_json,
+    required_str,
 )
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
@@ -156,44 +156,44 @@ def load_questions(path: Path | str = QUESTIONS) -> list[Question]:
     """The questions of a labelled file; `InputFileError` names the file, the position
     (`questions[3].relevant`) and the reason of the first problem."""
     path = Path(path)
-    data, _ = _read_json(path)
-    root = _as_object(data, path, "")
+    data, _ = read_json(path)
+    root = as_object(data, path, "")
     if "questions" not in root:
         raise InputFileError(path, "questions", "missing: expected a list of questions")
-    items = _as_list(root["questions"], path, "questions")
+    items = as_list(root["questions"], path, "questions")
     if not items:
         raise InputFileError(path, "questions", "is empty: nothing to evaluate")
     return [_question(item, path, f"questions[{i}]") for i, item in enumerate(items)]
 
 
 def _question(item: Any, path: Path, where: str) -> Question:
-    obj = _as_object(item, path, where)
-    text = _required_str(obj, "question", path, where)
+    obj = as_object(item, path, where)
+    text = required_str(obj, "question", path, where)
     if len(text) > MAX_QUESTION_LENGTH:
         raise InputFileError(
             path,
             f"{where}.question",
             f"{len(text)} characters long; a question has at most {MAX_QUESTION_LENGTH}",
         )
-    table = _required_str(obj, "table", path, where)
+    table = required_str(obj, "table", path, where)
     if table not in TABLE_KEYS:
         raise InputFileError(
             path, f"{where}.table", f"expected one of {', '.join(TABLE_KEYS)}, got {table!r}"
         )
-    relevant = _as_list(obj.get("relevant"), path, f"{where}.relevant")
+    relevant = as_list(obj.get("relevant"), path, f"{where}.relevant")
     if not relevant:
         raise InputFileError(path, f"{where}.relevant", "is empty: name at least one row")
     ids: list[int | str] = []
     for i, value in enumerate(relevant):
         at = f"{where}.relevant[{i}]"
         if table == "messages":
-            ids.append(_as_id(value, path, at))
+            ids.append(as_id(value, path, at))
         elif isinstance(value, str) and value.strip():
             ids.append(value.strip())
         else:
-            raise InputFileError(path, at, f"expected a {table[:-1]} key, got {_describe(value)}")
+            raise InputFileError(path, at, f"expected a {table[:-1]} key, got {describe(value)}")
         if ids[-1] in ids[:-1]:
-            raise InputFileError(path, at, f"{_describe(value)} is listed twice")
+            raise InputFileError(path, at, f"{describe(value)} is listed twice")
     unknown = set(obj) - {"question", "table", "relevant", "note"}
     if unknown:
         raise InputFileError(

@@ -19,6 +19,7 @@ import pytest
 from psycopg import sql
 
 from embedding_pipeline.checks import PER_RUN_CHECKS
+from embedding_pipeline.lib.sources.extraction_file import load_extraction
 from embedding_pipeline.lib.sources.extractions import (
     ExtractionCursor,
     months_query,
@@ -26,7 +27,7 @@ from embedding_pipeline.lib.sources.extractions import (
     read_new_extractions,
 )
 from embedding_pipeline.lib.sources.ingest import ingest
-from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
+from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.schema import ensure_schema
 from embedding_pipeline.sensors import EXTRACTIONS_TAG, SENSOR_NAME, run_key_for

@@ -22,8 +22,9 @@ import pytest
 from embedding_pipeline import cli
 from embedding_pipeline.cli import bench, runs
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID
+from embedding_pipeline.lib.sources.extraction_file import load_extraction
 from embedding_pipeline.lib.sources.ingest import ingest
-from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
+from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.pgserver import free_port
 from embedding_pipeline.lib.store.schema import ensure_schema

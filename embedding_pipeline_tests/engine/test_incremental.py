@@ -30,8 +30,8 @@ from embedding_pipeline.lib.quality.backlog import (
     render_markdown,
     table_pending,
 )
+from embedding_pipeline.lib.sources.extraction_file import load_extraction
 from embedding_pipeline.lib.sources.ingest import ingest
-from embedding_pipeline.lib.sources.telegram import load_extraction
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.catalog import index_state
 from embedding_pipeline.lib.store.hnsw import bulk_load_lock_key, hnsw_index_name

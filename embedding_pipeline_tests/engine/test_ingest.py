@@ -7,8 +7,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from embedding_pipeline.lib.sources.extraction_file import load_extraction
 from embedding_pipeline.lib.sources.ingest import ingest
-from embedding_pipeline.lib.sources.telegram import InputFileError, load_export, load_extraction
+from embedding_pipeline.lib.sources.telegram import load_export
+from embedding_pipeline.lib.sources.values import InputFileError
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.support.paths import DATA, SAMPLE

@@ -11,8 +11,9 @@ from psycopg import sql
 
 from embedding_pipeline.lib.embedders import LOCAL_DIMENSION, LOCAL_MODEL_ID, LocalEmbedder
 from embedding_pipeline.lib.engine.run import sync_embeddings
+from embedding_pipeline.lib.sources.extraction_file import load_extraction
 from embedding_pipeline.lib.sources.ingest import ingest
-from embedding_pipeline.lib.sources.telegram import ChatExport, load_export, load_extraction
+from embedding_pipeline.lib.sources.telegram import ChatExport, load_export
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.pgserver import EmbeddedPostgres

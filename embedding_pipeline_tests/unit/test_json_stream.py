@@ -18,7 +18,8 @@ from embedding_pipeline.lib.sources.json_stream import (
     Member,
     StreamedObject,
 )
-from embedding_pipeline.lib.sources.telegram import InputFileError, load_export
+from embedding_pipeline.lib.sources.telegram import load_export
+from embedding_pipeline.lib.sources.values import InputFileError
 
 BOM = b"\xef\xbb\xbf"
 

@@ -4,7 +4,8 @@ test_bad_input.py, through the CLI)."""
 import json
 from datetime import UTC, datetime
 
-from embedding_pipeline.lib.sources.telegram import load_export, load_extraction
+from embedding_pipeline.lib.sources.extraction_file import load_extraction
+from embedding_pipeline.lib.sources.telegram import load_export
 from embedding_pipeline_tests.support.paths import DATA, SAMPLE
 
 

@@ -20,13 +20,9 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import sql
 
-from embedding_pipeline.lib.sources.telegram import (
-    AtomRecord,
-    ChatExport,
-    ExtractionFile,
-    InputFileError,
-    TopicRecord,
-)
+from embedding_pipeline.lib.sources.extraction_file import AtomRecord, ExtractionFile, TopicRecord
+from embedding_pipeline.lib.sources.telegram import ChatExport
+from embedding_pipeline.lib.sources.values import InputFileError
 from embedding_pipeline.lib.store.domain import StoreSettings
 
 
