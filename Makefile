@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## virtualenv with the project, every extra and the dev tools
 
-demo: install  ## embedded database, sample data, every asset materialized, checks, a search
+demo: install  ## embedded database, sample data, every month with work embedded, checks, a search
 	$(BIN)/embedding-pipeline demo
 
 test: lint typecheck pytest  ## ruff, mypy and the whole pytest suite

@@ -23,7 +23,7 @@ Cases (one line each in the table, or more):
    with one write connection), the HNSW index build after the load against one plain
    `CREATE INDEX` on the final data; `embedding-pipeline materialize --table messages` as
    a new process over the `--rows` rows, split into process start, the run's fixed cost
-   (Dagster, the source asset, the checks), embed+write and index build; the same
+   (Dagster and the checks), embed+write and index build; the same
    `materialize` again with nothing to do.
 3. `latency`: the pipeline against a provider answering in 200 ms, 1, 4 and 8 requests
    in flight; `local`: the local model raw and through the pipeline.
@@ -448,7 +448,7 @@ def case_first_run(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Lin
 
 def case_noop(pg: EmbeddedPostgres, args: argparse.Namespace, out: list[Line]) -> None:
     """`materialize --table messages` with nothing to do over `--noop-rows` distinct
-    vectors (two years of months): the run writes the source asset and runs the nine
+    vectors (two years of months): the run embeds nothing and runs the nine
     checks (recall's ten exact scans grow with the table), and calls no provider."""
     dim = 384
     with harness.fake_openai(dim) as base:

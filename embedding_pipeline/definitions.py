@@ -1,4 +1,5 @@
-"""The composition root: the only place that builds `dg.Definitions` and wires resources."""
+"""The composition root: the only place that assembles the definitions and wires resources
+(the runner copies them to attach its console logger)."""
 
 from __future__ import annotations
 

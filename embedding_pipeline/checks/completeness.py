@@ -240,8 +240,8 @@ def no_failed_check(t: CheckTarget) -> EmbeddingCheck:
 
 @dataclass(frozen=True)
 class LagOutcome:
-    """The embedding lag of one table from its pending rows (`lib/backlog.table_pending`):
-    what the check and the backlog sensor report."""
+    """The embedding lag of one table from its pending rows (`table_pending` of
+    `lib/quality/backlog.py`): what the check and the backlog sensor report."""
 
     passed: bool
     description: str

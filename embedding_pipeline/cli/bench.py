@@ -17,8 +17,27 @@ BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def benchmark_scripts(folder: Path) -> dict[str, Path]:
-    """Each script of `folder` by its name without `.py`, sorted."""
-    return {path.stem: path for path in sorted(folder.glob("*.py")) if path.is_file()}
+    """Each script of `folder` by its name without `.py`, sorted: the modules that run as
+    a program (`if __name__ == "__main__"`), not the harness they share."""
+    return {
+        path.stem: path
+        for path in sorted(folder.glob("*.py"))
+        if path.is_file() and _runs_as_a_program(path)
+    }
+
+
+def _runs_as_a_program(script: Path) -> bool:
+    try:
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError):
+        return False
+    return any(
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+        for node in tree.body
+    )
 
 
 def summary(script: Path) -> str:

@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "materialize",
-        "materialize every asset and partition in-process",
-        "Materialize the sources and every embedding partition in this process, as one run "
-        "of the materialize_all job.",
+        "embed the months with work in-process, and run the checks",
+        "Materialize every month with rows to embed (or whose HNSW index is missing) in this "
+        "process, as one run of the materialize_all job that also runs every table's checks; "
+        "the source tables are external assets, which no run materializes.",
     )
     _table_option(p)
     p.set_defaults(func=cmd_materialize)

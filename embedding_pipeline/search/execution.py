@@ -70,7 +70,7 @@ def _compile_explain(element: Explain, compiler: SQLCompiler, **kw: Any) -> str:
 
 def engine_for(url: str, *, statement_timeout: float | None = None, **options: Any) -> sa.Engine:
     """A pooled SQLAlchemy engine (psycopg 3) on `url` (a URL or a libpq keyword string).
-    Connections are opened by `lib.db.connect`, so a failure never shows the password;
+    Connections are opened by `lib.store.db.connect`, so a failure never shows the password;
     `pool_pre_ping` replaces connections a database restart broke; `hide_parameters`
     keeps statement parameters (query text, filter values) out of exception messages;
     `statement_timeout` (seconds) bounds every statement on its connections."""

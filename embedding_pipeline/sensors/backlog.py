@@ -2,13 +2,13 @@
 plus a run, whatever the cause, and the UI shows each month's backlog as it is.
 
 The extraction sensor reacts to new extractions only. This one looks at the rows
-themselves, every `EP_BACKLOG_SENSOR_INTERVAL_SECONDS` (default 300): rows inserted or
+themselves, every `EP_BACKLOG_SENSOR_INTERVAL_SECONDS` (default 10): rows inserted or
 edited by the application directly in SQL, vectors set to NULL, rows embedded by another
 model, rows whose earlier failure is due for another try (the errors table). Each tick:
 
-1. per table, reads the months with rows that need embedding (`lib/backlog.table_pending`:
-   one pass over the partial "pending" index, so the cost follows the backlog, not the
-   table) and the state of its HNSW index;
+1. per table, reads the months with rows that need embedding (`table_pending` of
+   `lib/quality/backlog.py`: one pass over the partial "pending" index, so the cost
+   follows the backlog, not the table) and the state of its HNSW index;
 2. per table with rows due, or with a missing or invalid index (the run builds it at its
    end), requests one run of `embed_<table>` over the months from the first to the last
    with work (one month: a single-partition run). A table already covered by a queued or

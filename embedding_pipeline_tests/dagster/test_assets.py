@@ -300,7 +300,7 @@ def test_materialize_all_records_only_the_months_with_work_and_checks_every_tabl
 ):
     """`embedding-pipeline materialize` (one `materialize_all` run) materializes the months
     with rows due, runs every table's checks, and records no month of a table with
-    nothing due: a run with nothing to do writes the source assets and the checks only,
+    nothing due: a run with nothing to do runs the checks only,
     recall and latency on the run's small samples all the same."""
     from dataclasses import replace
 

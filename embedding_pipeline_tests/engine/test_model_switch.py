@@ -32,11 +32,11 @@ from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.search import Searcher
 from embedding_pipeline.search.api import engine_for
 from embedding_pipeline.settings import Settings
+from embedding_pipeline.testing.vectors import fake_vector
 from embedding_pipeline_tests.support.database import embed_small_chat
 from embedding_pipeline_tests.support.incremental import (
     HashEmbedder,
     HashEmbedderResource,
-    hash_vector,
     insert_messages,
 )
 
@@ -61,7 +61,7 @@ def ollama(httpserver: HTTPServer) -> list[list[str]]:
         body = json.loads(request.data)
         assert body["model"] == OLLAMA_MODEL
         seen.append(list(body["input"]))
-        vectors = [hash_vector(text, 768).tolist() for text in body["input"]]
+        vectors = [fake_vector(text, 768).tolist() for text in body["input"]]
         return Response(
             json.dumps({"model": OLLAMA_MODEL, "embeddings": vectors}),
             content_type="application/json",
@@ -114,7 +114,7 @@ def test_cli_switch_from_local_to_a_768_dimension_ollama_model(
     with engine.connect() as conn:
         # the stored vector of that message (hash vectors mean nothing: a query would
         # find nothing nearer than chance), searched with the new model's id and index
-        hits = searcher.search(conn, text, k=1, vector=hash_vector(f"search_document: {text}", 768))
+        hits = searcher.search(conn, text, k=1, vector=fake_vector(f"search_document: {text}", 768))
     engine.dispose()
     assert hits[0].text.startswith("The nightly backup job failed")
 

@@ -11,7 +11,6 @@ concurrency and SIGKILL tests).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ from pydantic import Field
 from embedding_pipeline.lib.embedders import Embedder, EmbeddingError
 from embedding_pipeline.resources import EmbedderResource, PostgresResource
 from embedding_pipeline.settings import EngineSettings, Settings
+from embedding_pipeline.testing.vectors import fake_vector
 
 DIMENSION = 384
 #: Every text embedded in this process, one list per provider call.
@@ -67,13 +67,7 @@ class HashEmbedder(Embedder):
         if self._log_path:
             with open(self._log_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps({"pid": os.getpid(), "texts": texts}) + "\n")
-        return np.stack([hash_vector(t, self.dimension) for t in texts])
-
-
-def hash_vector(text: str, dimension: int = DIMENSION) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    vector = np.random.default_rng(seed).standard_normal(dimension).astype(np.float32)
-    return vector / np.linalg.norm(vector)
+        return np.stack([fake_vector(t, self.dimension) for t in texts])
 
 
 class HashEmbedderResource(EmbedderResource):

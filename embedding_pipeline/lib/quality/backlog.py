@@ -1,8 +1,8 @@
 """The backlog: how many rows of each table need embedding, per month partition.
 
 A dry run of a backfill (it replaces the old `backfill_embeddings.py --dry-run`): the
-CLI's `embedding-pipeline backlog` prints it and the source assets attach it as
-metadata. Nothing is embedded or written.
+CLI's `embedding-pipeline backlog` prints it and the backlog sensor's observations of
+the source tables carry it. Nothing is embedded or written.
 
 Two readings: `table_backlog` counts every row of every month (one grouped scan of the
 table: for reports), `table_pending` visits only the rows that need embedding, through the
