@@ -263,6 +263,10 @@ def test_daemon_tick_launches_runs_that_embed_exactly_the_new_rows(
     for name, value in {
         "DATABASE_URL": fresh_database_url,
         "EP_SENSOR_INTERVAL_SECONDS": "1",
+        # the backlog sensor ticks once, at the start, and not again: this test is about
+        # the extraction sensor's runs (at its 10-second default the backlog sensor could
+        # take the edited row first, and the extraction sensor would rightly wait for it)
+        "EP_BACKLOG_SENSOR_INTERVAL_SECONDS": "3600",
         "EP_BATCH_SIZE": "64",
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
