@@ -78,7 +78,8 @@ def _run(argv: Sequence[str] | None) -> int:
     home.mkdir(parents=True, exist_ok=True)
     write_local_instance_config(home / "dagster.yaml")
     try:
-        return int(args.func(args, load_settings()))
+        settings = load_settings() if getattr(args, "reads_settings", True) else None
+        return int(args.func(args, settings))
     except (
         CliError,
         InputFileError,

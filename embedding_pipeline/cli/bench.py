@@ -49,7 +49,7 @@ def summary(script: Path) -> str:
     return docstring.strip().splitlines()[0] if docstring else ""
 
 
-def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_bench(args: argparse.Namespace, settings: Settings | None) -> int:
     """Without a name, one line per benchmark script; with one, the script run by this
     Python with the arguments that follow it, and its exit code."""
     if not BENCHMARKS_DIR.is_dir():
