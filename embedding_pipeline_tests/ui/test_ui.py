@@ -192,6 +192,15 @@ def null_count(url: str) -> int:
     return int(row[0])
 
 
+def check_evaluations(instance: dg.DagsterInstance, run_id: str) -> list[Any]:
+    """The asset check evaluations the run `run_id` recorded."""
+    return [
+        event.dagster_event.event_specific_data
+        for event in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        if event.dagster_event is not None
+    ]
+
+
 def sensor_backlog(instance: dg.DagsterInstance) -> int:
     """The largest `backlog_missing` the backlog sensor reported for message embeddings."""
     records = instance.fetch_observations(dg.AssetKey("message_embeddings"), limit=50).records
@@ -275,13 +284,37 @@ def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page
         lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished,
         90,
     )
-    page.reload()
-    page.wait_for_load_state("networkidle")
     ids_text = ", ".join(str(i) for i in sorted(ids))
-    page.get_by_text(
-        "2 rows have waited over 15 min for an embedding and no run is embedding them"
-    ).first.wait_for()
-    page.get_by_text(f"ids {ids_text}").first.wait_for()
+    said = (
+        "2 rows have waited over 15 min for an embedding and no run is embedding them: "
+        f"ids {ids_text}"
+    )
+    # the run launched from the UI failed the check on them, with the count and the ids ...
+    [own] = [
+        e
+        for e in check_evaluations(instance, run.run_id)
+        if e.check_name == "no_missing_embeddings"
+    ]
+    assert not own.passed and own.severity == dg.AssetCheckSeverity.ERROR
+    assert own.description == said
+    # ... and the UI shows it: on the run's page, which stays as it is (the asset's page shows
+    # the latest evaluation, and the daemon's retry of this failed run or the backlog
+    # sensor's repair can replace that at any moment)
+    open_page(page, world, f"/runs/{run.run_id}")
+    # its event log, filtered to its check results (the list renders only what is in view):
+    # the check failed, two rows overdue, and their ids behind "Show JSON"
+    page.get_by_placeholder("Filter").first.fill("type:ASSET_CHECK_EVALUATION")
+    page.keyboard.press("Enter")
+    page.get_by_text("Check no_missing_embeddings failed").first.wait_for()
+    page.get_by_text("View full message").first.click()
+    message = page.get_by_role("dialog").first
+    overdue = message.locator("tr", has_text="missing_overdue").first
+    assert overdue.inner_text().split() == ["missing_overdue", "2"]
+    message.locator("tr", has_text="sample_ids").first.get_by_text("Show JSON").click()
+    listed = page.get_by_role("dialog").last
+    listed.get_by_text(str(max(ids))).first.wait_for()
+    assert [int(i) for i in re.findall(r"\d+", listed.inner_text())] == sorted(ids)
+    page.keyboard.press("Escape")
     shoot(page, shots, "check-failed")
     open_page(page, world, "/assets")
     page.get_by_text("message_embeddings", exact=True).first.wait_for(state="attached")
@@ -335,14 +368,11 @@ def test_the_ui_shows_it_healthy_again(world, page, shots):
         page, world, "/assets/message_embeddings?view=checks&checkDetail=no_missing_embeddings"
     )
     # the repair run evaluated the check on its own work ...
-    evaluations = [
-        event.dagster_event.event_specific_data
-        for event in world["instance"].all_logs(
-            world["repair_run_id"], of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
-        )
-        if event.dagster_event is not None
+    [own] = [
+        e
+        for e in check_evaluations(world["instance"], world["repair_run_id"])
+        if e.check_name == "no_missing_embeddings"
     ]
-    [own] = [e for e in evaluations if e.check_name == "no_missing_embeddings"]
     assert own.passed and own.description.startswith("none missing that this run")
     # ... and the page shows it passing: that evaluation, or a later one of the daemon's
     # retry of the failed check run, which can finish after the repair
