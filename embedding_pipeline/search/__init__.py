@@ -6,10 +6,6 @@ without loading the code location.
 """
 
 from embedding_pipeline.search.api import (
-    MAX_LIMIT,
-    MODES,
-    Hit,
-    Mode,
     Searcher,
     atoms_for_message,
     atoms_for_message_async,
@@ -25,6 +21,7 @@ from embedding_pipeline.search.api import (
 from embedding_pipeline.search.errors import InvalidQuery, ModelMismatch, NotFound, SearchError
 from embedding_pipeline.search.filters import Filters
 from embedding_pipeline.search.tables import TABLE_KEYS
+from embedding_pipeline.search.types import MAX_LIMIT, MODES, Hit, Mode
 
 __all__ = [
     "MAX_LIMIT",

@@ -29,10 +29,8 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime
 from functools import cache, update_wrapper
-from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -56,10 +54,20 @@ from embedding_pipeline.search.filters import (
     filter_shape,
     parse_filters,
 )
-from embedding_pipeline.search.inputs import id_or_key, id_problem, text_problem
+from embedding_pipeline.search.inputs import text_problem
 from embedding_pipeline.search.query_vectors import QueryVectors, QueryVectorStats
 from embedding_pipeline.search.statements import Statements
-from embedding_pipeline.search.tables import FIELD_COLUMNS, TABLE_KEYS, SearchTables
+from embedding_pipeline.search.tables import FIELD_COLUMNS, SearchTables
+from embedding_pipeline.search.types import (
+    MAX_LIMIT,
+    Hit,
+    SearchQuery,
+    check_id,
+    check_limit,
+    check_mode,
+    check_table,
+    check_topic,
+)
 from embedding_pipeline.settings import Settings, load_settings, openai_api_key
 
 #: How long a query's embedding may retry transient provider failures (a person waits).
@@ -73,83 +81,8 @@ MODEL_CHECK_SECONDS = 5.0
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-Mode = Literal["vector", "text", "hybrid"]
-MODES: tuple[str, ...] = get_args(Mode)
-#: The most results one call returns.
-MAX_LIMIT = 100
-
 R = TypeVar("R")
 P = ParamSpec("P")
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result. `score` is the mode's (cosine similarity, text rank or fused score;
-    None for plain lookups); `vector_rank` / `text_rank` say where the row stood in each
-    ranking (1 = first); fields a table does not have are None."""
-
-    table: str
-    id: int
-    score: float | None
-    text: str
-    time: datetime | None = None
-    author: str | None = None
-    author_id: str | None = None
-    topic_id: int | None = None
-    topic: str | None = None
-    kind: str | None = None
-    title: str | None = None
-    key: str | None = None
-    vector_rank: int | None = None
-    text_rank: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: the time as ISO 8601."""
-        out = asdict(self)
-        out["time"] = self.time.isoformat() if self.time else None
-        return out
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    """A checked search request (`Searcher.prepare`): the table, the query text (stripped),
-    the result count, the filters and the mode."""
-
-    key: str
-    text: str
-    k: int
-    filters: Filters
-    mode: str
-
-    @property
-    def needs_vector(self) -> bool:
-        return self.mode != "text"
-
-
-def check_table(table: str) -> str:
-    if table not in TABLE_KEYS:
-        raise InvalidQuery("table", f"unknown table {table!r}; one of {', '.join(TABLE_KEYS)}")
-    return table
-
-
-def check_limit(k: object, field: str = "k") -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_LIMIT:
-        raise InvalidQuery(field, f"must be a whole number from 1 to {MAX_LIMIT}, got {k!r}")
-    return k
-
-
-def check_id(value: object, field: str = "id") -> int:
-    problem = id_problem(value)
-    if problem:
-        raise InvalidQuery(field, problem)
-    assert isinstance(value, int)
-    return value
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise InvalidQuery("mode", f"unknown mode {mode!r}; one of {', '.join(MODES)}")
-    return mode
 
 
 #: Which rank a single-ranking mode's position is.
@@ -289,7 +222,7 @@ class Searcher:
             text=query.strip(),
             k=check_limit(k),
             filters=parse_filters(filters),
-            mode=_check_mode(mode),
+            mode=check_mode(mode),
         )
         check_applicable(request.key, request.filters)
         return request
@@ -357,7 +290,7 @@ class Searcher:
         """The messages of a topic, oldest first, at most `limit`. `topic` is an id (an
         int, or a string of digits such as "2") or a key."""
         steps = self._messages_for_topic_steps(
-            _topic(topic), check_limit(limit, "limit"), parse_filters(filters)
+            check_topic(topic), check_limit(limit, "limit"), parse_filters(filters)
         )
         return run_steps(conn, steps)
 
@@ -562,13 +495,6 @@ class Searcher:
 def default_searcher() -> Searcher:
     """A searcher for the environment's settings (`load_settings`), built once."""
     return Searcher(load_settings())
-
-
-def _topic(topic: object) -> int | str:
-    try:
-        return id_or_key(topic)
-    except ValueError as exc:
-        raise InvalidQuery("topic", str(exc)) from None
 
 
 def _with_default(method: Callable[Concatenate[Searcher, P], R]) -> Callable[P, R]:

@@ -48,8 +48,9 @@ from embedding_pipeline.lib.sources.values import (
 from embedding_pipeline.lib.store import db
 from embedding_pipeline.lib.store.domain import Window
 from embedding_pipeline.lib.store.schema import ensure_schema
-from embedding_pipeline.search.api import MODES, Searcher
+from embedding_pipeline.search.api import Searcher
 from embedding_pipeline.search.tables import TABLE_KEYS
+from embedding_pipeline.search.types import MODES
 from embedding_pipeline.settings import Settings
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from embedding_pipeline.lib.embedders import EmbeddingError
 from embedding_pipeline.lib.embedders.errors import InputRejectedError, TransientEmbeddingError
 from embedding_pipeline.lib.store import db
-from embedding_pipeline.search.api import MAX_LIMIT, Hit, Mode, Searcher, engine_for
+from embedding_pipeline.search.api import Searcher, engine_for
 from embedding_pipeline.search.auth import (
     UNAUTHORIZED,
     ApiKeys,
@@ -62,6 +62,7 @@ from embedding_pipeline.search.middleware import (
     request_note,
     route_template,
 )
+from embedding_pipeline.search.types import MAX_LIMIT, Hit, Mode
 from embedding_pipeline.settings import Settings, openai_api_key
 
 log = logging.getLogger("embedding_pipeline.search")
