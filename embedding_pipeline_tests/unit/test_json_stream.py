@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from embedding_pipeline.lib.sources.json_stream import (
@@ -125,6 +125,15 @@ def apply(text: str, changes: list[tuple[str, float, str]]) -> bytes:
     bom=st.booleans(),
     changes=edits,
     chunk_chars=st.sampled_from([1, 2, 3, 5, 16, 64, 1 << 20]),
+)
+# found by Hypothesis on a fresh clone: a BOM after whitespace is no BOM to `json.loads`
+@example(
+    document=None,
+    indent=None,
+    ascii_only=False,
+    bom=False,
+    changes=[("insert", 0.0, "\ufeff"), ("insert", 0.0, " ")],
+    chunk_chars=1,
 )
 def test_the_streamed_file_reads_as_the_whole_file(
     tmp_path_factory, document, indent, ascii_only, bom, changes, chunk_chars

@@ -316,7 +316,9 @@ class StreamedObject:
 
     def _members(self, p: _Parser) -> Iterator[Member | Element]:
         first = p.peek()
-        if first == "\ufeff":
+        # as `json.loads`: a BOM is named only as the text's first character; after
+        # whitespace it is a character where a value should be
+        if first == "\ufeff" and p.pos == 0:
             raise p.fail(p.pos, "Unexpected UTF-8 BOM (decode using utf-8-sig)")
         if first != "{":
             value = p.value(0)
