@@ -75,6 +75,29 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, every: float =
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def new_run(
+    instance: dg.DagsterInstance, before: set[str], what: str, timeout: float, every: float = 0.5
+) -> dg.DagsterRun:
+    """The first run not among the ids `before`, once the UI has created it."""
+    return wait_for(
+        what,
+        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
+        timeout,
+        every,
+    )
+
+
+def finished_run(
+    instance: dg.DagsterInstance, run_id: str, what: str, timeout: float
+) -> dg.DagsterRun:
+    """The run `run_id` once it has finished, whatever its status."""
+    return wait_for(
+        what,
+        lambda: (r := instance.get_run_by_id(run_id)) is not None and r.is_finished and r,
+        timeout,
+    )
+
+
 class DagsterDev:
     """`dagster dev` in its own process group on a free port (SIGTERM reaches it there)."""
 
@@ -260,12 +283,7 @@ def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page
         page, world, "/assets/message_embeddings?view=checks&checkDetail=no_missing_embeddings"
     )
     page.locator("button", has_text=re.compile(r"^\s*Execute\s*$")).first.click()
-    run = wait_for(
-        "the check run",
-        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
-        30,
-        0.1,
-    )
+    run = new_run(instance, before, "the check run", 30, 0.1)
     with psycopg.connect(world["url"]) as conn:
         ids = [
             r[0]
@@ -279,11 +297,7 @@ def test_nulled_rows_fail_a_check_run_from_the_ui_with_count_and_ids(world, page
             "WHERE id = ANY(%s)",
             (ids,),
         )
-    wait_for(
-        "the check run to finish",
-        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished,
-        90,
-    )
+    finished_run(instance, run.run_id, "the check run to finish", 90)
     ids_text = ", ".join(str(i) for i in sorted(ids))
     said = (
         "2 rows have waited over 15 min for an embedding and no run is embedding them: "
@@ -337,12 +351,8 @@ def test_the_backlog_sensor_repairs_it_with_no_click(world, page, shots):
     assert repair.job_name == "embed_messages"
     assert repair.tags["dagster/sensor_name"] == BACKLOG_SENSOR
     world["repair_run_id"] = repair.run_id
-    wait_for(
-        "the repair run to finish",
-        lambda: (r := instance.get_run_by_id(repair.run_id)) is not None and r.is_finished,
-        60,
-    )
-    assert instance.get_run_by_id(repair.run_id).status == dg.DagsterRunStatus.SUCCESS
+    repaired = finished_run(instance, repair.run_id, "the repair run to finish", 60)
+    assert repaired.status == dg.DagsterRunStatus.SUCCESS
     open_page(page, world, "/runs")
     page.get_by_text("embed_messages").first.wait_for()
     page.get_by_text("embedding_pipeline/trigger: backlog").first.wait_for()
@@ -484,16 +494,8 @@ def test_a_backfill_launched_from_the_ui_carries_the_projects_tags(world, page, 
     dialog.get_by_role("button", name="All", exact=True).click()
     shoot(page, shots, "backfill-dialog")
     dialog.get_by_role("button", name="Launch backfill").click()
-    run = wait_for(
-        "the backfill's run",
-        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
-        60,
-    )
-    done = wait_for(
-        "the backfill's run to finish",
-        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished and r,
-        120,
-    )
+    run = new_run(instance, before, "the backfill's run", 60)
+    done = finished_run(instance, run.run_id, "the backfill's run to finish", 120)
     assert done.status == dg.DagsterRunStatus.SUCCESS
     assert done.tags["dagster/backfill"]
     assert done.tags["embedding_pipeline/trigger"] == "backfill"
@@ -518,16 +520,8 @@ def test_a_materialization_launched_by_a_click_succeeds(world, page, shots):
     dialog = page.get_by_role("dialog")
     dialog.get_by_role("button", name="Latest", exact=True).click()
     dialog.get_by_role("button", name="Launch 1 run").click()
-    run = wait_for(
-        "the clicked run",
-        lambda: next((r for r in instance.get_runs() if r.run_id not in before), None),
-        30,
-    )
-    finished = wait_for(
-        "the clicked run to finish",
-        lambda: (r := instance.get_run_by_id(run.run_id)) is not None and r.is_finished and r,
-        90,
-    )
+    run = new_run(instance, before, "the clicked run", 30)
+    finished = finished_run(instance, run.run_id, "the clicked run to finish", 90)
     assert finished.status == dg.DagsterRunStatus.SUCCESS
     open_page(page, world, f"/runs/{run.run_id}")
     page.get_by_text("Success").first.wait_for()
